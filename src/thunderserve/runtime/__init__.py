@@ -1,0 +1,1 @@
+"""Runtime: executes a Plan for real (engine, KV transfer, workers, router, API, launchers)."""
