@@ -1,0 +1,5 @@
+"""`python -m thunderserve` runs the CLI."""
+
+from thunderserve.cli import main
+
+main()

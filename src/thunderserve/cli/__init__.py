@@ -1,0 +1,37 @@
+"""The `thunderserve` command line: thin wrappers over library functions.
+
+Each command group lives in its own module with a `register(app)` function; user errors
+(`ThunderServeError`) print one line on stderr and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from thunderserve.errors import ThunderServeError
+
+app = typer.Typer(
+    name="thunderserve",
+    help="Plan, simulate and serve LLMs on heterogeneous cloud GPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules that define commands; each exposes register(app).
+COMMAND_MODULES: list[str] = []
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"thunderserve.cli.{_name}").register(app)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except ThunderServeError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)

@@ -1,0 +1,59 @@
+"""GPU types: datasheet facts plus the cost model's efficiency factors (the knobs calibration fits)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from functools import cache
+from importlib import resources
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from thunderserve.errors import SpecError
+
+
+class LinkKind(str, Enum):
+    PCIE = "pcie"
+    NVLINK = "nvlink"
+
+
+class GpuSpec(BaseModel):
+    """One GPU type. Units are in the field names; efficiencies are fractions of peak."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    memory_gb: float = Field(gt=0)  # device memory, GB (1e9 bytes)
+    fp16_tflops: float = Field(gt=0)  # dense FP16 tensor throughput, TFLOP/s
+    memory_bandwidth_gbs: float = Field(gt=0)  # device memory bandwidth, GB/s
+    intra_node_link: LinkKind = LinkKind.PCIE
+    intra_node_gbs: float = Field(gt=0)  # GPU-to-GPU bandwidth inside a node, GB/s
+    price_usd_per_hour: float = Field(ge=0)  # default on-demand price per GPU-hour
+    compute_efficiency: float = Field(default=0.55, gt=0, le=1)
+    memory_efficiency: float = Field(default=0.75, gt=0, le=1)
+    layer_overhead_us: float = Field(default=20.0, ge=0)  # fixed cost per layer per forward pass
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+
+@cache
+def gpu_catalog() -> dict[str, GpuSpec]:
+    """The shipped catalog, keyed by lower-case name (names match case-insensitively)."""
+    text = resources.files("thunderserve.spec").joinpath("catalog/gpus.yaml").read_text()
+    raw = yaml.safe_load(text)
+    return {g["name"].lower(): GpuSpec.model_validate(g) for g in raw["gpus"]}
+
+
+def lookup_gpu(name: str, extra: dict[str, GpuSpec] | None = None, *, source: str | None = None,
+               field: str | None = None) -> GpuSpec:
+    """Find a GPU type by name (case-insensitive), preferring `extra` (cluster-local) entries."""
+    key = name.lower()
+    if extra and key in extra:
+        return extra[key]
+    catalog = gpu_catalog()
+    if key in catalog:
+        return catalog[key]
+    known = ", ".join(g.name for g in catalog.values())
+    raise SpecError(f"unknown GPU type '{name}' (known: {known})", source=source, field=field)
