@@ -21,6 +21,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Plan, simulate and serve LLMs on heterogeneous cloud GPUs."""
+
+
 # Modules that define commands; each exposes register(app).
 COMMAND_MODULES: list[str] = []
 
@@ -35,3 +42,11 @@ def main() -> None:
     except ThunderServeError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
+
+
+@app.command()
+def version() -> None:
+    """Print the ThunderServe version."""
+    from importlib.metadata import version as _v
+
+    typer.echo(_v("thunderserve"))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 ALLREDUCE_LATENCY_S = 15e-6  # per ring step start-up (launch + link latency)
 SEND_LATENCY_S = 30e-6  # per point-to-point activation/KV message
 KV_GROUP_SIZE = 64  # elements sharing one scale (and zero point) in compressed KV
 
 
-class Compression(str, Enum):
+class Compression(StrEnum):
     NONE = "none"
     INT8 = "int8"
     INT4 = "int4"

@@ -15,7 +15,7 @@ all layers in order. `routing.entry` splits arriving requests over prefill and c
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from thunderserve.spec._load import first_error
 PLAN_FORMAT = "thunderserve.plan/v1"
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     PREFILL = "prefill"
     DECODE = "decode"
     COLOCATED = "colocated"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from functools import cache
 from importlib import resources
 
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from thunderserve.errors import SpecError
 
 
-class LinkKind(str, Enum):
+class LinkKind(StrEnum):
     PCIE = "pcie"
     NVLINK = "nvlink"
 
