@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/pytest -q -n 2
 
 test-slow: $(STAMP)
-	$(BIN)/pytest -q -m slow
+	rc=0; $(BIN)/pytest -q -m slow || rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests"; exit 0; fi; exit $$rc
 
 test-all: test test-slow
 

@@ -7,8 +7,9 @@ candidate plans: a `StagePerf` is built once per layout and then evaluates any b
 Latency of one forward pass of a stage (per layer, summed over its layers):
     max(FLOPs / (tp x min peak x compute_eff), bytes / (tp x min bandwidth x memory_eff))
     + TP all-reduce (two per layer, ring over the stage's slowest link) + fixed per-layer overhead
-FLOPs: 2 x tokens x params_per_layer + attention (prefill 2·Σlen²·hidden causal, decode 4·Σctx·hidden).
-Bytes: weights of the layer shard + KV written (prefill) or read (decode).
+FLOPs: 2 x tokens x params_per_layer + attention (prefill 2·Σlen²·hidden causal, decode 4·Σctx·hidden)
+       + the LM head (2·vocab·hidden) once per sequence on the last stage.
+Bytes: weights of the layers (+ LM head on the last stage) + KV written (prefill) or read (decode).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class StagePerf:
     link_bytes_s: float  # slowest link inside the stage (TP all-reduce)
     overhead_s: float  # fixed cost per forward pass (per-layer overheads summed)
     weight_bytes: float  # weights held by the stage in total (all shards)
+    streamed_weight_bytes: float  # weights read per forward pass (layers + LM head; not the embedding table)
+    lm_head_flops_per_seq: float  # 2 x vocab x hidden on the last stage (logits for one position), else 0
     kv_capacity_tokens: int  # tokens of KV the stage can hold (bounded by its tightest GPU)
     max_gpu_used_bytes: float  # weights + activations + overhead on the fullest GPU
     min_gpu_capacity_bytes: float  # usable memory of the smallest GPU
@@ -58,16 +61,18 @@ class StagePerf:
                                                           self.link_bytes_s)
         return max(compute, memory) + comm + self.overhead_s
 
-    def prefill_time_s(self, total_tokens: float, sum_sq_tokens: float) -> float:
-        """One forward pass over a batch of prompts: Σlen tokens and Σlen² for attention."""
-        flops = total_tokens * self.linear_flops_per_token + sum_sq_tokens * self.attn_prefill_flops_per_sq_token
-        mem = self.weight_bytes + total_tokens * self.kv_bytes_per_token
+    def prefill_time_s(self, total_tokens: float, sum_sq_tokens: float, num_seqs: float = 1.0) -> float:
+        """One forward pass over a batch of `num_seqs` prompts: Σlen tokens and Σlen² for attention."""
+        flops = (total_tokens * self.linear_flops_per_token + sum_sq_tokens * self.attn_prefill_flops_per_sq_token
+                 + num_seqs * self.lm_head_flops_per_seq)
+        mem = self.streamed_weight_bytes + total_tokens * self.kv_bytes_per_token
         return self._time(total_tokens, flops, mem)
 
     def decode_time_s(self, batch_size: float, total_context_tokens: float) -> float:
         """One decode step for `batch_size` sequences holding `total_context_tokens` of KV in all."""
-        flops = batch_size * self.linear_flops_per_token + total_context_tokens * self.attn_decode_flops_per_ctx_token
-        mem = self.weight_bytes + total_context_tokens * self.kv_bytes_per_token
+        flops = (batch_size * (self.linear_flops_per_token + self.lm_head_flops_per_seq)
+                 + total_context_tokens * self.attn_decode_flops_per_ctx_token)
+        mem = self.streamed_weight_bytes + total_context_tokens * self.kv_bytes_per_token
         return self._time(batch_size, flops, mem)
 
 
@@ -90,13 +95,14 @@ class GroupPerf:
         return sum(send_time_s(tokens * s.hidden_bytes_per_token, bw)
                    for s, bw in zip(self.stages, self.send_bytes_s, strict=False))
 
-    def prefill_time_s(self, total_tokens: float, sum_sq_tokens: float) -> float:
+    def prefill_time_s(self, total_tokens: float, sum_sq_tokens: float, num_seqs: float = 1.0) -> float:
         """Latency of a prefill batch through all stages."""
-        return sum(s.prefill_time_s(total_tokens, sum_sq_tokens) for s in self.stages) + self._sends(total_tokens)
+        return (sum(s.prefill_time_s(total_tokens, sum_sq_tokens, num_seqs) for s in self.stages)
+                + self._sends(total_tokens))
 
-    def prefill_stage_max_s(self, total_tokens: float, sum_sq_tokens: float) -> float:
+    def prefill_stage_max_s(self, total_tokens: float, sum_sq_tokens: float, num_seqs: float = 1.0) -> float:
         """Bottleneck stage time: with pipelining, batches leave at this interval."""
-        return max(s.prefill_time_s(total_tokens, sum_sq_tokens) for s in self.stages)
+        return max(s.prefill_time_s(total_tokens, sum_sq_tokens, num_seqs) for s in self.stages)
 
     def decode_time_s(self, batch_size: float, total_context_tokens: float) -> float:
         """Latency of one decode step through all stages (the TPOT of every sequence in the batch)."""
@@ -105,7 +111,7 @@ class GroupPerf:
     def prefill_latency_s(self, prompt_tokens: Sequence[int]) -> float:
         """Convenience: latency of one prefill batch given each prompt's length."""
         total = float(sum(prompt_tokens))
-        return self.prefill_time_s(total, float(sum(p * p for p in prompt_tokens)))
+        return self.prefill_time_s(total, float(sum(p * p for p in prompt_tokens)), float(len(prompt_tokens)))
 
     def decode_step_latency_s(self, context_tokens: Sequence[int]) -> float:
         """Convenience: one decode step for sequences at the given context lengths."""
@@ -129,6 +135,7 @@ def stage_perf(model: ModelSpec, gpus: Sequence[GpuRef], num_layers: int, cluste
     if last and (not model.tie_word_embeddings or not first):
         extra += emb
     weights_total = weights + extra
+    lm_head_bytes = emb if last else 0.0
     shards = min(tp, model.num_kv_heads)
     kv_per_token = model.kv_bytes_per_token_per_layer * num_layers
     kv_per_token_per_gpu = kv_per_token / shards
@@ -146,10 +153,12 @@ def stage_perf(model: ModelSpec, gpus: Sequence[GpuRef], num_layers: int, cluste
         link_bytes_s=link,
         overhead_s=overhead,
         weight_bytes=weights_total,
+        streamed_weight_bytes=weights + lm_head_bytes,
+        lm_head_flops_per_seq=2.0 * emb / d if last else 0.0,
         kv_capacity_tokens=kv_tokens,
         max_gpu_used_bytes=used,
         min_gpu_capacity_bytes=cap,
-        linear_flops_per_token=2.0 * model.params_per_layer * num_layers + (2.0 * emb if last else 0.0),
+        linear_flops_per_token=2.0 * model.params_per_layer * num_layers,
         attn_prefill_flops_per_sq_token=2.0 * h * num_layers,
         attn_decode_flops_per_ctx_token=4.0 * h * num_layers,
         kv_bytes_per_token=float(kv_per_token),
