@@ -7,6 +7,9 @@ candidate plans: a `StagePerf` is built once per layout and then evaluates any b
 Latency of one forward pass of a stage (per layer, summed over its layers):
     max(FLOPs / (tp x min peak x compute_eff), bytes / (tp x min bandwidth x memory_eff))
     + TP all-reduce (two per layer, ring over the stage's slowest link) + fixed per-layer overhead
+compute_eff saturates with the batch's token count (GEMM tiles are padded when few rows are filled):
+    eff(tokens) = compute_eff x tokens / (tokens + compute_saturation_tokens)   (see `roofline_time_s`;
+    the factors are fitted on measured GEMM latencies by `costmodel.calibration`).
 FLOPs: 2 x tokens x params_per_layer + attention (prefill 2·Σlen²·hidden causal, decode 4·Σctx·hidden)
        + the LM head (2·vocab·hidden) once per sequence on the last stage.
 Bytes: weights of the layers (+ LM head on the last stage) + KV written (prefill) or read (decode).
@@ -24,6 +27,19 @@ from thunderserve.spec.model import ModelSpec
 MEMORY_UTILIZATION = 0.90  # fraction of device memory usable (like vLLM's gpu_memory_utilization)
 RUNTIME_OVERHEAD_BYTES = 1.0e9  # CUDA context, allocator slack, framework buffers, per GPU
 ACTIVATION_TOKENS = 4096  # largest prefill chunk we reserve activation memory for
+
+
+def roofline_time_s(flops: float, mem_bytes: float, tokens: float, flops_s: float, mem_bytes_s: float,
+                    compute_saturation_tokens: float = 0.0) -> float:
+    """max(compute, memory) time of a pass over `tokens` rows; the one roofline shared with calibration.
+
+    Compute runs at `flops_s` x tokens / (tokens + compute_saturation_tokens): small batches leave GEMM tiles
+    partly empty, so they cost as if `compute_saturation_tokens` more rows were present.
+    """
+    compute = flops / flops_s
+    if compute_saturation_tokens > 0.0 and tokens > 0.0:
+        compute *= (tokens + compute_saturation_tokens) / tokens
+    return max(compute, mem_bytes / mem_bytes_s)
 
 
 @dataclass(frozen=True)
@@ -47,19 +63,19 @@ class StagePerf:
     attn_decode_flops_per_ctx_token: float  # attention FLOPs per context token at decode
     kv_bytes_per_token: float  # KV bytes per token over the stage's layers (all shards)
     hidden_bytes_per_token: float  # activation bytes per token (all-reduced in TP, sent to the next stage)
+    compute_saturation_tokens: float = 0.0  # tokens at which compute efficiency is half its peak value
 
     @property
     def fits(self) -> bool:
         return self.kv_capacity_tokens > 0
 
     def _time(self, tokens: float, flops: float, mem_bytes: float) -> float:
-        compute = flops / self.flops_s
-        memory = mem_bytes / self.mem_bytes_s
         comm = 0.0
         if self.tp > 1:  # two all-reduces per layer (after attention and after the MLP)
             comm = 2 * self.num_layers * allreduce_time_s(tokens * self.hidden_bytes_per_token, self.tp,
                                                           self.link_bytes_s)
-        return max(compute, memory) + comm + self.overhead_s
+        return (roofline_time_s(flops, mem_bytes, tokens, self.flops_s, self.mem_bytes_s,
+                                self.compute_saturation_tokens) + comm + self.overhead_s)
 
     def prefill_time_s(self, total_tokens: float, sum_sq_tokens: float, num_seqs: float = 1.0) -> float:
         """One forward pass over a batch of `num_seqs` prompts: Σlen tokens and Σlen² for attention."""
@@ -163,6 +179,7 @@ def stage_perf(model: ModelSpec, gpus: Sequence[GpuRef], num_layers: int, cluste
         attn_decode_flops_per_ctx_token=4.0 * h * num_layers,
         kv_bytes_per_token=float(kv_per_token),
         hidden_bytes_per_token=float(h * d),
+        compute_saturation_tokens=max(g.spec.compute_saturation_tokens for g in gpus),
     )
 
 

@@ -32,6 +32,9 @@ class GpuSpec(BaseModel):
     compute_efficiency: float = Field(default=0.55, gt=0, le=1)
     memory_efficiency: float = Field(default=0.75, gt=0, le=1)
     layer_overhead_us: float = Field(default=20.0, ge=0)  # fixed cost per layer per forward pass
+    # batch tokens at which compute efficiency reaches half of compute_efficiency (0 = constant efficiency);
+    # see costmodel.perf.roofline_time_s and costmodel.calibration
+    compute_saturation_tokens: float = Field(default=0.0, ge=0)
 
     @property
     def key(self) -> str:
