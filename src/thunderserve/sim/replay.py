@@ -1,0 +1,562 @@
+"""Replay a request stream against a Plan on a Cluster in virtual time.
+
+Request lifecycle (this module implements it; `policy.step` makes every decision):
+    arrive -> routed to a prefill/colocated group by `routing.entry` (WeightedChooser)
+    -> FIFO queue -> prefill batch (token budget; KV of the batch must fit in the group's free KV memory)
+    -> first token (TTFT ends here)
+    [disaggregated]  -> routed to a decode group by `routing.kv[p]` -> waits in the decode group's FIFO until
+                        admitted (reserves prompt + output KV tokens there) -> KV transfer over the link
+                        (processor sharing per (prefill group, decode group) link; the prefill group keeps
+                        the KV until the transfer ends, DistServe's pull model) -> joins the running batch
+    [colocated]      -> admitted with prompt + output KV reserved, prefilled in chunks inside decode steps
+                        (or whole, prefill-first), then decodes in the same group
+    -> continuous-batching decode steps, one token per running sequence per step -> finish (KV freed).
+Requests are never dropped: when KV memory is full they wait (backpressure up to the prefill queue).
+
+Cost per event, not per token: a decode step is one event per group; per-request finishes come from a heap
+keyed by the step index at which they end; the context held by a batch is a running sum.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+
+from thunderserve.costmodel.kv import kv_seconds_per_token, kv_transfer_time_s
+from thunderserve.plan import Phase, Plan, group_perf_of, validate_plan
+from thunderserve.policy.routing import WeightedChooser
+from thunderserve.policy.step import colocated_step, decode_admissions, prefill_batch_size
+from thunderserve.sim.config import SimConfig
+from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_COMPLETE, PRIORITY_DECIDE, EventLoop
+from thunderserve.sim.steptime import GroupTimer
+from thunderserve.spec.cluster import Cluster
+from thunderserve.spec.model import ModelSpec
+from thunderserve.spec.slo import SloSpec
+
+_NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Per-request records (numpy arrays, one entry per request in arrival order) and run facts."""
+
+    group_ids: tuple[str, ...]
+    arrival_s: np.ndarray
+    first_token_s: np.ndarray  # NaN if the run was stopped before it
+    finish_s: np.ndarray  # NaN if the run was stopped before it
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    entry_group: np.ndarray  # index into group_ids of the prefill/colocated group
+    decode_group: np.ndarray  # index of the decode group, -1 when none (colocated or single-token output)
+    warmup_s: float  # requests arriving before this are not measured
+    completed: bool  # False when stopped early (the SLO was already certainly missed)
+    oversized_requests: int  # requests that ran alone over-committing a group's KV memory
+    end_s: float  # virtual time of the last event
+    events: int
+    wall_s: float
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.arrival_s.size)
+
+    @property
+    def measured(self) -> np.ndarray:
+        return self.arrival_s >= self.warmup_s
+
+    @property
+    def ttft_s(self) -> np.ndarray:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> np.ndarray:
+        """Mean time per output token after the first (0 for single-token outputs)."""
+        steps = np.maximum(self.output_tokens - 1, 1)
+        return np.where(self.output_tokens > 1, (self.finish_s - self.first_token_s) / steps, 0.0)
+
+    @property
+    def e2e_s(self) -> np.ndarray:
+        return self.finish_s - self.arrival_s
+
+
+class _Stop(Exception):
+    pass
+
+
+def _head(queue: deque[int], sizes: list[int], limit: float, max_n: int) -> list[int]:
+    """Sizes of the queue's FIFO head while their running total stays within `limit`, plus the first one past
+    it (the policy must see the request that does not fit). Every FIFO-prefix policy decides the same on this
+    head as on the whole queue; it only saves building long lists when the queue is long."""
+    out: list[int] = []
+    total = 0
+    for r in islice(queue, max_n):
+        s = sizes[r]
+        out.append(s)
+        total += s
+        if total > limit:
+            break
+    return out
+
+
+class _Requests:
+    """Per-request state as flat Python lists (fast scalar access); exported to numpy at the end."""
+
+    def __init__(self, arrival_s: np.ndarray, prompt: np.ndarray, output: np.ndarray) -> None:
+        self.arrival = arrival_s.astype(float).tolist()
+        self.prompt = prompt.astype(np.int64).tolist()
+        self.output = np.maximum(output.astype(np.int64), 1).tolist()
+        self.reserve = [p + o for p, o in zip(self.prompt, self.output, strict=True)]
+        n = len(self.prompt)
+        self.first = [_NAN] * n
+        self.finish = [_NAN] * n
+        self.entry = [-1] * n
+        self.decode = [-1] * n
+        self.src: list[_PrefillSim | None] = [None] * n
+
+
+class _Link:
+    """Processor-sharing link between a prefill group and a decode group (virtual-time bookkeeping)."""
+
+    __slots__ = ("sim", "src", "dst", "s_per_token", "n", "v", "last_s", "heap", "version", "seq")
+
+    def __init__(self, sim: _Replay, src: _PrefillSim, dst: _DecodeSim, s_per_token: float) -> None:
+        self.sim, self.src, self.dst, self.s_per_token = sim, src, dst, s_per_token
+        self.n = 0
+        self.v = 0.0  # service each active transfer has received since the start (seconds at full speed)
+        self.last_s = 0.0
+        self.heap: list[tuple[float, int, int]] = []
+        self.version = 0
+        self.seq = 0
+
+    def start(self, r: int, tokens: int) -> None:
+        sim = self.sim
+        if sim.config.ideal_kv_links:
+            sim.loop.schedule(sim.loop.now_s, PRIORITY_COMPLETE, self._done_one, r)
+            return
+        self._advance()
+        self.seq += 1
+        heapq.heappush(self.heap, (self.v + kv_transfer_time_s(tokens, self.s_per_token), self.seq, r))
+        self.n += 1
+        self._reschedule()
+
+    def _advance(self) -> None:
+        now = self.sim.loop.now_s
+        if self.n:
+            self.v += (now - self.last_s) / self.n
+        self.last_s = now
+
+    def _reschedule(self) -> None:
+        self.version += 1
+        if self.heap:
+            loop = self.sim.loop
+            t = loop.now_s + max(self.heap[0][0] - self.v, 0.0) * self.n
+            loop.schedule(t, PRIORITY_COMPLETE, self._on_event, self.version)
+
+    def _on_event(self, version: int) -> None:
+        if version != self.version:
+            return  # superseded by a later arrival or completion on this link
+        self._advance()
+        heap = self.heap
+        done = []
+        limit = self.v + 1e-9 * (1.0 + self.v)
+        while heap and heap[0][0] <= limit:
+            done.append(heapq.heappop(heap)[2])
+        self.n -= len(done)
+        self._reschedule()
+        for r in done:
+            self._done_one(r)
+
+    def _done_one(self, r: int) -> None:
+        self.src.release_kv(self.sim.req.prompt[r])
+        self.dst.transfer_done(r)
+
+
+class _DecodeLoop:
+    """Continuous-batching decode state shared by decode and colocated groups."""
+
+    def __init__(self, sim: _Replay, idx: int, timer: GroupTimer, kv_capacity_tokens: int) -> None:
+        self.sim = sim
+        self.idx = idx
+        self.timer = timer
+        self.kv_cap = kv_capacity_tokens
+        self.reserved = 0  # KV tokens reserved by admitted requests (prompt + output each)
+        self.running = 0
+        self.ctx = 0  # KV tokens held by the running sequences
+        self.step_idx = 0  # decode steps run so far
+        self.fin: list[tuple[int, int]] = []  # (index of the step that ends the request, request)
+        self.stepping = False  # a step (or the decision to run one) is scheduled
+
+    def join(self, r: int) -> None:
+        req = self.sim.req
+        self.ctx += req.prompt[r]
+        heapq.heappush(self.fin, (self.step_idx + req.output[r] - 2, r))
+        self.running += 1
+
+    def end_decode_step(self) -> bool:
+        """Account one decode step of the running batch; returns whether KV memory was freed."""
+        self.ctx += self.running
+        fin = self.fin
+        step = self.step_idx
+        freed = False
+        if fin and fin[0][0] <= step:
+            sim = self.sim
+            req = sim.req
+            now = sim.loop.now_s
+            while fin and fin[0][0] <= step:
+                r = heapq.heappop(fin)[1]
+                self.running -= 1
+                self.ctx -= req.prompt[r] + req.output[r] - 1
+                self.reserved -= req.reserve[r]
+                sim.finish(r, now)
+            freed = True
+        self.step_idx = step + 1
+        return freed
+
+
+class _PrefillSim:
+    """A prefill-only group: batches under a token budget, pipelined stage by stage with PP."""
+
+    def __init__(self, sim: _Replay, idx: int, timer: GroupTimer, kv_capacity_tokens: int) -> None:
+        self.sim = sim
+        self.idx = idx
+        self.timer = timer
+        self.kv_cap = kv_capacity_tokens
+        self.kv_used = 0  # prompts being prefilled or waiting for their KV to leave
+        self.queue: deque[int] = deque()
+        self.next_start_s = 0.0
+        self.stage_free_s = [0.0] * timer.pp
+        self.deciding = False
+        self.chooser: WeightedChooser | None = None
+        self.dest: dict[str, _DecodeSim] = {}
+
+    def arrive(self, r: int) -> None:
+        self.queue.append(r)
+        if not self.deciding:
+            self._wake()
+
+    def release_kv(self, tokens: int) -> None:
+        self.kv_used -= tokens
+        if not self.deciding and self.queue:
+            self._wake()
+
+    def _wake(self) -> None:
+        loop = self.sim.loop
+        self.deciding = True
+        loop.schedule(max(loop.now_s, self.next_start_s), PRIORITY_DECIDE, self._decide, None)
+
+    def _decide(self, _: object) -> None:
+        self.deciding = False
+        q = self.queue
+        if not q:
+            return
+        sim = self.sim
+        prompt = sim.req.prompt
+        cfg = sim.config.batching
+        heads = _head(q, prompt, min(self.kv_cap - self.kv_used, cfg.prefill_token_budget), cfg.max_batch_size)
+        n = prefill_batch_size(heads, self.kv_cap - self.kv_used, self.kv_cap, cfg)
+        if n == 0:
+            return  # KV memory full: a transfer completing wakes us
+        rids = [q.popleft() for _ in range(n)]
+        total = sum(heads[:n])
+        if total > self.kv_cap:
+            sim.oversized += 1
+        self.kv_used += total
+        stage_s, send_s = self.timer.prefill_stage_times_s(float(total), float(sum(p * p for p in heads[:n])),
+                                                           float(n))
+        now = sim.loop.now_s
+        t = now
+        free = self.stage_free_s
+        last = len(stage_s) - 1
+        for k, dt in enumerate(stage_s):
+            t = max(t, free[k]) + dt
+            free[k] = t
+            if k < last:
+                t += send_s[k]
+        sim.loop.schedule(t, PRIORITY_COMPLETE, self._batch_done, rids)
+        self.next_start_s = now + max(stage_s)
+        if q:
+            self._wake()
+
+    def _batch_done(self, rids: list[int]) -> None:
+        sim = self.sim
+        req = sim.req
+        now = sim.loop.now_s
+        touched: dict[int, _DecodeSim] = {}
+        freed = 0
+        assert self.chooser is not None
+        for r in rids:
+            sim.first_token(r, now)
+            if req.output[r] == 1:
+                freed += req.prompt[r]
+                sim.finish(r, now)
+                continue
+            dst = self.dest[self.chooser.choose()]
+            req.decode[r] = dst.idx
+            req.src[r] = self
+            dst.pending.append(r)
+            touched[dst.idx] = dst
+        for idx in sorted(touched):
+            touched[idx].try_admit()
+        if freed:
+            self.release_kv(freed)
+
+
+class _DecodeSim(_DecodeLoop):
+    """A decode-only group: admits transferred requests into continuous batching."""
+
+    def __init__(self, sim: _Replay, idx: int, timer: GroupTimer, kv_capacity_tokens: int) -> None:
+        super().__init__(sim, idx, timer, kv_capacity_tokens)
+        self.pending: deque[int] = deque()  # prefilled, waiting for KV memory here
+        self.inflight = 0  # admitted, KV on the wire
+        self.joining: list[int] = []  # transferred, join at the next step
+        self.links: dict[int, _Link] = {}  # by prefill group index
+
+    def try_admit(self) -> None:
+        pend = self.pending
+        if not pend:
+            return
+        sim = self.sim
+        req = sim.req
+        cfg = sim.config.batching
+        active = self.running + len(self.joining) + self.inflight
+        room = cfg.max_batch_size - active
+        if room <= 0:
+            return
+        heads = _head(pend, req.reserve, self.kv_cap - self.reserved, room)
+        n = decode_admissions(heads, self.kv_cap - self.reserved, self.kv_cap, active, cfg)
+        for _ in range(n):
+            r = pend.popleft()
+            self.reserved += req.reserve[r]
+            if req.reserve[r] > self.kv_cap:
+                sim.oversized += 1
+            self.inflight += 1
+            src = req.src[r]
+            assert src is not None
+            self.links[src.idx].start(r, req.prompt[r])
+
+    def transfer_done(self, r: int) -> None:
+        self.inflight -= 1
+        self.joining.append(r)
+        if not self.stepping:
+            self.stepping = True
+            loop = self.sim.loop
+            loop.schedule(loop.now_s, PRIORITY_DECIDE, self._step_start, None)
+
+    def _step_start(self, _: object) -> None:
+        if self.joining:
+            for r in self.joining:
+                self.join(r)
+            self.joining.clear()
+        if self.running == 0:
+            self.stepping = False
+            return
+        loop = self.sim.loop
+        loop.schedule(loop.now_s + self.timer.decode_step_s(self.running, self.ctx), PRIORITY_COMPLETE,
+                      self._step_end, None)
+
+    def _step_end(self, _: object) -> None:
+        if self.end_decode_step():
+            self.try_admit()
+        self._step_start(None)
+
+
+class _ColocatedSim(_DecodeLoop):
+    """A group running both phases: chunked prefill inside decode steps, or prefill-first."""
+
+    def __init__(self, sim: _Replay, idx: int, timer: GroupTimer, kv_capacity_tokens: int) -> None:
+        super().__init__(sim, idx, timer, kv_capacity_tokens)
+        self.waiting: deque[int] = deque()
+        self.prefilling: deque[list[int]] = deque()  # [request, prompt tokens left, prompt tokens done]
+
+    def arrive(self, r: int) -> None:
+        self.waiting.append(r)
+        if not self.stepping:
+            self.stepping = True
+            loop = self.sim.loop
+            loop.schedule(loop.now_s, PRIORITY_DECIDE, self._step_start, None)
+
+    def _step_start(self, _: object) -> None:
+        sim = self.sim
+        req = sim.req
+        cfg = sim.config.batching
+        waiting = self.waiting
+        look = max(cfg.max_batch_size - self.running - len(self.prefilling), 0)
+        reserve_heads = _head(waiting, req.reserve, self.kv_cap - self.reserved, look)
+        prompt_heads = [req.prompt[r] for r in islice(waiting, len(reserve_heads))]
+        remaining = [e[1] for e in islice(self.prefilling, cfg.chunk_token_budget)]
+        step = colocated_step(sim.config.colocated_policy, self.running, remaining, prompt_heads, reserve_heads,
+                              self.kv_cap - self.reserved, self.kv_cap, cfg)
+        if step.idle:
+            self.stepping = False
+            return
+        for _ in range(step.admit):
+            r = waiting.popleft()
+            self.reserved += req.reserve[r]
+            if req.reserve[r] > self.kv_cap:
+                sim.oversized += 1
+            self.prefilling.append([r, req.prompt[r], 0])
+        chunks = step.prefill_chunks
+        entries = list(islice(self.prefilling, len(chunks)))
+        done = [e[2] for e in entries]
+        completing = sum(1 for e, c in zip(entries, chunks, strict=True) if e[1] == c)
+        b, ctx = (self.running, self.ctx) if step.decode else (0, 0)
+        if chunks:
+            dt = self.timer.mixed_step_s(b, float(ctx), chunks, done, completing)
+        else:
+            dt = self.timer.decode_step_s(b, float(ctx))
+        loop = sim.loop
+        loop.schedule(loop.now_s + dt, PRIORITY_COMPLETE, self._step_end, step)
+
+    def _step_end(self, step: object) -> None:
+        sim = self.sim
+        req = sim.req
+        now = sim.loop.now_s
+        if step.decode:  # type: ignore[attr-defined]
+            self.end_decode_step()
+        pre = self.prefilling
+        for c in step.prefill_chunks:  # type: ignore[attr-defined]
+            e = pre[0]
+            e[1] -= c
+            e[2] += c
+            if e[1] > 0:
+                break  # only the last chunk of a step can be partial
+            pre.popleft()
+            r = e[0]
+            sim.first_token(r, now)
+            if req.output[r] == 1:
+                self.reserved -= req.reserve[r]
+                sim.finish(r, now)
+            else:
+                self.join(r)
+        self._step_start(None)
+
+
+class _Replay:
+    def __init__(self, plan: Plan, cluster: Cluster, model: ModelSpec, req: _Requests, config: SimConfig,
+                 slo: SloSpec | None, stop_after_failures: int | None) -> None:
+        self.loop = EventLoop()
+        self.req = req
+        self.config = config
+        self.oversized = 0
+        self.finished = 0
+        self.failures = 0
+        self.stop_after = stop_after_failures
+        self.ttft_target = slo.ttft_s if slo is not None else math.inf
+        self.tpot_target = slo.tpot_s if slo is not None else math.inf
+        self.warmup_s = config.warmup_s
+        self.group_ids = tuple(g.id for g in plan.groups)
+        self.by_id: dict[str, _PrefillSim | _DecodeSim | _ColocatedSim] = {}
+        for idx, g in enumerate(plan.groups):
+            perf = group_perf_of(g, model, cluster)
+            timer = GroupTimer(perf)
+            cls = {Phase.PREFILL: _PrefillSim, Phase.DECODE: _DecodeSim, Phase.COLOCATED: _ColocatedSim}[g.phase]
+            self.by_id[g.id] = cls(self, idx, timer, perf.kv_capacity_tokens)
+        routing = plan.routing
+        assert routing is not None
+        for src_id, shares in sorted(routing.kv.items()):
+            src = self.by_id[src_id]
+            assert isinstance(src, _PrefillSim)
+            src.chooser = WeightedChooser(shares)
+            sg = plan.group(src_id)
+            stages = [([cluster.by_id[x] for x in s.gpus], s.num_layers) for s in sg.stages]
+            for dst_id in sorted(src.chooser.shares):
+                dst = self.by_id[dst_id]
+                assert isinstance(dst, _DecodeSim)
+                rate = kv_seconds_per_token(model, stages, [cluster.by_id[x] for x in plan.group(dst_id).gpus],
+                                            cluster, plan.kv_transfer.compression)
+                src.dest[dst_id] = dst
+                dst.links[src.idx] = _Link(self, src, dst, rate)
+        self.entry_chooser = WeightedChooser(routing.entry)
+
+    # -- per-request records -------------------------------------------------------------------------
+    def first_token(self, r: int, now: float) -> None:
+        req = self.req
+        req.first[r] = now
+        if self.stop_after is not None and now - req.arrival[r] > self.ttft_target \
+                and req.arrival[r] >= self.warmup_s:
+            self._fail()
+
+    def finish(self, r: int, now: float) -> None:
+        req = self.req
+        req.finish[r] = now
+        self.finished += 1
+        if self.stop_after is not None and req.arrival[r] >= self.warmup_s and req.output[r] > 1:
+            first = req.first[r]
+            if first - req.arrival[r] <= self.ttft_target \
+                    and (now - first) / (req.output[r] - 1) > self.tpot_target:
+                self._fail()
+
+    def _fail(self) -> None:
+        self.failures += 1
+        if self.stop_after is not None and self.failures > self.stop_after:
+            raise _Stop
+
+    # -- driver ----------------------------------------------------------------------------------------
+    def run(self) -> bool:
+        req = self.req
+        n = len(req.arrival)
+        if n == 0:
+            return True
+        choose = self.entry_chooser.choose
+        targets = [self.by_id[choose()] for _ in range(n)]
+        for r, g in enumerate(targets):
+            req.entry[r] = g.idx
+        arrival = req.arrival
+        loop = self.loop
+
+        def arrive(r: int) -> None:
+            targets[r].arrive(r)  # type: ignore[union-attr]
+            if r + 1 < n:
+                loop.schedule(arrival[r + 1], PRIORITY_ARRIVAL, arrive, r + 1)
+
+        loop.schedule(arrival[0], PRIORITY_ARRIVAL, arrive, 0)
+        try:
+            loop.run()
+        except _Stop:
+            return False
+        if self.finished != n:
+            raise RuntimeError(f"simulation ended with {n - self.finished} of {n} requests unfinished")
+        return True
+
+
+def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, arrival_s: np.ndarray, prompt_tokens: np.ndarray,
+             output_tokens: np.ndarray, config: SimConfig = SimConfig(), *, slo: SloSpec | None = None,
+             stop_after_failures: int | None = None, validate: bool = True) -> SimResult:
+    """Run every request to completion and return per-request records.
+
+    `arrival_s` must be sorted. With `slo` and `stop_after_failures`, the run stops as soon as more than that
+    many measured requests are known to miss the SLO (used by rate bisection; `completed` is then False).
+    The plan is validated first (PlanError on e.g. a zero-bandwidth KV link).
+    """
+    if validate:
+        validate_plan(plan, cluster, model)
+    arrival = np.asarray(arrival_s, dtype=float)
+    if arrival.size and np.any(np.diff(arrival) < 0):
+        raise ValueError("arrival times must be sorted")
+    req = _Requests(arrival, np.asarray(prompt_tokens), np.asarray(output_tokens))
+    replay = _Replay(plan, cluster, model, req, config, slo, stop_after_failures)
+    t0 = time.perf_counter()
+    completed = replay.run()
+    wall = time.perf_counter() - t0
+    return SimResult(
+        group_ids=replay.group_ids,
+        arrival_s=arrival,
+        first_token_s=np.asarray(req.first, dtype=float),
+        finish_s=np.asarray(req.finish, dtype=float),
+        prompt_tokens=np.asarray(req.prompt, dtype=np.int64),
+        output_tokens=np.asarray(req.output, dtype=np.int64),
+        entry_group=np.asarray(req.entry, dtype=np.int64),
+        decode_group=np.asarray(req.decode, dtype=np.int64),
+        warmup_s=config.warmup_s,
+        completed=completed,
+        oversized_requests=replay.oversized,
+        end_s=replay.loop.now_s,
+        events=replay.loop.events_processed,
+        wall_s=wall,
+    )
+
