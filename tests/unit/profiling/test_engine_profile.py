@@ -1,0 +1,151 @@
+"""Engine profiler: grid coverage, warm-up/repeat/median logic on a fake engine and clock; profile file contract."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from thunderserve.costmodel.fit import PassKind
+from thunderserve.errors import SpecError
+from thunderserve.profiling.engine_profile import ProfileGrid, Timer, profile_engine, profile_kv
+from thunderserve.profiling.microbench import cpu_name, measure_peaks, memory_gb
+from thunderserve.profiling.schema import DeviceInfo, EngineProfile, dump_profile, load_profile, parse_profile
+from thunderserve.runtime.engine.base import DecodeInput, KVCache, PrefillResult
+from thunderserve.spec import load_model
+
+LAYERS, HEADS, HEAD_DIM = 2, 2, 4
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CostEngine:
+    """Advances a fake clock by a known cost per call: prefill 1 ms + 10 us/token, decode 2 ms + 1 us/ctx token."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.prefill_batches: list[list[int]] = []
+        self.decode_batches: list[list[int]] = []
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
+        self.prefill_batches.append([len(p) for p in prompts])
+        self.clock.now += 1e-3 + 10e-6 * sum(len(p) for p in prompts)
+        return [PrefillResult(torch.zeros(8), KVCache(torch.rand(LAYERS, HEADS, len(p), HEAD_DIM),
+                                                      torch.rand(LAYERS, HEADS, len(p), HEAD_DIM))) for p in prompts]
+
+    def decode(self, inputs: Sequence[DecodeInput]) -> list[torch.Tensor]:
+        self.decode_batches.append([i.kv.num_tokens for i in inputs])
+        self.clock.now += 2e-3 + 1e-6 * sum(i.kv.num_tokens for i in inputs)
+        for i in inputs:
+            i.kv.keys = torch.cat([i.kv.keys, torch.zeros(LAYERS, HEADS, 1, HEAD_DIM)], dim=2)
+            i.kv.values = torch.cat([i.kv.values, torch.zeros(LAYERS, HEADS, 1, HEAD_DIM)], dim=2)
+        return [torch.zeros(8) for _ in inputs]
+
+
+GRID = ProfileGrid(prefill_batch_sizes=(1, 3), prompt_tokens=(8, 32), decode_batch_sizes=(2,), context_tokens=(16, 40),
+                   kv_tokens=(12,), warmup=2, repeats=3)
+
+
+def test_prefill_and_decode_grid_with_warmup_repeats_and_medians() -> None:
+    clock = FakeClock()
+    engine = CostEngine(clock)
+    steps: list[str] = []
+    ms = profile_engine(engine, GRID, vocab_size=1000, timer=Timer(clock=clock), on_step=steps.append)  # type: ignore[arg-type]
+    assert len(ms) == len(steps) == 4 + 2
+    prefill = {(m.batch_size, m.tokens): m for m in ms if m.phase is PassKind.PREFILL}
+    assert set(prefill) == {(1, 8), (1, 32), (3, 8), (3, 32)}
+    assert prefill[(3, 32)].latency_s == pytest.approx(1e-3 + 10e-6 * 96)
+    assert len(prefill[(3, 32)].samples_s) == 3
+    # 2 warm-up + 3 timed calls per prefill shape, then one setup prefill of the longest context
+    assert engine.prefill_batches[:5] == [[8]] * 5 and engine.prefill_batches[-1] == [40]
+    decode = [m for m in ms if m.phase is PassKind.DECODE]
+    assert [(m.batch_size, m.tokens) for m in decode] == [(2, 16), (2, 40)]
+    # context grows by one per call: timed calls see 16+2, 16+3, 16+4 tokens; the median is the middle one
+    assert decode[0].latency_s == pytest.approx(2e-3 + 1e-6 * 2 * 19)
+    assert engine.decode_batches[0] == [16, 16]
+
+
+def test_kv_codec_cost() -> None:
+    clock = FakeClock()
+    engine = CostEngine(clock)
+
+    class Half:
+        def encode(self, kv: KVCache) -> bytes:
+            clock.now += 5e-4
+            return kv.keys.half().numpy().tobytes() + kv.values.half().numpy().tobytes()
+
+        def decode(self, data: bytes) -> KVCache:
+            clock.now += 2e-4
+            return KVCache(torch.zeros(1), torch.zeros(1))
+
+    out = profile_kv(engine, {"fp16": Half()}, GRID, 1000, timer=Timer(clock=clock))  # type: ignore[arg-type]
+    (m,) = out
+    assert m.method == "fp16" and m.tokens == 12
+    assert m.raw_bytes == 2 * LAYERS * HEADS * 12 * HEAD_DIM * 4 and m.encoded_bytes == m.raw_bytes // 2
+    assert m.encode_s == pytest.approx(5e-4) and m.decode_s == pytest.approx(2e-4)
+
+
+def test_grid_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="prompt_tokens must be positive"):
+        ProfileGrid(prompt_tokens=(0,))
+    with pytest.raises(ValueError, match="repeats"):
+        ProfileGrid(repeats=0)
+
+
+def test_microbenchmark_reports_positive_peaks() -> None:
+    peaks = measure_peaks(torch.device("cpu"), torch.float32, matmul_sizes=(64, 128), copy_bytes=2**20, repeats=2)
+    assert peaks.peak_tflops > 0 and peaks.memory_bandwidth_gbs > 0
+    assert cpu_name() and memory_gb(torch.device("cpu")) > 0
+
+
+def _profile() -> EngineProfile:
+    device = DeviceInfo(kind="cpu", name="Test CPU", gpu_type="CPU", threads=2, torch_version="x", dtype="float32",
+                        peak_tflops=0.2, memory_bandwidth_gbs=40.0, memory_gb=16.0)
+    model = load_model("smollm2-135m").model_copy(update={"dtype_bytes": 4})
+    clock = FakeClock()
+    ms = profile_engine(CostEngine(clock), GRID, 1000, timer=Timer(clock=clock))  # type: ignore[arg-type]
+    return EngineProfile(device=device, model=model, engine="fake", warmup=2, repeats=3, measurements=tuple(ms))
+
+
+def test_profile_file_round_trip(tmp_path: Path) -> None:
+    prof = _profile()
+    path = tmp_path / "profile.json"
+    path.write_text(dump_profile(prof))
+    assert load_profile(path) == prof
+    spec = prof.device_spec()
+    assert spec.name == "CPU" and spec.fp16_tflops == 0.2 and spec.memory_bandwidth_gbs == 40.0
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda d: d["measurements"][0].update(latency_s=0), r"measurements\.0\.latency_s: Input should be greater than 0"),
+    (lambda d: d["measurements"][1].update(latency_s=-2.0), r"measurements\.1\.latency_s: Input should be greater"),
+    (lambda d: d["device"].update(peak_tflops=float("nan")), r"device\.peak_tflops: Input should be a finite number"),
+    (lambda d: d["device"].pop("memory_bandwidth_gbs"), r"device\.memory_bandwidth_gbs: Field required"),
+    (lambda d: d.update(measurements=[]), r"measurements: Tuple should have at least 1 item"),
+    (lambda d: d.update(format="thunderserve-calibration/1"), r"format: not a thunderserve profile"),
+])
+def test_bad_profiles_name_the_field(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads(dump_profile(_profile()))
+    mutate(data)
+    with pytest.raises(SpecError, match=rf"^p\.json: {message}"):
+        parse_profile(json.dumps(data), "p.json")
+
+
+def test_empty_and_malformed_profile_files(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"^p\.json: empty file"):
+        parse_profile("  \n", "p.json")
+    with pytest.raises(SpecError, match=r"^p\.json: malformed JSON at line 1"):
+        parse_profile("{", "p.json")
+    with pytest.raises(SpecError, match=r"^p\.json: expected a JSON object"):
+        parse_profile("[]", "p.json")
+    with pytest.raises(SpecError, match=r"file not found"):
+        load_profile(tmp_path / "missing.json")
