@@ -1,0 +1,420 @@
+"""The router: entry routing, token streaming and request tracking over the workers of a plan.
+
+It lives in the API server's event loop and holds one control connection per worker (group). For each
+request it picks an entry group with `WeightedChooser(routing.entry)` (dead workers and groups now in the
+decode role excluded), forwards it, and turns the workers' events into an ordered stream for the API layer:
+`Accepted`, then `Delta`s (reordered by token index, since the first token comes from the prefill worker and
+the rest from a decode worker over another connection), then exactly one terminal `Finished` or `Failed`.
+
+Every request is tracked at the workers that hold it (the entry worker, then also the decode group named
+by a `handoff` start, then only that group once the hand-off is done). When a worker is lost (its
+connection drops, or no heartbeat for `heartbeat_timeout_s`) every request it holds fails at once with an
+error naming the worker, and prefill workers are told to stop sending KV caches there; nothing hangs.
+Retrying such requests elsewhere is left to the re-scheduling layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from thunderserve.plan.model import Phase, Plan, Routing
+from thunderserve.policy.routing import WeightedChooser
+from thunderserve.runtime.kv.transport import FrameConnection, TransportError
+from thunderserve.runtime.workers.protocol import GenerateRequest, WorkerState
+
+log = logging.getLogger("thunderserve.router")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    heartbeat_timeout_s: float = 15.0  # a worker silent this long is declared dead
+    connect_timeout_s: float = 30.0  # connecting to a worker and reading its hello
+    request_timeout_s: float | None = None  # fail requests older than this (None: no limit)
+    max_pending_requests: int = 10_000  # beyond this, new requests get 503 (overload)
+    monitor_interval_s: float = 0.2
+
+
+# ---- what the API layer receives ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Accepted:
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    token_ids: tuple[int, ...]
+    index: int  # position of token_ids[0] in the output
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int  # HTTP status the client should see (400 invalid request, 503 runtime failure)
+    message: str
+    error_type: str = "server_error"  # OpenAI error "type"
+    param: str | None = None
+    code: str | None = None
+
+
+RouterEvent = Accepted | Delta | Finished | Failed
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One completed (or failed) request, for metrics."""
+
+    request_id: str
+    entry_group: str
+    outcome: str  # "finished" | "failed" | "rejected" | "cancelled"
+    arrival_s: float
+    first_token_s: float | None
+    finish_s: float
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.first_token_s is None or self.completion_tokens < 2:
+            return None
+        return (self.finish_s - self.first_token_s) / (self.completion_tokens - 1)
+
+    @property
+    def e2e_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+
+class RequestHandle:
+    """The API layer's end of one request: iterate to get its events (ends after the terminal one)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._queue: asyncio.Queue[RouterEvent] = asyncio.Queue()
+        self.done = False
+
+    def _put(self, event: RouterEvent) -> None:
+        self._queue.put_nowait(event)
+
+    async def next(self) -> RouterEvent:
+        return await self._queue.get()
+
+    async def __aiter__(self) -> AsyncIterator[RouterEvent]:
+        while True:
+            ev = await self._queue.get()
+            yield ev
+            if isinstance(ev, Finished | Failed):
+                return
+
+
+@dataclass
+class _Track:
+    handle: RequestHandle
+    entry_group: str
+    arrival_s: float
+    locations: set[str] = field(default_factory=set)
+    next_index: int = 0
+    pending: dict[int, dict[str, Any]] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_s: float | None = None
+
+
+@dataclass
+class WorkerInfo:
+    """What the router knows about one worker (for /admin/workers, /health and /metrics)."""
+
+    group_id: str
+    role: str
+    alive: bool
+    pid: int
+    host: str
+    control_port: int
+    kv_port: int
+    weights_token: int
+    max_context_tokens: int
+    down_reason: str = ""
+    heartbeat_age_s: float = 0.0
+    state: WorkerState | None = None
+
+
+class _Link:
+    def __init__(self, group_id: str, conn: FrameConnection, hello: dict[str, Any], port: int, now: float) -> None:
+        self.group_id = group_id
+        self.conn = conn
+        self.port = port
+        self.alive = True
+        self.down_reason = ""
+        self.pid = int(hello["pid"])
+        self.role = Phase(hello["role"])
+        self.weights_token = int(hello["weights_token"])
+        self.host = str(hello["host"])
+        self.kv_port = int(hello["kv_port"])
+        self.max_context_tokens = int(hello["max_context_tokens"])
+        self.last_heartbeat_s = now
+        self.state: WorkerState | None = None
+        self.reader: asyncio.Task[None] | None = None
+
+
+class Router:
+    """Routes requests over the workers of `plan`, reachable at `addresses[group] = (host, control_port)`."""
+
+    def __init__(self, plan: Plan, addresses: Mapping[str, tuple[str, int]], config: RouterConfig = RouterConfig(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if plan.routing is None:
+            raise ValueError("plan has no routing")
+        self.plan = plan
+        self.config = config
+        self.clock = clock
+        self._addresses = dict(sorted(addresses.items()))
+        self._entry = WeightedChooser(plan.routing.entry)
+        self._links: dict[str, _Link] = {}
+        self._requests: dict[str, _Track] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        self._observers: list[Callable[[RequestRecord], None]] = []
+        self._closed = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect to every worker, read its hello, and configure roles, KV shares and peer addresses."""
+        for gid, (host, port) in self._addresses.items():
+            conn = await FrameConnection.connect(host, port, self.config.connect_timeout_s)
+            frame = await conn.recv(idle_timeout_s=self.config.connect_timeout_s)
+            if frame.header.get("type") != "hello":
+                raise TransportError(f"worker {gid} at {host}:{port} did not say hello: {frame.header!r}")
+            self._links[gid] = _Link(gid, conn, frame.header, port, self.clock())
+        peers = {g: [lk.host, lk.kv_port] for g, lk in self._links.items()}
+        routing = self.plan.routing or Routing()
+        for gid, link in self._links.items():
+            phase = self.plan.group(gid).phase if gid in {g.id for g in self.plan.groups} else link.role
+            link.role = phase
+            await self._send(link, {"type": "configure", "role": str(phase), "peers": peers,
+                                    "kv_shares": routing.kv.get(gid, {}), "down": []})
+            link.reader = asyncio.create_task(self._read_loop(link), name=f"router-read-{gid}")
+        self._monitor = asyncio.create_task(self._monitor_loop(), name="router-monitor")
+
+    async def close(self, shutdown_workers: bool = False) -> None:
+        self._closed = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for t in list(self._requests.values()):
+            self._terminal(t, Failed(503, "server is shutting down", code="shutting_down"), "failed")
+        for link in self._links.values():
+            if shutdown_workers and link.alive:
+                with contextlib.suppress(TransportError):
+                    await link.conn.send({"type": "shutdown"})
+            if link.reader is not None:
+                link.reader.cancel()
+            await link.conn.close()
+
+    def add_observer(self, fn: Callable[[RequestRecord], None]) -> None:
+        """Called with each request's record when it ends (metrics)."""
+        self._observers.append(fn)
+
+    # ---- requests -----------------------------------------------------------------------------------
+    @property
+    def num_pending(self) -> int:
+        return len(self._requests)
+
+    def entry_groups(self) -> list[str]:
+        """Groups that can take a new request now (alive, routed to, not in the decode role)."""
+        return [g for g in self._entry.shares if g in self._links and self._links[g].alive
+                and self._links[g].role is not Phase.DECODE]
+
+    async def submit(self, req: GenerateRequest) -> RequestHandle:
+        handle = RequestHandle(req.request_id)
+        now = self.clock()
+        if self._closed:
+            handle._put(Failed(503, "server is shutting down", code="shutting_down"))
+            return handle
+        if req.request_id in self._requests:
+            handle._put(Failed(400, f"duplicate request id {req.request_id}", "invalid_request_error"))
+            return handle
+        if len(self._requests) >= self.config.max_pending_requests:
+            handle._put(Failed(503, f"server overloaded ({len(self._requests)} requests pending)",
+                               code="overloaded"))
+            return handle
+        live = set(self.entry_groups())
+        try:
+            group = self._entry.choose(exclude=[g for g in self._entry.shares if g not in live])
+        except LookupError:
+            handle._put(Failed(503, "no live worker can take requests", code="no_worker"))
+            return handle
+        track = _Track(handle, group, now, {group})
+        self._requests[req.request_id] = track
+        await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
+        return handle
+
+    async def cancel(self, request_id: str) -> None:
+        """The client went away: drop the request everywhere (no event is delivered)."""
+        track = self._requests.get(request_id)
+        if track is not None:
+            await self._end(track, None, "cancelled")
+
+    # ---- control (AdminState uses these) ----------------------------------------------------------------
+    async def set_role(self, group_id: str, role: Phase | str) -> None:
+        """Flip a worker's phase live (its weights stay loaded)."""
+        link = self._links[group_id]
+        phase = Phase(role)
+        await self._send(link, {"type": "set_role", "role": str(phase)})
+        link.role = phase
+        self.plan = self.plan.model_copy(update={"groups": tuple(
+            g.with_phase(phase) if g.id == group_id else g for g in self.plan.groups)})
+
+    async def update_routing(self, routing: Routing) -> None:
+        """New entry shares here, new KV shares at every worker (applied between their steps)."""
+        self._entry.update(routing.entry)
+        for gid, link in self._links.items():
+            if link.alive:
+                await self._send(link, {"type": "set_routing", "kv_shares": routing.kv.get(gid, {})})
+        self.plan = self.plan.model_copy(update={"routing": routing})
+
+    def workers(self) -> list[WorkerInfo]:
+        now = self.clock()
+        return [WorkerInfo(g, str(lk.role), lk.alive, lk.pid, lk.host, lk.port, lk.kv_port, lk.weights_token,
+                           lk.max_context_tokens, lk.down_reason, now - lk.last_heartbeat_s, lk.state)
+                for g, lk in sorted(self._links.items())]
+
+    @property
+    def max_context_tokens(self) -> int:
+        return min((lk.max_context_tokens for lk in self._links.values()), default=0)
+
+    # ---- worker links ------------------------------------------------------------------------------------
+    async def _send(self, link: _Link, header: dict[str, Any]) -> None:
+        if not link.alive:
+            return
+        try:
+            await link.conn.send(header)
+        except TransportError as exc:
+            await self._mark_down(link, f"send failed: {exc}")
+
+    async def _read_loop(self, link: _Link) -> None:
+        try:
+            while True:
+                frame = await link.conn.recv()
+                h = frame.header
+                kind = h.get("type")
+                if kind == "heartbeat":
+                    link.last_heartbeat_s = self.clock()
+                    link.state = WorkerState.from_dict(h["state"])
+                elif kind == "events":
+                    link.last_heartbeat_s = self.clock()
+                    for ev in h["events"]:
+                        await self._on_event(link, ev)
+        except TransportError as exc:
+            if not self._closed:
+                await self._mark_down(link, f"connection lost ({exc})")
+
+    async def _mark_down(self, link: _Link, reason: str) -> None:
+        if not link.alive:
+            return
+        link.alive = False
+        link.down_reason = reason
+        log.error("worker %s (pid %d) is down: %s", link.group_id, link.pid, reason)
+        msg = f"worker '{link.group_id}' (pid {link.pid}) is down: {reason}"
+        for track in [t for t in self._requests.values() if link.group_id in t.locations]:
+            await self._end(track, Failed(503, msg, code="worker_failed"), "failed")
+        down = sorted(g for g, lk in self._links.items() if not lk.alive)
+        for other in self._links.values():
+            if other.alive:
+                await self._send(other, {"type": "set_routing", "down": down})
+        if link.reader is not None and link.reader is not asyncio.current_task():
+            link.reader.cancel()
+        await link.conn.close()
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.monitor_interval_s)
+            now = self.clock()
+            for link in list(self._links.values()):
+                silent = now - link.last_heartbeat_s
+                if link.alive and silent > self.config.heartbeat_timeout_s:
+                    await self._mark_down(link, f"no heartbeat for {silent:.1f} s")
+            limit = self.config.request_timeout_s
+            if limit is not None:
+                for t in [t for t in self._requests.values() if now - t.arrival_s > limit]:
+                    await self._end(t, Failed(504, f"request timed out after {limit:g} s", code="timeout"),
+                                    "failed")
+
+    # ---- events ------------------------------------------------------------------------------------------
+    async def _on_event(self, link: _Link, ev: dict[str, Any]) -> None:
+        track = self._requests.get(str(ev.get("request_id")))
+        if track is None:
+            return  # late event of a request that already ended
+        kind = ev.get("kind")
+        if kind == "accepted":
+            track.prompt_tokens = int(ev["prompt_tokens"])
+            track.handle._put(Accepted(track.prompt_tokens, int(ev["max_tokens"])))
+        elif kind == "rejected":
+            await self._end(track, Failed(400, str(ev["message"]), "invalid_request_error", ev.get("param"),
+                                          ev.get("code")), "rejected")
+        elif kind == "error":
+            await self._end(track, Failed(503, str(ev["message"]), code="worker_error"), "failed")
+        elif kind == "handoff":
+            dest = str(ev["to"])
+            if ev.get("state") == "start":
+                dest_link = self._links.get(dest)
+                if dest_link is None or not dest_link.alive:
+                    reason = dest_link.down_reason if dest_link is not None else "unknown group"
+                    await self._end(track, Failed(503, f"decode worker '{dest}' is down: {reason}",
+                                                  code="worker_failed"), "failed")
+                    return
+                track.locations.add(dest)
+            else:
+                track.locations.discard(link.group_id)
+        elif kind == "output":
+            track.pending[int(ev["index"])] = ev
+            while track.next_index in track.pending:
+                out = track.pending.pop(track.next_index)
+                ids = tuple(int(t) for t in out["token_ids"])
+                track.next_index += len(ids)
+                track.completion_tokens += len(ids)
+                if track.first_token_s is None:
+                    track.first_token_s = self.clock()
+                track.handle._put(Delta(str(out["text"]), ids, int(out["index"])))
+                if out.get("finish_reason"):
+                    await self._end(track, Finished(str(out["finish_reason"]), track.prompt_tokens,
+                                                    track.completion_tokens), "finished")
+                    return
+
+    async def _end(self, track: _Track, event: RouterEvent | None, outcome: str) -> None:
+        """Terminal transition (exactly once per request); failures cancel leftovers at live workers."""
+        if track.handle.done:
+            return
+        self._terminal(track, event, outcome)
+        if outcome in ("failed", "cancelled"):
+            for g in sorted(track.locations):
+                link = self._links.get(g)
+                if link is not None and link.alive:
+                    await self._send(link, {"type": "cancel", "request_id": track.handle.request_id})
+
+    def _terminal(self, track: _Track, event: RouterEvent | None, outcome: str) -> None:
+        if track.handle.done:
+            return
+        track.handle.done = True
+        self._requests.pop(track.handle.request_id, None)
+        if event is not None:
+            track.handle._put(event)
+        record = RequestRecord(track.handle.request_id, track.entry_group, outcome, track.arrival_s,
+                               track.first_token_s, self.clock(), track.prompt_tokens, track.completion_tokens)
+        for fn in self._observers:
+            try:
+                fn(record)
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                log.exception("request observer failed")
