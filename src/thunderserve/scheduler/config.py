@@ -1,0 +1,37 @@
+"""Knobs of the planner (`SchedulerConfig`) and what it returns (`PlanResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from thunderserve.costmodel.comm import Compression
+from thunderserve.plan.model import Phase, Plan
+
+ALL_PHASES: tuple[Phase, ...] = (Phase.PREFILL, Phase.DECODE, Phase.COLOCATED)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Search knobs. Same config and seed => same plan (unless the time limit cuts the search short)."""
+
+    time_limit_s: float = 10.0  # wall-clock budget of the tabu search
+    max_iterations: int = 2000  # tabu iterations at most
+    patience: int = 200  # stop after this many iterations without a new best
+    seed: int = 0  # seeds the move sampler (random.Random)
+    kv_compression: Compression = Compression.INT4  # KV transfer compression (the paper's default)
+    phases: tuple[Phase, ...] = ALL_PHASES  # phases a group may take (baselines restrict this)
+    max_pp: int = 4  # most pipeline stages in one group
+    tabu_tenure: int = 12  # iterations a moved GPU / flipped group stays tabu
+    neighbourhood_size: int = 16  # candidate moves sampled and scored per iteration
+    time_budget_fraction_initial: float = 0.3  # share of the time limit the initial solution may use
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The chosen plan and how the search got there."""
+
+    plan: Plan
+    max_rate_at_slo: float  # estimated largest request rate (req/s) meeting the SLO attainment target
+    decision_time_s: float  # wall-clock seconds the planner took
+    iterations: int  # tabu iterations run
+    history: tuple[float, ...]  # best objective (req/s at SLO) after each iteration

@@ -1,0 +1,129 @@
+"""The tabu search's starting point: a bandwidth-aware grouping of the cluster's GPUs.
+
+1. Nodes are clustered by the bandwidth between them (Louvain communities on the node graph weighted by
+   link bandwidth, seeded), so GPUs on fast links start together.
+2. Inside a community, nodes of one GPU type are cut into equal groups of the size that gives the most
+   requests per second per GPU (a group must hold the model with room for KV; candidates: 1, 2, 4, ... GPUs
+   of a node, or 2, 3, 4 whole nodes). Leftover GPUs join the last group of their kind.
+3. GPUs of types that cannot hold the model alone are pooled per community (then across the cluster) and
+   cut the same way, so mixed-type groups appear only where needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import networkx as nx
+
+from thunderserve.plan.model import Phase
+from thunderserve.scheduler.context import PlanningContext
+from thunderserve.spec.cluster import GpuRef
+
+GroupKey = frozenset[str]
+
+
+def node_communities(ctx: PlanningContext, seed: int) -> list[list[int]]:
+    """Node indices clustered by bandwidth (fast links together), sorted for determinism."""
+    n = len(ctx.cluster.node_names)
+    if n == 1:
+        return [[0]]
+    bw = ctx.cluster.node_bandwidth_bytes_s
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n))
+    top = max(float(bw[i, j]) for i in range(n) for j in range(n) if i != j) or 1.0
+    for i in range(n):
+        for j in range(i + 1, n):
+            w = float(bw[i, j]) / top
+            if w > 0:
+                graph.add_edge(i, j, weight=w * w)  # squared: emphasise the fast links
+    comms = nx.community.louvain_communities(graph, weight="weight", seed=seed, resolution=1.0)
+    return sorted((sorted(c) for c in comms), key=lambda c: c[0])
+
+
+def group_score(ctx: PlanningContext, key: GroupKey, phases: Sequence[Phase]) -> float:
+    """Requests/s a group of these GPUs serves in its best use: colocated, or as half of a prefill/decode
+    pair (harmonic combination of its prefill and decode capacities)."""
+    best = 0.0
+    caps: dict[Phase, float] = {}
+    for ph in phases:
+        lay = ctx.layout(key, ph)
+        if lay is None:
+            continue
+        caps[ph] = ctx.standalone_capacity(lay.perf, ph)
+    if Phase.COLOCATED in caps:
+        best = caps[Phase.COLOCATED]
+    pre, dec = caps.get(Phase.PREFILL, 0.0), caps.get(Phase.DECODE, 0.0)
+    if pre > 0 and dec > 0:
+        best = max(best, 1.0 / (1.0 / pre + 1.0 / dec))
+    elif len(phases) == 1 and caps:
+        best = max(best, max(caps.values()))
+    return best
+
+
+def _cut(gpus: Sequence[GpuRef], size: int) -> list[list[GpuRef]]:
+    groups = [list(gpus[i:i + size]) for i in range(0, len(gpus) - size + 1, size)]
+    rest = list(gpus[len(groups) * size:])
+    if rest:
+        if groups:
+            groups[-1].extend(rest)
+        else:
+            groups.append(rest)
+    return groups
+
+
+def _unit_sizes(gpus: Sequence[GpuRef]) -> list[int]:
+    per_node: dict[int, int] = {}
+    for g in gpus:
+        per_node[g.node_index] = per_node.get(g.node_index, 0) + 1
+    node_size = max(per_node.values())
+    sizes = {1 << k for k in range(int(math.log2(node_size)) + 1)} | {node_size}
+    sizes |= {node_size * k for k in (2, 3, 4)}
+    return sorted(s for s in sizes if s <= len(gpus))
+
+
+def best_cut(ctx: PlanningContext, gpus: Sequence[GpuRef], phases: Sequence[Phase]) -> tuple[int, float]:
+    """(unit size, score per GPU) of the best equal cut of a homogeneous run of GPUs; (0, 0) if none fits."""
+    best = (0, 0.0)
+    for size in _unit_sizes(gpus):
+        key = frozenset(g.id for g in gpus[:size])
+        s = group_score(ctx, key, phases) / size
+        if s > best[1] * (1 + 1e-9):
+            best = (size, s)
+    return best
+
+
+def initial_groups(ctx: PlanningContext, seed: int, phases: Sequence[Phase]) -> list[GroupKey]:
+    """The starting grouping (every GPU in exactly one group; a group may be too small to be used)."""
+    cluster = ctx.cluster
+    groups: list[list[GpuRef]] = []
+    pooled: list[list[GpuRef]] = []
+    for comm in node_communities(ctx, seed):
+        by_type: dict[str, list[GpuRef]] = {}
+        for ni in comm:
+            for g in cluster.gpus:
+                if g.node_index == ni:
+                    by_type.setdefault(g.spec.name, []).append(g)
+        leftovers: list[GpuRef] = []
+        for name in sorted(by_type):
+            run = by_type[name]
+            size, _ = best_cut(ctx, run, phases)
+            if size == 0:
+                leftovers.extend(run)
+            else:
+                groups.extend(_cut(run, size))
+        if leftovers:
+            pooled.append(leftovers)
+    rest: list[GpuRef] = []
+    for pool in pooled:
+        pool.sort(key=lambda g: cluster.index_of[g.id])
+        size, _ = best_cut(ctx, pool, phases)
+        if size == 0:
+            rest.extend(pool)
+        else:
+            groups.extend(_cut(pool, size))
+    if rest:
+        rest.sort(key=lambda g: cluster.index_of[g.id])
+        size, _ = best_cut(ctx, rest, phases)
+        groups.extend(_cut(rest, size) if size else [rest])
+    return [frozenset(g.id for g in grp) for grp in groups]

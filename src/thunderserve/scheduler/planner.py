@@ -1,0 +1,107 @@
+"""`plan_deployment`: the two-level planner end to end.
+
+bandwidth-aware initial grouping (`initial`) -> initial phases (`orchestrate.choose_phases` on the
+initial layouts) -> tabu search over grouping and phase (`tabu`) -> final plan: usable groups that carry
+traffic, renamed by phase (p0.., d0.., c0..), routing from the LP, estimate from the analytic model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from thunderserve.costmodel.perf import MEMORY_UTILIZATION
+from thunderserve.errors import InfeasibleError
+from thunderserve.plan.model import Group, Phase, Plan
+from thunderserve.plan.validate import validate_plan
+from thunderserve.scheduler.config import PlanResult, SchedulerConfig
+from thunderserve.scheduler.context import PlanningContext
+from thunderserve.scheduler.estimate import plan_estimate
+from thunderserve.scheduler.initial import initial_groups
+from thunderserve.scheduler.orchestrate import choose_phases
+from thunderserve.scheduler.routing_lp import route
+from thunderserve.scheduler.tabu import Evaluator, State, canonical, tabu_search
+from thunderserve.spec.cluster import Cluster
+from thunderserve.spec.model import ModelSpec
+from thunderserve.spec.slo import SloSpec
+from thunderserve.spec.workload import WorkloadSpec
+
+PHASE_PREFIX = {Phase.PREFILL: "p", Phase.DECODE: "d", Phase.COLOCATED: "c"}
+
+
+def _infeasible(cluster: Cluster, model: ModelSpec) -> InfeasibleError:
+    usable = sum(g.spec.memory_gb * MEMORY_UTILIZATION for g in cluster.gpus)
+    return InfeasibleError(
+        f"model {model.name} ({model.weight_bytes / 1e9:.1f} GB of weights) cannot fit on cluster "
+        f"{cluster.name} ({cluster.num_gpus} GPUs, {usable:.1f} GB usable) with at most the allowed pipeline "
+        f"stages and room for KV cache")
+
+
+def _start_state(ctx: PlanningContext, config: SchedulerConfig) -> State:
+    keys = initial_groups(ctx, config.seed, config.phases)
+    usable = [k for k in keys if any(ctx.layout(k, ph) is not None for ph in config.phases)]
+    if not usable:
+        whole = frozenset(g.id for g in ctx.cluster.gpus)
+        if all(ctx.layout(whole, ph) is None for ph in config.phases):
+            raise _infeasible(ctx.cluster, ctx.model)
+        keys = [whole]
+        usable = keys
+    # initial phases: the orchestration heuristic on each group's colocated (phase-neutral) layout
+    provisional = []
+    for i, k in enumerate(usable):
+        ph = next(p for p in (Phase.COLOCATED, Phase.DECODE, Phase.PREFILL)
+                  if p in config.phases and ctx.layout(k, p) is not None) if any(
+            ctx.layout(k, p) is not None for p in config.phases) else config.phases[0]
+        lay = ctx.layout(k, ph)
+        assert lay is not None
+        provisional.append(Group(id=f"g{i}", phase=ph, stages=lay.stages))
+    phased = choose_phases(ctx, provisional, tuple(config.phases))
+    phase_of = {frozenset(g.gpus): g.phase for g in phased}
+    entries = [(k, phase_of.get(k, config.phases[0])) for k in keys]
+    return canonical(entries, ctx.cluster.index_of)
+
+
+def _final_plan(ctx: PlanningContext, ev: Evaluator, state: State, rate_rps: float | None) -> Plan:
+    _, groups, lp = ev.evaluate(state)
+    if lp is not None and lp.value_rps > 0:
+        busy = set(lp.entry_rps) | {d for dests in lp.kv_rps.values() for d in dests}
+        groups = [g for g in groups if g.id in busy]
+    else:  # nothing meets the SLO: keep every group that can take part
+        has_decode = any(g.phase is Phase.DECODE for g in groups)
+        groups = [g for g in groups if g.phase is not Phase.PREFILL or has_decode]
+    counters = {ph: 0 for ph in Phase}
+    named = []
+    for g in groups:
+        named.append(g.model_copy(update={"id": f"{PHASE_PREFIX[g.phase]}{counters[g.phase]}"}))
+        counters[g.phase] += 1
+    final_lp = route(ctx, named)
+    plan = Plan(model=ctx.model.name, cluster=ctx.cluster.name, kv_transfer={"compression": ctx.compression},
+                groups=tuple(named), routing=final_lp.routing())
+    validate_plan(plan, ctx.cluster, ctx.model)
+    est = plan_estimate(ctx, plan, rate_rps, extra={"lp_rate_rps": final_lp.value_rps})
+    return plan.model_copy(update={"estimate": est})
+
+
+def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
+                    config: SchedulerConfig = SchedulerConfig(), rate_rps: float | None = None,
+                    progress: Callable[[float], None] | None = None) -> PlanResult:
+    """Plan groups, phases, layouts and routing maximising the estimated request rate at the SLO.
+
+    `rate_rps` (optional) is the rate the estimate's attainment/latencies are reported at (default: the max
+    rate). Raises InfeasibleError when the model cannot fit on the whole cluster.
+    """
+    t0 = time.monotonic()
+    deadline = t0 + config.time_limit_s
+    ctx = PlanningContext(cluster, model, workload, slo, config.kv_compression, config.max_pp)
+    total_bytes = sum(g.spec.memory_gb * 1e9 * MEMORY_UTILIZATION for g in cluster.gpus)
+    if model.weight_bytes >= total_bytes:
+        raise _infeasible(cluster, model)
+    start = _start_state(ctx, config)
+    ev = Evaluator(ctx)
+    result = tabu_search(ctx, start, config, deadline=deadline, progress=progress, evaluator=ev)
+    plan = _final_plan(ctx, ev, result.state, rate_rps)
+    if progress is not None:
+        progress(1.0)
+    return PlanResult(plan=plan, max_rate_at_slo=float(plan.estimate["max_rate_at_slo"]),
+                      decision_time_s=time.monotonic() - t0, iterations=result.iterations,
+                      history=result.history)

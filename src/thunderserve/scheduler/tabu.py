@@ -1,0 +1,242 @@
+"""The upper level: tabu search over GPU grouping and phase designation.
+
+A state assigns every GPU to exactly one group and every group a phase; a group whose GPUs cannot hold the
+model is kept in the state but serves nothing (its GPUs idle). A state's objective is the served rate of the
+routing LP (`routing_lp.route`) over the usable groups, each laid out by the layout DP for its phase; ties
+prefer the cheaper set of GPUs that carry traffic.
+
+Moves: move one GPU to another group, swap two GPUs of different groups, merge two groups, split a group
+(off one node, or in halves), flip a group's phase. Each iteration samples `neighbourhood_size` moves (seeded
+`random.Random`, biased toward groups sharing a zone, i.e. fast links), scores them (layouts, queueing
+models, capacities and LP results are memoised) and applies the best one that is not tabu. A move is tabu
+when it touches a GPU moved, or a group created, in the last `tabu_tenure` iterations; a tabu move is still
+taken when it beats the best state found (aspiration). The search stops at `max_iterations`, after
+`patience` iterations without a new best, or at the time limit. Deterministic for a seed when not stopped
+by the clock.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from thunderserve.plan.model import Group, Phase
+from thunderserve.scheduler.config import SchedulerConfig
+from thunderserve.scheduler.context import PlanningContext
+from thunderserve.scheduler.routing_lp import LpResult, route
+
+GroupKey = frozenset[str]
+Entry = tuple[GroupKey, Phase]
+State = tuple[Entry, ...]
+Attr = tuple[str, object]
+
+MOVE_WEIGHTS = {"move": 0.3, "swap": 0.15, "merge": 0.15, "split": 0.15, "flip": 0.25}
+LOCAL_BIAS = 0.8  # probability of picking a partner group that shares a zone
+
+
+@dataclass(frozen=True)
+class Score:
+    value_rps: float  # routing LP served rate at the SLO
+    cost_per_hour: float  # price of the GPUs that carry traffic
+
+    def better_than(self, other: Score) -> bool:
+        if self.value_rps > other.value_rps * (1 + 1e-9) + 1e-12:
+            return True
+        if self.value_rps >= other.value_rps * (1 - 1e-9) - 1e-12:
+            return self.cost_per_hour < other.cost_per_hour - 1e-9
+        return False
+
+
+@dataclass(frozen=True)
+class Move:
+    kind: str
+    state: State
+    touches: frozenset[Attr]  # attributes checked against the tabu list
+    creates: frozenset[Attr]  # attributes made tabu when the move is applied
+
+
+def canonical(entries: Sequence[Entry], order: dict[str, int]) -> State:
+    return tuple(sorted((e for e in entries if e[0]), key=lambda e: min(order[g] for g in e[0])))
+
+
+@dataclass
+class Evaluator:
+    """Scores states (memoised) and turns them into plan groups."""
+
+    ctx: PlanningContext
+    _cache: dict[State, tuple[Score, list[Group], LpResult | None]] = field(default_factory=dict)
+    evaluations: int = 0
+
+    def groups(self, state: State) -> list[Group]:
+        out = []
+        for i, (key, phase) in enumerate(state):
+            lay = self.ctx.layout(key, phase)
+            if lay is not None:
+                out.append(Group(id=f"g{i}", phase=phase, stages=lay.stages))
+        return out
+
+    def evaluate(self, state: State) -> tuple[Score, list[Group], LpResult | None]:
+        if state in self._cache:
+            return self._cache[state]
+        self.evaluations += 1
+        groups = self.groups(state)
+        lp: LpResult | None = None
+        value = 0.0
+        cost = 0.0
+        has_decode = any(g.phase is Phase.DECODE for g in groups)
+        usable = [g for g in groups if g.phase is not Phase.PREFILL or has_decode]
+        if any(g.takes_requests for g in usable):
+            lp = route(self.ctx, usable)
+            if lp.slo_feasible:
+                value = lp.value_rps
+                busy = set(lp.entry_rps) | {d for dests in lp.kv_rps.values() for d in dests}
+                price = self.ctx.cluster.by_id
+                cost = sum(price[x].price_usd_per_hour for g in usable if g.id in busy for x in g.gpus)
+        result = (Score(value, cost), groups, lp)
+        self._cache[state] = result
+        return result
+
+
+class MoveSampler:
+    """Samples neighbour states of the current state (seeded, sorted iteration everywhere)."""
+
+    def __init__(self, ctx: PlanningContext, config: SchedulerConfig) -> None:
+        self.ctx = ctx
+        self.phases = tuple(config.phases)
+        self.rng = random.Random(config.seed)
+        self.order = ctx.cluster.index_of
+        self.zone = {g.id: g.zone for g in ctx.cluster.gpus}
+        self.node = {g.id: g.node for g in ctx.cluster.gpus}
+
+    def _sorted(self, key: GroupKey) -> list[str]:
+        return sorted(key, key=self.order.__getitem__)
+
+    def _partner(self, state: State, i: int) -> int | None:
+        others = [j for j in range(len(state)) if j != i]
+        if not others:
+            return None
+        zones = {self.zone[g] for g in state[i][0]}
+        local = [j for j in others if any(self.zone[g] in zones for g in state[j][0])]
+        pool = local if local and self.rng.random() < LOCAL_BIAS else others
+        return self.rng.choice(pool)
+
+    def _with(self, state: State, drop: Sequence[int], add: Sequence[Entry]) -> State:
+        keep = [e for k, e in enumerate(state) if k not in drop]
+        return canonical(keep + list(add), self.order)
+
+    def sample(self, state: State) -> Move | None:
+        kinds = sorted(MOVE_WEIGHTS)
+        kind = self.rng.choices(kinds, weights=[MOVE_WEIGHTS[k] for k in kinds])[0]
+        i = self.rng.randrange(len(state))
+        key, phase = state[i]
+        if kind == "flip":
+            choices = [p for p in self.phases if p is not phase]
+            if not choices:
+                return None
+            new = self.rng.choice(choices)
+            return Move("flip", self._with(state, [i], [(key, new)]), frozenset({("flip", key)}),
+                        frozenset({("flip", key)}))
+        if kind == "split":
+            if len(key) < 2:
+                return None
+            gpus = self._sorted(key)
+            nodes = sorted({self.node[g] for g in gpus}, key=lambda n: min(self.order[g] for g in gpus
+                                                                          if self.node[g] == n))
+            if len(nodes) > 1:
+                cut_node = self.rng.choice(nodes)
+                a = frozenset(g for g in gpus if self.node[g] == cut_node)
+            else:
+                a = frozenset(gpus[: len(gpus) // 2])
+            b = key - a
+            pa, pb = phase, phase
+            if phase is Phase.COLOCATED and {Phase.PREFILL, Phase.DECODE} <= set(self.phases) \
+                    and self.rng.random() < 0.5:
+                pa, pb = Phase.PREFILL, Phase.DECODE
+            return Move("split", self._with(state, [i], [(a, pa), (b, pb)]), frozenset({("group", key)}),
+                        frozenset({("group", a), ("group", b)}))
+        j = self._partner(state, i)
+        if j is None:
+            return None
+        key_b, phase_b = state[j]
+        if kind == "merge":
+            merged = key | key_b
+            ph = phase if len(key) >= len(key_b) else phase_b
+            return Move("merge", self._with(state, [i, j], [(merged, ph)]),
+                        frozenset({("group", key), ("group", key_b)}), frozenset({("group", merged)}))
+        g = self.rng.choice(self._sorted(key))
+        if kind == "move":
+            return Move("move", self._with(state, [i, j], [(key - {g}, phase), (key_b | {g}, phase_b)]),
+                        frozenset({("gpu", g)}), frozenset({("gpu", g)}))
+        # swap: only between GPUs that differ in type or node (otherwise the state does not change)
+        cands = [h for h in self._sorted(key_b)
+                 if self.ctx.cluster.by_id[h].spec.name != self.ctx.cluster.by_id[g].spec.name
+                 or self.node[h] != self.node[g]]
+        if not cands:
+            return None
+        h = self.rng.choice(cands)
+        return Move("swap", self._with(state, [i, j], [((key - {g}) | {h}, phase), ((key_b - {h}) | {g}, phase_b)]),
+                    frozenset({("gpu", g), ("gpu", h)}), frozenset({("gpu", g), ("gpu", h)}))
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    state: State
+    score: Score
+    iterations: int
+    history: tuple[float, ...]
+    evaluations: int
+
+
+def tabu_search(ctx: PlanningContext, start: State, config: SchedulerConfig, *, deadline: float,
+                progress: Callable[[float], None] | None = None,
+                evaluator: Evaluator | None = None) -> SearchResult:
+    """Run the tabu search from `start` until iterations, patience or the deadline (time.monotonic) run out."""
+    ev = evaluator or Evaluator(ctx)
+    sampler = MoveSampler(ctx, config)
+    current = start
+    cur_score = ev.evaluate(current)[0]
+    best, best_score = current, cur_score
+    tabu: dict[Attr, int] = {}
+    history: list[float] = []
+    since = 0
+    it = 0
+    t0 = time.monotonic()
+    total = max(deadline - t0, 1e-9)
+    while it < config.max_iterations and since < config.patience and time.monotonic() < deadline:
+        it += 1
+        chosen: tuple[Score, Move] | None = None
+        seen: set[State] = set()
+        tries = 0
+        while len(seen) < config.neighbourhood_size and tries < 4 * config.neighbourhood_size:
+            tries += 1
+            move = sampler.sample(current)
+            if move is None or move.state in seen or move.state == current:
+                continue
+            seen.add(move.state)
+            score = ev.evaluate(move.state)[0]
+            is_tabu = any(tabu.get(a, 0) >= it for a in move.touches)
+            if is_tabu and not score.better_than(best_score):
+                continue
+            if chosen is None or score.better_than(chosen[0]):
+                chosen = (score, move)
+            if time.monotonic() >= deadline:
+                break
+        if chosen is not None:
+            cur_score, move = chosen
+            current = move.state
+            for a in move.creates | move.touches:
+                tabu[a] = it + config.tabu_tenure
+            if cur_score.better_than(best_score):
+                best, best_score = current, cur_score
+                since = 0
+            else:
+                since += 1
+        else:
+            since += 1
+        history.append(best_score.value_rps)
+        if progress is not None:
+            progress(min(1.0, max(it / config.max_iterations, since / max(config.patience, 1),
+                                  (time.monotonic() - t0) / total)))
+    return SearchResult(best, best_score, it, tuple(history), ev.evaluations)
