@@ -31,8 +31,9 @@ from thunderserve.costmodel.calibration import (
     merge,
 )
 from thunderserve.errors import SpecError
+from thunderserve.profiling.engine_profile import ProfileGrid
 from thunderserve.profiling.fidelity import engine_fidelity, gemm_fidelity, points, summarize
-from thunderserve.profiling.schema import EngineProfile, load_profile
+from thunderserve.profiling.schema import EngineProfile, dump_profile, load_profile
 from thunderserve.profiling.vidur import (
     ProfileData,
     discover,
@@ -211,6 +212,8 @@ def register(app: typer.Typer) -> None:
             return
         _print_fidelity(result)
 
+    register_profile(app)
+
 
 def _print_fidelity(result: dict[str, Any]) -> None:
     if "by_gpu" in result:
@@ -229,3 +232,66 @@ def _print_fidelity(result: dict[str, Any]) -> None:
     if "plot" in result:
         out.print(f"wrote {result['plot']}")
 
+
+
+def _ints(text: str, field: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SpecError(f"expected comma-separated whole numbers, got '{text}'", field=field) from None
+    if not values or any(v <= 0 for v in values):
+        raise SpecError(f"expected positive whole numbers, got '{text}'", field=field)
+    return values
+
+
+def register_profile(app: typer.Typer) -> None:
+    @app.command("profile")
+    def profile_cmd(
+        model: str = typer.Option("smollm2", "--model", help="Model directory / HF config path, or 'smollm2'"),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+        dtype: str = typer.Option("float32", "--dtype", help="Engine compute dtype (float32, bfloat16, float16)"),
+        output: Path = typer.Option(..., "-o", "--output", help="Where to write profile.json"),
+        gpu_type: str | None = typer.Option(None, "--gpu-type",
+                                            help="Name of the pseudo GPU type to fit (default: CPU / CUDA-LOCAL)"),
+        prefill_batches: str = typer.Option("1,2,4", "--prefill-batches", help="Prefill batch sizes"),
+        prompt_tokens: str = typer.Option("16,64,256", "--prompt-tokens", help="Prompt lengths (tokens)"),
+        decode_batches: str = typer.Option("1,4,16,32", "--decode-batches", help="Decode batch sizes"),
+        context_tokens: str = typer.Option("64,256", "--context-tokens", help="Decode context lengths (tokens)"),
+        kv_tokens: str = typer.Option("256", "--kv-tokens", help="KV cache sizes for the codec cost (tokens)"),
+        warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs per shape"),
+        repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per shape (the median is kept)"),
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """Measure the local engine: prefill and decode latency grids, KV codec cost, device peaks."""
+        from thunderserve.profiling.run import run_profile
+
+        grid = ProfileGrid(prefill_batch_sizes=_ints(prefill_batches, "--prefill-batches"),
+                           prompt_tokens=_ints(prompt_tokens, "--prompt-tokens"),
+                           decode_batch_sizes=_ints(decode_batches, "--decode-batches"),
+                           context_tokens=_ints(context_tokens, "--context-tokens"),
+                           kv_tokens=_ints(kv_tokens, "--kv-tokens"), warmup=warmup, repeats=repeats)
+        with _progress() as bar:
+            task = bar.add_task("profiling", total=grid.num_steps + 2)
+
+            def step(label: str) -> None:
+                bar.update(task, advance=1, description=label)
+
+            prof = run_profile(model, device, dtype, grid, gpu_type=gpu_type, on_step=step)
+        try:
+            output.write_text(dump_profile(prof))
+        except OSError as exc:
+            raise SpecError(f"cannot write ({exc.strerror})", source=str(output)) from None
+        if as_json:
+            print_json(prof)
+            return
+        t = Table(title=f"{prof.engine} on {prof.device.name} ({prof.device.threads} threads, {prof.device.dtype})")
+        for col in ("phase", "batch", "tokens", "median ms"):
+            t.add_column(col, justify="right")
+        for m in prof.measurements:
+            t.add_row(m.phase.value, str(m.batch_size), str(m.tokens), f"{m.latency_s * 1e3:.2f}")
+        out.print(t)
+        for k in prof.kv:
+            out.print(f"KV {k.method} {k.tokens} tokens: {k.raw_bytes} -> {k.encoded_bytes} bytes, "
+                      f"encode {k.encode_s * 1e3:.2f} ms, decode {k.decode_s * 1e3:.2f} ms")
+        out.print(f"device peaks: {prof.device.peak_tflops * 1e3:.1f} GFLOP/s, "
+                  f"{prof.device.memory_bandwidth_gbs:.1f} GB/s; wrote {output}")

@@ -102,19 +102,28 @@ _LOWER = np.array([1e-3, 1e-3, 0.0, 0.0])
 _UPPER = np.array([1.0, 1.0, MAX_SATURATION_TOKENS, MAX_OVERHEAD_US])
 
 
-def _solve(residual, x0: np.ndarray, free: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Least squares over the `free` entries of the 4-parameter vector (the rest stay at x0)."""
-    def wrapped(z: np.ndarray) -> np.ndarray:
-        x = x0.copy()
-        x[free] = z
-        return residual(x)
+def _solve(residual, x0: np.ndarray, free: np.ndarray,  # type: ignore[no-untyped-def]
+           starts: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """Least squares over the `free` entries of the 4-parameter vector (the rest stay at x0).
 
+    The max() in the roofline makes the landscape piecewise, so extra `starts` (full vectors) are tried too and
+    the lowest-cost solution wins (deterministic: fixed starts, ties to the earliest).
+    """
     lower, upper = _LOWER[free], _UPPER[free]
-    start = np.clip(x0[free], lower + 1e-9, upper - 1e-9)
-    sol = least_squares(wrapped, start, bounds=(lower, upper), loss=LOSS, f_scale=LOSS_SCALE, x_scale="jac")
-    x = x0.copy()
-    x[free] = sol.x
-    return x
+    best_x, best_cost = x0.copy(), np.inf
+    for start_x in (x0, *starts):
+        def wrapped(z: np.ndarray, base: np.ndarray = start_x) -> np.ndarray:
+            x = base.copy()
+            x[free] = z
+            return residual(x)
+
+        start = np.clip(start_x[free], lower + 1e-9, upper - 1e-9)
+        sol = least_squares(wrapped, start, bounds=(lower, upper), loss=LOSS, f_scale=LOSS_SCALE, x_scale="jac")
+        if sol.cost < best_cost - 1e-15:
+            best_cost = sol.cost
+            best_x = start_x.copy()
+            best_x[free] = sol.x
+    return best_x
 
 
 def _factors(x: np.ndarray) -> RooflineFactors:
@@ -197,8 +206,12 @@ def fit_stage(model: ModelSpec, gpu: GpuSpec, samples: Sequence[StageSample]) ->
     def residual(x: np.ndarray) -> np.ndarray:
         return np.log(stage_predict_s(base, samples, _factors(x))) - np.log(measured)
 
-    x0 = np.array([0.5, 0.5, 16.0, 50.0])
-    f = _factors(_solve(residual, x0, np.array([True, True, True, True])))
+    # starts spread over the plausible range: per-layer overhead from 0 to most of the fastest pass, saturation
+    # from none to a few hundred tokens, efficiencies low and high (a few dozen cheap solves on few points)
+    per_layer_us = float(measured.min()) / model.num_layers * 1e6
+    starts = [np.array([e, e, sat, frac * per_layer_us])
+              for e in (0.2, 0.7) for sat in (1.0, 64.0) for frac in (0.05, 0.4, 0.9)]
+    f = _factors(_solve(residual, starts[0], np.array([True, True, True, True]), starts[1:]))
     fitted = gpu.model_copy(update={"compute_efficiency": f.compute_efficiency,
                                     "memory_efficiency": f.memory_efficiency,
                                     "compute_saturation_tokens": f.compute_saturation_tokens,

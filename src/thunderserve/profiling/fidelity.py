@@ -2,7 +2,8 @@
 
 For a GPU type the calibration measured, its own factors predict; for any other type the calibration's shared
 model predicts from the catalog's datasheet peak and bandwidth ("shared"); without either, the catalog factors
-("catalog"). Summaries are relative errors |predicted/measured - 1|: overall, and by GPU, model, op and GPU x model.
+("catalog"). Summaries are relative errors |predicted/measured - 1|: overall, and by GPU, model, op, GPU x model and
+GPU x token-count class (decode-sized GEMMs behave differently from prefill-sized ones).
 """
 
 from __future__ import annotations
@@ -76,7 +77,20 @@ def summarize(fid: Fidelity) -> dict[str, Any]:
     out["by_op"] = _group(fid, s.op)
     pair = np.array([f"{g}/{m}" for g, m in zip(s.gpu.tolist(), s.model.tolist(), strict=True)], dtype=object)
     out["by_gpu_model"] = _group(fid, pair)
+    bucket = np.array([_bucket(int(t)) for t in s.num_tokens], dtype=object)
+    out["by_gpu_tokens"] = _group(fid, np.array([f"{g}/{b}" for g, b in zip(s.gpu.tolist(), bucket.tolist(),
+                                                                             strict=True)], dtype=object))
     return out
+
+
+TOKEN_BUCKETS = (1, 32, 128, 512, 2048)  # lower edges: decode-sized GEMMs up to long-prefill ones
+
+
+def _bucket(tokens: int) -> str:
+    """Size class of a GEMM by its token rows, e.g. 'tokens 0032-0127' (zero-padded so names sort by size)."""
+    lo = max(b for b in TOKEN_BUCKETS if b <= tokens) if tokens >= 1 else 1
+    nxt = [b for b in TOKEN_BUCKETS if b > lo]
+    return f"tokens {lo:04d}-{nxt[0] - 1:04d}" if nxt else f"tokens {lo:04d}+"
 
 
 def points(fid: Fidelity) -> list[dict[str, Any]]:

@@ -106,3 +106,52 @@ def load_cluster_any():  # type: ignore[no-untyped-def]
     from thunderserve.spec.cluster import builtin_clusters
 
     return load_cluster(builtin_clusters()[0])
+
+
+def _synthetic_profile(tmp_path: Path) -> Path:
+    """A profile whose latencies follow the cost model with known CPU factors (so the fit must recover them)."""
+
+    from thunderserve.costmodel.fit import PassKind, StageSample, predict_stage_s
+    from thunderserve.profiling.schema import DeviceInfo, EngineProfile, Measurement, dump_profile
+    from thunderserve.spec import load_model
+
+    model = load_model("smollm2-135m").model_copy(update={"dtype_bytes": 4})
+    device = DeviceInfo(kind="cpu", name="Test CPU", gpu_type="CPU", threads=2, torch_version="x", dtype="float32",
+                        peak_tflops=0.25, memory_bandwidth_gbs=45.0, memory_gb=16.0)
+    truth = EngineProfile(device=device, model=model, engine="synthetic", warmup=0, repeats=1,
+                          measurements=(Measurement(phase=PassKind.DECODE, batch_size=1, tokens=1, latency_s=1.0),)
+                          ).device_spec().model_copy(update={"compute_efficiency": 0.4, "memory_efficiency": 0.5,
+                                                             "compute_saturation_tokens": 2.0,
+                                                             "layer_overhead_us": 300.0})
+    shapes = [StageSample(PassKind.PREFILL, b, n, 1.0) for b in (1, 2, 4) for n in (16, 64, 256)]
+    shapes += [StageSample(PassKind.DECODE, b, c, 1.0) for b in (1, 4, 16, 32) for c in (64, 256)]
+    times = predict_stage_s(model, truth, shapes)
+    ms = tuple(Measurement(phase=s.phase, batch_size=s.batch_size, tokens=s.tokens, latency_s=float(t))
+               for s, t in zip(shapes, times, strict=True))
+    prof = EngineProfile(device=device, model=model, engine="synthetic", warmup=0, repeats=1, measurements=ms)
+    path = tmp_path / "profile.json"
+    path.write_text(dump_profile(prof))
+    return path
+
+
+def test_calibrate_a_cpu_pseudo_gpu_from_an_engine_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    prof = _synthetic_profile(tmp_path)
+    calib_path = tmp_path / "cpu.json"
+    code, out, _ = run_cli(monkeypatch, capsys, "calibrate", "--profile", str(prof), "-o", str(calib_path), "--json")
+    assert code == 0
+    calib = load_calibration(calib_path)
+    assert calib.shared is None
+    cpu = calib.gpu("CPU")
+    assert cpu is not None and cpu.source == "engine-profile"
+    assert cpu.spec.fp16_tflops == 0.25 and cpu.spec.memory_bandwidth_gbs == 45.0
+    assert cpu.spec.compute_efficiency == pytest.approx(0.4, rel=0.02)
+    assert cpu.spec.layer_overhead_us == pytest.approx(300.0, rel=0.02)
+    code, out, _ = run_cli(monkeypatch, capsys, "fidelity", "--calibration", str(calib_path), "--profile", str(prof),
+                           "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["median_relative_error"] < 0.01
+    engine = report["engine_profiles"][str(prof)]
+    assert engine["basis"] == "fitted" and set(engine["by_phase"]) == {"prefill", "decode"}
+    assert len(engine["points"]) == 17

@@ -1,0 +1,97 @@
+"""`thunderserve profile` as a library call: load the local engine, measure the device and the engine, return the
+profile (the I/O shell around `engine_profile` and `microbench`)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from thunderserve.errors import SpecError
+from thunderserve.profiling.engine_profile import KvCodec, ProfileGrid, Timer, profile_engine, profile_kv
+from thunderserve.profiling.microbench import cpu_name, measure_peaks, memory_gb
+from thunderserve.profiling.schema import DeviceInfo, EngineProfile
+from thunderserve.runtime.engine.base import EngineProtocol
+from thunderserve.spec.model import ModelSpec, load_model
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda"):
+        raise SpecError(f"unknown device '{name}' (cpu or cuda)", field="--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpecError("CUDA is not available on this machine", field="--device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SpecError(f"unknown dtype '{name}' (known: {', '.join(DTYPES)})", field="--dtype")
+    return DTYPES[name]
+
+
+def model_spec_for(model_ref: str, dtype: torch.dtype) -> ModelSpec:
+    """The model's shape, with dtype_bytes set to what the engine computes in."""
+    spec = load_model("smollm2-135m" if model_ref.lower() in SMOLLM2_ALIASES else model_ref)
+    return spec.model_copy(update={"dtype_bytes": torch.empty(0, dtype=dtype).element_size()})
+
+
+def load_local_engine(model_ref: str, device: torch.device, dtype: torch.dtype) -> EngineProtocol:
+    """The runtime's engine (`thunderserve.runtime.engine.load_engine`)."""
+    try:
+        mod = importlib.import_module("thunderserve.runtime.engine")
+        loader: Callable[..., Any] = mod.load_engine
+    except (ImportError, AttributeError):
+        raise SpecError("the local engine (thunderserve.runtime.engine.load_engine) is not available in this build",
+                        field="--model") from None
+    return loader(model_ref, device=str(device), dtype=dtype)  # type: ignore[no-any-return]
+
+
+def kv_codecs() -> dict[str, KvCodec]:
+    """The runtime's KV codecs (quantised transfer formats), when the runtime provides them."""
+    try:
+        mod = importlib.import_module("thunderserve.runtime.kv.quantize")
+    except ImportError:
+        return {}
+    make = getattr(mod, "profile_codecs", None)
+    return dict(make()) if callable(make) else {}
+
+
+def device_info(device: torch.device, dtype: torch.dtype, gpu_type: str | None,
+                on_step: Callable[[str], None]) -> DeviceInfo:
+    peaks = measure_peaks(device, dtype)
+    on_step("device peaks")
+    if device.type == "cuda":
+        name, threads, default_type = torch.cuda.get_device_name(device), 1, "CUDA-LOCAL"
+    else:
+        name, threads, default_type = cpu_name(), torch.get_num_threads(), "CPU"
+    return DeviceInfo(kind="cuda" if device.type == "cuda" else "cpu", name=name, gpu_type=gpu_type or default_type,
+                      threads=threads, torch_version=torch.__version__, dtype=str(dtype).removeprefix("torch."),
+                      peak_tflops=peaks.peak_tflops, memory_bandwidth_gbs=peaks.memory_bandwidth_gbs,
+                      memory_gb=memory_gb(device))
+
+
+def run_profile(model_ref: str, device_name: str, dtype_name: str, grid: ProfileGrid, *,
+                gpu_type: str | None = None, on_step: Callable[[str], None] | None = None,
+                engine: EngineProtocol | None = None) -> EngineProfile:
+    """Measure device peaks, then the engine's prefill/decode grid and KV codec costs."""
+    step = on_step or (lambda _label: None)
+    device, dtype = resolve_device(device_name), resolve_dtype(dtype_name)
+    spec = model_spec_for(model_ref, dtype)
+    if engine is None:
+        engine = load_local_engine(model_ref, device, dtype)
+    step("engine loaded")
+    info = device_info(device, dtype, gpu_type, step)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    timer = Timer(sync=sync)
+    with torch.inference_mode():
+        ms = profile_engine(engine, grid, spec.vocab_size, timer=timer, on_step=step)
+        codecs = kv_codecs()
+        kv = profile_kv(engine, codecs, grid, spec.vocab_size, timer=timer, on_step=step) if codecs else []
+    notes = () if codecs else ("no KV codec available (thunderserve.runtime.kv.quantize); KV cost not measured",)
+    return EngineProfile(device=info, model=spec, engine=model_ref, warmup=grid.warmup, repeats=grid.repeats,
+                         measurements=tuple(ms), kv=tuple(kv), notes=notes)
