@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from thunderserve.costmodel.fit import PassKind
@@ -108,7 +109,7 @@ def profile_engine(engine: EngineProtocol, grid: ProfileGrid, vocab_size: int, *
     for b in grid.prefill_batch_sizes:
         for length in grid.prompt_tokens:
             prompts = [_prompt(rng, length, vocab_size) for _ in range(b)]
-            times = timer.run(lambda prompts=prompts: engine.prefill(prompts), grid.warmup, grid.repeats)
+            times = timer.run(partial(engine.prefill, prompts), grid.warmup, grid.repeats)
             out.append(_measurement(PassKind.PREFILL, b, length, times))
             done(f"prefill b={b} L={length}")
     if grid.decode_batch_sizes and grid.context_tokens:
@@ -118,7 +119,7 @@ def profile_engine(engine: EngineProtocol, grid: ProfileGrid, vocab_size: int, *
         for b in grid.decode_batch_sizes:
             for ctx in grid.context_tokens:
                 inputs = [DecodeInput(token_id=token, kv=_clone_prefix(base, ctx)) for _ in range(b)]
-                times = timer.run(lambda inputs=inputs: engine.decode(inputs), grid.warmup, grid.repeats)
+                times = timer.run(partial(engine.decode, inputs), grid.warmup, grid.repeats)
                 out.append(_measurement(PassKind.DECODE, b, ctx, times))
                 done(f"decode b={b} ctx={ctx}")
     return out
@@ -135,8 +136,8 @@ def profile_kv(engine: EngineProtocol, codecs: dict[str, KvCodec], grid: Profile
         raw = int(kv.keys.numel() * kv.keys.element_size() + kv.values.numel() * kv.values.element_size())
         for name, codec in sorted(codecs.items()):
             blob = codec.encode(kv)
-            enc = timer.run(lambda codec=codec, kv=kv: codec.encode(kv), grid.warmup, grid.repeats)
-            dec = timer.run(lambda codec=codec, blob=blob: codec.decode(blob), grid.warmup, grid.repeats)
+            enc = timer.run(partial(codec.encode, kv), grid.warmup, grid.repeats)
+            dec = timer.run(partial(codec.decode, blob), grid.warmup, grid.repeats)
             out.append(KvMeasurement(method=name, tokens=tokens, raw_bytes=raw, encoded_bytes=max(len(blob), 1),
                                      encode_s=max(statistics.median(enc), 1e-9),
                                      decode_s=max(statistics.median(dec), 1e-9)))

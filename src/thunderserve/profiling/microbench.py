@@ -12,6 +12,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -73,7 +74,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, *, matmul_sizes: Seq
         for n in matmul_sizes:
             a = torch.randn(n, n, device=device).to(dtype)
             b = torch.randn(n, n, device=device).to(dtype)
-            t = _best_time(lambda a=a, b=b: torch.mm(a, b), device, repeats, clock)
+            t = _best_time(partial(torch.mm, a, b), device, repeats, clock)
             best_flops = max(best_flops, 2.0 * n**3 / t)
         elements = max(1, copy_bytes // 4)
         src = torch.ones(elements, dtype=torch.float32, device=device)
