@@ -1,0 +1,197 @@
+"""`simulate` and `compare`: replay a workload against a plan, and ThunderServe vs the baselines side by side.
+
+Thin wrappers: `thunderserve.sim` does the simulation, `thunderserve.report` the comparison, table, plot and
+Markdown report. Progress bars go to stderr; `--json` prints the machine-readable document on stdout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from thunderserve.cli.common import (
+    AttainOpt,
+    ClusterOpt,
+    JsonOpt,
+    ModelOpt,
+    SloScaleOpt,
+    TpotOpt,
+    TtftOpt,
+    WorkloadOpt,
+    console,
+    load_inputs,
+    out,
+    print_json,
+)
+from thunderserve.errors import SpecError
+from thunderserve.plan import load_plan
+from thunderserve.policy.step import ColocatedPolicy
+from thunderserve.sim.config import DEFAULT_DURATION_S, DEFAULT_WARMUP_S, LoadConfig, SimConfig
+from thunderserve.spec.cluster import load_cluster
+from thunderserve.spec.workload import read_trace
+
+DurationOpt = typer.Option(DEFAULT_DURATION_S, "--duration",
+                           help="Seconds of Poisson arrivals per simulated run (trace: keep its first S seconds)")
+WarmupOpt = typer.Option(DEFAULT_WARMUP_S, "--warmup", help="Arrivals in the first S seconds are not measured")
+SeedOpt = typer.Option(0, "--seed", help="Seed of the Poisson arrivals and length sampling")
+PrefillFirstOpt = typer.Option(False, "--prefill-first",
+                               help="Colocated groups use the older prefill-first policy instead of chunked prefill")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise SpecError("must be positive", field=name)
+
+
+def simulate_cmd(
+    cluster: str = ClusterOpt,
+    model: str = ModelOpt,
+    workload: str = WorkloadOpt,
+    plan: Path = typer.Option(..., "--plan", help="Plan JSON (from `thunderserve plan`)"),
+    rate: float | None = typer.Option(None, "--rate", help="Arrival rate, req/s (default: the max rate at the SLO)"),
+    trace: Path | None = typer.Option(None, "--trace", help="Replay this trace CSV's own arrival times instead"),
+    duration: float = DurationOpt,
+    warmup: float = WarmupOpt,
+    seed: int = SeedOpt,
+    no_search: bool = typer.Option(False, "--no-search", help="Skip the max-rate bisection (needs --rate or --trace)"),
+    prefill_first: bool = PrefillFirstOpt,
+    slo: float | None = SloScaleOpt,
+    ttft_ms: float | None = TtftOpt,
+    tpot_ms: float | None = TpotOpt,
+    attainment: float = AttainOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Simulate a plan: max rate at the SLO (bisection) and the metrics at --rate (or at that maximum)."""
+    from thunderserve.report.compare import finite_json, system_entry
+    from thunderserve.sim.metrics import max_rate_at_slo, poisson_stream, trace_stream
+    from thunderserve.sim.replay import simulate
+
+    _positive("--rate", rate)
+    _positive("--duration", duration)
+    if warmup < 0:
+        raise SpecError("must be >= 0", field="--warmup")
+    if rate is not None and trace is not None:
+        raise SpecError("give either --rate or --trace, not both", field="--rate")
+    if no_search and rate is None and trace is None:
+        raise SpecError("--no-search needs --rate or --trace (the rate to simulate)", field="--no-search")
+    inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
+    the_plan = load_plan(plan)
+    policy = ColocatedPolicy.PREFILL_FIRST if prefill_first else ColocatedPolicy.CHUNKED
+    sim_cfg = SimConfig(colocated_policy=policy, warmup_s=warmup)
+    load = LoadConfig(duration_s=duration, seed=seed)
+    wl = inputs.workload
+    stream = None
+    if trace is not None:
+        wl = read_trace(trace)
+        stream = trace_stream(wl, duration)
+    fn = stream or poisson_stream(wl, load, warmup)
+    max_rate = None
+    with _progress() as bar:
+        if not no_search:
+            task = bar.add_task("max rate at the SLO", total=None)
+
+            def probe(r: float, ok: bool) -> None:
+                bar.update(task, description=f"max rate at the SLO: {r:.2f} req/s {'meets' if ok else 'misses'}")
+
+            max_rate = max_rate_at_slo(the_plan, inputs.cluster, inputs.model, wl, inputs.slo, sim_cfg, load,
+                                       stream=stream, progress=probe).rate_rps
+            bar.remove_task(task)
+        if trace is not None:
+            at_rate = wl.trace_rate_rps
+            requests = wl.trace_requests(duration_s=duration)
+        else:
+            at_rate = rate if rate is not None else (max_rate or 0.0)
+            if at_rate <= 0:
+                raise SpecError("the plan meets the SLO at no rate; give --rate to simulate anyway", field="--rate")
+            requests = fn(at_rate)
+        bar.add_task(f"simulating {requests[0].size} requests at {at_rate:.2f} req/s", total=None)
+        result = simulate(the_plan, inputs.cluster, inputs.model, *requests, sim_cfg)
+    entry: dict[str, Any] = system_entry(the_plan, inputs.cluster, inputs.slo, result, at_rate, max_rate)
+    entry.update({"rate_rps": at_rate, "workload": wl.name, "colocated_policy": str(policy),
+                  "sim_wall_s": result.wall_s, "sim_events": result.events})
+    entry = finite_json(entry)
+    if as_json:
+        print_json(entry)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{the_plan.model} on {inputs.cluster.name}: {wl.name} at {at_rate:.2f} req/s")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("max_rate_at_slo", "slo_attainment", "throughput_rps", "throughput_tokens_s",
+                "latency_deadline_scale", "p50_ttft_s", "p90_ttft_s", "p99_ttft_s", "p50_tpot_s", "p90_tpot_s",
+                "p99_tpot_s", "p99_e2e_s", "num_requests", "oversized_requests"):
+        v = entry.get(key)
+        table.add_row(key, "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+    out.print(table)
+
+
+def compare_cmd(
+    cluster: str = ClusterOpt,
+    model: str = ModelOpt,
+    workload: str = WorkloadOpt,
+    baseline_cluster: str | None = typer.Option(None, "--baseline-cluster",
+                                                help="Also plan the baselines on this cluster (e.g. inhouse-8xa100)"),
+    baselines: str | None = typer.Option(None, "--baselines", help="Comma-separated subset of vllm,distserve,hexgen"),
+    plot: Path | None = typer.Option(None, "--plot", help="Write the attainment plots to this PNG"),
+    report: Path | None = typer.Option(None, "--report", help="Write a Markdown report to this file"),
+    duration: float = DurationOpt,
+    warmup: float = WarmupOpt,
+    seed: int = SeedOpt,
+    time_limit: float = typer.Option(10.0, "--time-limit", help="Planner time limit (ThunderServe and HexGen), s"),
+    no_curves: bool = typer.Option(False, "--no-curves", help="Skip the attainment-vs-rate curve runs"),
+    slo: float | None = SloScaleOpt,
+    ttft_ms: float | None = TtftOpt,
+    tpot_ms: float | None = TpotOpt,
+    attainment: float = AttainOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Plan with ThunderServe and every baseline on the same GPUs, simulate each, and compare."""
+    from thunderserve.report import (
+        CompareConfig,
+        comparison_table,
+        plot_comparison,
+        run_comparison,
+        write_markdown,
+    )
+
+    _positive("--duration", duration)
+    _positive("--time-limit", time_limit)
+    if warmup < 0:
+        raise SpecError("must be >= 0", field="--warmup")
+    inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
+    other = load_cluster(baseline_cluster) if baseline_cluster else None
+    names = tuple(x.strip() for x in baselines.split(",") if x.strip()) if baselines else \
+        CompareConfig().baselines
+    config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed), sim=SimConfig(warmup_s=warmup),
+                           planner_time_limit_s=time_limit, baselines=names, curves=not no_curves or plot is not None,
+                           seed=seed)
+    with _progress() as bar:
+        task = bar.add_task("comparing", total=None)
+
+        def tick(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        doc = run_comparison(inputs.cluster, inputs.model, inputs.workload, inputs.slo, baseline_cluster=other,
+                             config=config, progress=tick)
+    if plot is not None:
+        plot_comparison(doc, plot)
+    if report is not None:
+        write_markdown(doc, report, plot)
+    if as_json:
+        print_json(doc)
+    else:
+        out.print(comparison_table(doc))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("simulate")(simulate_cmd)
+    app.command("compare")(compare_cmd)
