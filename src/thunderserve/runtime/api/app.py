@@ -131,7 +131,7 @@ def create_app(router: Router, config: ApiConfig, *, admin: AdminState | None = 
         sampling = SamplingParams(max_tokens=max_tokens or 0, temperature=req.temperature, top_p=req.top_p,
                                   seed=req.seed, stop=req.stop_strings())
         return GenerateRequest(request_id=f"{prefix}-{uuid.uuid4().hex}", sampling=sampling, seed=seed,
-                               max_tokens=max_tokens, arrival_s=time.time(), **prompt)
+                               max_tokens=max_tokens, arrival_s=time.time(), ignore_eos=req.ignore_eos, **prompt)
 
     async def start(greq: GenerateRequest) -> tuple[RequestHandle, Accepted]:
         handle = await router.submit(greq)

@@ -48,6 +48,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     return_token_ids: bool = False  # vLLM-style extension: include token ids in the response
+    ignore_eos: bool = False  # vLLM-style extension: generate exactly max_tokens (benchmarks)
 
     @field_validator("stop")
     @classmethod

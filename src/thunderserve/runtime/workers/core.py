@@ -52,6 +52,7 @@ class _Pending:
     max_tokens: int
     sampling: SamplingParams
     seed: int
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -67,6 +68,7 @@ class _Seq:
     text: TextStream
     last_token: int = -1
     num_generated: int = 0
+    ignore_eos: bool = False
 
     @property
     def reserve_tokens(self) -> int:
@@ -78,6 +80,7 @@ class _Seq:
         return {"src": src, "prompt_tokens": self.prompt_tokens, "max_tokens": self.max_tokens,
                 "seed": self.seed, "last_token": self.last_token, "num_generated": self.num_generated,
                 "text_ids": list(self.text.token_ids), "emitted_chars": self.text.emitted_chars,
+                "ignore_eos": self.ignore_eos,
                 "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
                              "seed": s.seed, "stop": list(s.stop)}}
 
@@ -181,7 +184,7 @@ class WorkerCore:
                               f"{self.config.kv_capacity_tokens} per worker", "max_tokens", "kv_capacity_exceeded")
             return
         self._emit({"kind": "accepted", "request_id": rid, "prompt_tokens": len(ids), "max_tokens": max_tokens})
-        self._prefill_queue.append(_Pending(rid, ids, max_tokens, req.sampling, req.seed))
+        self._prefill_queue.append(_Pending(rid, ids, max_tokens, req.sampling, req.seed, req.ignore_eos))
 
     def import_kv(self, request_id: str, meta: Mapping[str, Any], payload: bytes) -> None:
         """Take over a prefilled request from another worker; raises (-> negative ack) if it cannot."""
@@ -196,7 +199,8 @@ class WorkerCore:
         text = TextStream(self.engine.decode_text, sampling.stop, self._eos,
                           [int(t) for t in meta["text_ids"]], int(meta["emitted_chars"]))
         self._waiting.append(_Seq(request_id, kv, int(meta["prompt_tokens"]), int(meta["max_tokens"]), sampling,
-                                  int(meta["seed"]), text, int(meta["last_token"]), int(meta["num_generated"])))
+                                  int(meta["seed"]), text, int(meta["last_token"]), int(meta["num_generated"]),
+                                  bool(meta.get("ignore_eos", False))))
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request wherever it is (client gone or failed elsewhere); True if it was held here."""
@@ -283,7 +287,7 @@ class WorkerCore:
         for p, out in zip(batch, outs, strict=True):
             self.prefill_tokens_total += len(p.prompt_ids)
             seq = _Seq(p.request_id, out.kv, len(p.prompt_ids), p.max_tokens, p.sampling, p.seed,
-                       TextStream(self.engine.decode_text, p.sampling.stop, self._eos))
+                       TextStream(self.engine.decode_text, p.sampling.stop, self._eos), ignore_eos=p.ignore_eos)
             if self._advance(seq, out.logits):
                 continue
             dest = self._choose_dest() if self.role is Phase.PREFILL else None
@@ -339,7 +343,7 @@ class WorkerCore:
         self.generated_tokens_total += 1
         delta, stopped = seq.text.push(tok)
         reason: str | None = None
-        if stopped or tok in self._eos:
+        if stopped or (tok in self._eos and not seq.ignore_eos):
             reason = "stop"
         elif seq.num_generated >= seq.max_tokens or \
                 seq.prompt_tokens + seq.num_generated >= self.engine.max_context_tokens:

@@ -71,14 +71,15 @@ class GenerateRequest:
     prompt_ids: tuple[int, ...] | None = None  # token ids given by the client
     messages: tuple[dict[str, str], ...] | None = None  # chat messages (worker applies the chat template)
     max_tokens: int | None = None  # None: up to the end of the context window
-    arrival_s: float = 0.0  # router clock at arrival (diagnostics)
+    arrival_s: float = 0.0  # client-side arrival time (diagnostics)
+    ignore_eos: bool = False  # keep generating past EOS up to max_tokens (benchmarks)
 
     def to_dict(self) -> dict[str, Any]:
         s = self.sampling
         return {"request_id": self.request_id, "seed": self.seed, "prompt": self.prompt,
                 "prompt_ids": list(self.prompt_ids) if self.prompt_ids is not None else None,
                 "messages": [dict(m) for m in self.messages] if self.messages is not None else None,
-                "max_tokens": self.max_tokens, "arrival_s": self.arrival_s,
+                "max_tokens": self.max_tokens, "arrival_s": self.arrival_s, "ignore_eos": self.ignore_eos,
                 "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
                              "seed": s.seed, "stop": list(s.stop)}}
 
@@ -89,6 +90,7 @@ class GenerateRequest:
                    prompt_ids=tuple(d["prompt_ids"]) if d.get("prompt_ids") is not None else None,
                    messages=tuple(d["messages"]) if d.get("messages") is not None else None,
                    max_tokens=d.get("max_tokens"), arrival_s=float(d.get("arrival_s", 0.0)),
+                   ignore_eos=bool(d.get("ignore_eos", False)),
                    sampling=SamplingParams(max_tokens=int(s["max_tokens"]), temperature=float(s["temperature"]),
                                            top_p=float(s["top_p"]), seed=s.get("seed"),
                                            stop=tuple(s.get("stop", ()))))

@@ -1,0 +1,182 @@
+"""`thunderserve serve`, `bench-serve` and `bench-kv`: run a plan behind the OpenAI API, load-test it."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from thunderserve.cli.common import JsonOpt, console, out, print_json
+from thunderserve.errors import PlanError, SpecError, ThunderServeError
+from thunderserve.plan import Plan, load_plan, validate_plan
+from thunderserve.spec import ModelSpec, SloSpec, load_cluster, load_model, load_workload
+
+FAKE_MODEL = ModelSpec(name="fake", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
+                       intermediate_size=128, vocab_size=258, max_context_tokens=512, dtype_bytes=4)
+
+
+def model_spec_for(model: str) -> ModelSpec:
+    """The architecture facts of an engine model reference (catalog entry, HF directory, or the fake)."""
+    if model == "fake" or model.startswith("fake:"):
+        return FAKE_MODEL
+    if model.lower() in ("smollm2", "smollm2-135m"):
+        return load_model("smollm2-135m")
+    return load_model(model)
+
+
+def _check_layers(plan: Plan, spec: ModelSpec) -> None:
+    for g in plan.groups:
+        end = g.stages[-1].layers[1]
+        if end != spec.num_layers:
+            raise PlanError(f"groups.{g.id}: stages cover layers [0, {end}), model {spec.name} has "
+                            f"{spec.num_layers}")
+
+
+def serve(
+    plan_path: Path | None = typer.Option(None, "--plan", help="Plan JSON to serve"),
+    model: str = typer.Option("smollm2", "--model", help="HuggingFace model directory, or smollm2"),
+    demo: bool = typer.Option(False, "--demo", help="Serve a 1 prefill + 1 decode demo plan on this machine"),
+    backend: str = typer.Option("local", "--backend", help="local (processes) or ray (actors)"),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (ray backend)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="HTTP bind address"),
+    port: int = typer.Option(8000, "--port", help="HTTP port"),
+    cpu_threads: int = typer.Option(1, "--cpu-threads", help="Torch threads per worker"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="THUNDERSERVE_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' on /v1 and /admin"),
+    cluster: str | None = typer.Option(None, "--cluster", help="Validate the plan against this cluster"),
+    worker_host: str = typer.Option("127.0.0.1", "--worker-host",
+                                    help="Bind address of worker servers (0.0.0.0 for multi-node Ray)"),
+    kv_capacity_tokens: int = typer.Option(65536, "--kv-capacity-tokens", help="KV tokens per worker"),
+    log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level"),
+) -> None:
+    """Serve a plan (or the demo) with an OpenAI-compatible API until SIGINT/SIGTERM."""
+    from thunderserve.runtime.launch import LaunchError
+    from thunderserve.runtime.launch.base import check_servable
+    from thunderserve.runtime.launch.demo import demo_plan
+    from thunderserve.runtime.launch.serve import ServeConfig
+    from thunderserve.runtime.launch.serve import serve as run_serve
+
+    if backend not in ("local", "ray"):
+        raise SpecError(f"unknown backend '{backend}' (local, ray)", field="--backend")
+    if backend == "local" and ray_address:
+        raise SpecError("--ray-address needs --backend ray", field="--ray-address")
+    for name, value in (("--cpu-threads", cpu_threads), ("--kv-capacity-tokens", kv_capacity_tokens)):
+        if value < 1:
+            raise SpecError("must be at least 1", field=name)
+    if not 0 <= port < 65536:
+        raise SpecError("must be in [0, 65535]", field="--port")
+    spec = model_spec_for(model)
+    if demo:
+        if plan_path is not None:
+            raise SpecError("give either --plan or --demo, not both", field="--demo")
+        plan = demo_plan(spec)
+    elif plan_path is None:
+        raise SpecError("missing (or use --demo)", field="--plan")
+    else:
+        plan = load_plan(plan_path)
+        if cluster is not None:
+            validate_plan(plan, load_cluster(cluster), spec.model_copy(update={"name": plan.model}))
+        check_servable(plan)
+        _check_layers(plan, spec)
+    config = ServeConfig(model=model, backend=backend, ray_address=ray_address, host=host, port=port,
+                         cpu_threads=cpu_threads, api_key=api_key, worker_host=worker_host,
+                         kv_capacity_tokens=kv_capacity_tokens, log_level=log_level)
+    groups = ", ".join(f"{g.id}={g.phase}" for g in plan.groups)
+    console.print(f"serving {plan.model} ({model}) on http://{host}:{port}  [{backend}: {groups}]")
+    try:
+        run_serve(plan, config)
+    except LaunchError as exc:
+        raise ThunderServeError(str(exc)) from None
+
+
+def bench_serve(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Server base URL"),
+    workload: str = typer.Option("conversation", "--workload", help="Workload preset or trace CSV"),
+    rate: float = typer.Option(1.0, "--rate", help="Poisson arrival rate (requests/s)"),
+    duration: float = typer.Option(30.0, "--duration", help="Seconds of arrivals"),
+    seed: int = typer.Option(0, "--seed", help="Arrival and length sampling seed"),
+    model: str | None = typer.Option(None, "--model", help="Model id (default: the server's first)"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="THUNDERSERVE_API_KEY"),
+    max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens",
+                                                 help="Scale prompts to this p99 (default: context / 4)"),
+    max_output_tokens: int = typer.Option(32, "--max-output-tokens", help="Scale outputs to this p99"),
+    ttft_ms: float | None = typer.Option(None, "--ttft-ms", help="TTFT target for SLO attainment"),
+    tpot_ms: float | None = typer.Option(None, "--tpot-ms", help="TPOT target for SLO attainment"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Replay a workload (Poisson arrivals, trace lengths scaled to the model) against a running server."""
+    import httpx
+
+    from thunderserve.runtime.api.loadgen import (
+        RequestResult,
+        plan_requests,
+        run_load,
+        served_context,
+        summarize,
+    )
+
+    if rate <= 0 or duration <= 0:
+        raise SpecError("must be positive", field="--rate" if rate <= 0 else "--duration")
+    if (ttft_ms is None) != (tpot_ms is None):
+        raise SpecError("give both --ttft-ms and --tpot-ms for SLO attainment", field="--ttft-ms")
+    slo = SloSpec(ttft_ms=ttft_ms, tpot_ms=tpot_ms) if ttft_ms is not None and tpot_ms is not None else None
+    w = load_workload(workload)
+    try:
+        served, ctx = asyncio.run(served_context(url, api_key))
+    except httpx.HTTPError as exc:
+        raise ThunderServeError(f"--url: cannot reach {url}: {exc}") from None
+    prompt_cap = max_prompt_tokens or max(ctx // 4, 1)
+    if prompt_cap + max_output_tokens >= ctx:
+        raise SpecError(f"prompt + output caps ({prompt_cap} + {max_output_tokens}) exceed the context of {ctx}",
+                        field="--max-prompt-tokens")
+    requests = plan_requests(w, rate, duration, seed, prompt_cap, max_output_tokens)
+    with Progress(TextColumn("bench-serve"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("requests", total=len(requests))
+
+        def done(_: RequestResult) -> None:
+            progress.advance(task)
+
+        results, wall_s = asyncio.run(run_load(url, requests, model=model or served, api_key=api_key, seed=seed,
+                                               on_done=done))
+    summary: dict[str, object] = dict(summarize(results, slo))
+    summary.update({"rate_rps": rate, "duration_s": duration, "wall_s": wall_s, "workload": w.name,
+                    "mean_prompt_tokens": float(sum(r.prompt_tokens for r in results if r.ok))
+                    / max(sum(1 for r in results if r.ok), 1),
+                    "errors": sorted({r.error for r in results if not r.ok})[:5]})
+    if as_json:
+        print_json({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()})
+        return
+    table = Table(title=f"bench-serve {w.name} @ {rate:g} req/s for {duration:g} s ({url})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
+def bench_kv(
+    model: str = typer.Option("smollm2", "--model", help="HuggingFace model directory, or smollm2"),
+    num_tokens: int = typer.Option(64, "--num-tokens", help="Prompt tokens whose KV cache is measured"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """KV compression on a real model: bytes, error and codec time per compression level."""
+    try:
+        from thunderserve.cli_bench_kv import bench_kv as run_bench_kv  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ThunderServeError(f"bench-kv needs thunderserve.cli_bench_kv: {exc}") from None
+    result = run_bench_kv(model=model, num_tokens=num_tokens)
+    if as_json:
+        print_json(result)
+        return
+    out.print_json(data=result)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("bench-serve")(bench_serve)
+    app.command("bench-kv")(bench_kv)

@@ -1,0 +1,95 @@
+"""From a Plan to worker launch specs, and the launcher seam (local processes or Ray actors).
+
+One worker per plan group. On a machine without GPUs every group runs as one CPU process holding all
+layers (the plan's TP/PP layout is a placement decision for GPUs; on CPU it is collapsed and each worker
+uses `cpu_threads` torch threads). The plan node a group runs on is the node of its first GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from thunderserve.errors import PlanError
+from thunderserve.plan.model import Group, Phase, Plan
+from thunderserve.runtime.workers.protocol import WorkerConfig
+from thunderserve.runtime.workers.server import WorkerLaunchSpec
+
+SHARE_TOLERANCE = 1e-6
+
+
+class LaunchError(RuntimeError):
+    """A worker failed to start (its error is in the message)."""
+
+
+@dataclass(frozen=True)
+class WorkerEndpoint:
+    """Where a started worker listens."""
+
+    group_id: str
+    host: str
+    control_port: int
+    kv_port: int
+    pid: int
+    weights_token: int
+    node: str = ""  # plan node (Ray: the node it was placed on)
+
+
+class Launcher(Protocol):
+    """Starts one worker per spec and stops them all (idempotent); no orphans after `stop`."""
+
+    def start(self, specs: list[WorkerLaunchSpec]) -> dict[str, WorkerEndpoint]: ...
+
+    def stop(self, timeout_s: float = 10.0) -> None: ...
+
+    def worker_pids(self) -> dict[str, int]: ...
+
+
+def group_node(group: Group) -> str:
+    """The plan node a group's worker runs on (node of its first GPU id "<node>:<index>")."""
+    return group.stages[0].gpus[0].split(":", 1)[0]
+
+
+def check_servable(plan: Plan) -> None:
+    """Checks the runtime needs whatever the cluster: routing present, shares valid, targets of the right phase."""
+    if plan.routing is None:
+        raise PlanError("routing: missing (the runtime needs entry and KV shares)")
+    phases = {g.id: g.phase for g in plan.groups}
+
+    def shares(where: str, values: Mapping[str, float], allowed: tuple[Phase, ...]) -> None:
+        if not values:
+            raise PlanError(f"{where}: no shares given")
+        for gid, v in values.items():
+            if gid not in phases:
+                raise PlanError(f"{where}.{gid}: unknown group")
+            if phases[gid] not in allowed:
+                raise PlanError(f"{where}.{gid}: group is {phases[gid]}, expected {' or '.join(allowed)}")
+            if not (math.isfinite(v) and v >= 0):
+                raise PlanError(f"{where}.{gid}: share must be a finite number >= 0, got {v}")
+        if abs(sum(values.values()) - 1.0) > SHARE_TOLERANCE:
+            raise PlanError(f"{where}: shares sum to {sum(values.values()):.6f}, not 1")
+
+    shares("routing.entry", plan.routing.entry, (Phase.PREFILL, Phase.COLOCATED))
+    for src, dests in sorted(plan.routing.kv.items()):
+        if phases.get(src) is not Phase.PREFILL:
+            raise PlanError(f"routing.kv.{src}: not a prefill group")
+        shares(f"routing.kv.{src}", dests, (Phase.DECODE,))
+    for gid, phase in sorted(phases.items()):
+        if phase is Phase.PREFILL and plan.routing.entry.get(gid, 0) > 0 and gid not in plan.routing.kv:
+            raise PlanError(f"routing.kv: prefill group '{gid}' has no KV destination")
+
+
+def worker_specs(plan: Plan, model: str, *, cpu_threads: int = 1, host: str = "127.0.0.1",
+                 knobs: WorkerConfig | None = None, devices: Mapping[str, str] | None = None
+                 ) -> list[WorkerLaunchSpec]:
+    """One launch spec per plan group (sorted by group id); `knobs` supplies non-plan worker settings."""
+    check_servable(plan)
+    out = []
+    for g in sorted(plan.groups, key=lambda g: g.id):
+        base = knobs or WorkerConfig(group_id=g.id, role=g.phase)
+        config = replace(base, group_id=g.id, role=g.phase, compression=plan.kv_transfer.compression)
+        out.append(WorkerLaunchSpec(config=config, model=model, cpu_threads=cpu_threads, host=host,
+                                    device=(devices or {}).get(g.id, "cpu")))
+    return out

@@ -1,0 +1,140 @@
+"""Serving a plan: launch workers, start the router inside the HTTP server's loop, stop everything cleanly.
+
+Rollout of a plan (the order `serve` follows):
+    1. check the plan is servable and build one launch spec per group
+    2. start workers (local processes or Ray actors); each loads the model once and reports its ports
+    3. start uvicorn; its lifespan connects the router to every worker and configures roles/routing
+    4. serve; SIGINT/SIGTERM make uvicorn leave the lifespan: the router fails in-flight requests
+       ("shutting down"), tells workers to shut down, and the launcher reaps them (SIGTERM, then SIGKILL)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from thunderserve.plan.model import Plan
+from thunderserve.runtime.api.admin import AdminState
+from thunderserve.runtime.api.app import ApiConfig, create_app
+from thunderserve.runtime.launch.base import Launcher, WorkerEndpoint, worker_specs
+from thunderserve.runtime.launch.local import LocalLauncher
+from thunderserve.runtime.router import Router, RouterConfig
+from thunderserve.runtime.workers.protocol import DEFAULT_KV_CAPACITY_TOKENS, WorkerConfig
+
+log = logging.getLogger("thunderserve.serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str  # engine model reference: HuggingFace directory, "smollm2", or "fake"
+    backend: str = "local"  # "local" (processes) or "ray" (actors)
+    ray_address: str | None = None
+    host: str = "127.0.0.1"  # HTTP bind address
+    port: int = 8000
+    cpu_threads: int = 1  # torch threads per worker
+    api_key: str | None = None
+    worker_host: str = "127.0.0.1"  # bind address of worker servers (0.0.0.0 for multi-node Ray)
+    kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS
+    heartbeat_timeout_s: float = 15.0
+    log_level: str = "warning"
+
+
+def served_names(plan: Plan, model: str) -> tuple[str, tuple[str, ...]]:
+    """The model id clients use (the plan's model) and accepted aliases (the --model value, its basename)."""
+    aliases = {model, Path(model).name} - {plan.model, ""}
+    return plan.model, tuple(sorted(aliases))
+
+
+class Deployment:
+    """A plan's workers plus the router that fronts them."""
+
+    def __init__(self, plan: Plan, config: ServeConfig, launcher: Launcher | None = None) -> None:
+        self.plan = plan
+        self.config = config
+        if launcher is None:
+            if config.backend == "ray":
+                from thunderserve.runtime.launch.ray import RayLauncher
+
+                launcher = RayLauncher(plan, config.ray_address)
+            elif config.backend == "local":
+                launcher = LocalLauncher()
+            else:
+                raise ValueError(f"unknown backend '{config.backend}' (local, ray)")
+        self.launcher = launcher
+        self.endpoints: dict[str, WorkerEndpoint] = {}
+        self.router: Router | None = None
+
+    def start_workers(self) -> dict[str, WorkerEndpoint]:
+        knobs = WorkerConfig(group_id="-", role=self.plan.groups[0].phase,
+                             kv_capacity_tokens=self.config.kv_capacity_tokens)
+        specs = worker_specs(self.plan, self.config.model, cpu_threads=self.config.cpu_threads,
+                             host=self.config.worker_host, knobs=knobs)
+        self.endpoints = self.launcher.start(specs)
+        self.router = Router(self.plan, {g: (e.host, e.control_port) for g, e in self.endpoints.items()},
+                             RouterConfig(heartbeat_timeout_s=self.config.heartbeat_timeout_s))
+        return self.endpoints
+
+    def worker_pids(self) -> dict[str, int]:
+        return self.launcher.worker_pids()
+
+    def stop(self) -> None:
+        self.launcher.stop()
+
+
+def build_app(dep: Deployment) -> FastAPI:
+    """The HTTP app of a deployment whose workers are started; its lifespan runs the router."""
+    if dep.router is None:
+        raise RuntimeError("start the workers before building the app")
+    router = dep.router
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.close(shutdown_workers=True)
+            await asyncio.to_thread(dep.stop)
+
+    name, aliases = served_names(dep.plan, dep.config.model)
+    return create_app(router, ApiConfig(name, dep.config.api_key, aliases), admin=AdminState(router, dep),
+                      lifespan=lifespan)
+
+
+def serve(plan: Plan, config: ServeConfig, launcher: Launcher | None = None) -> None:
+    """Run the deployment until SIGINT/SIGTERM (blocking); workers never outlive this call."""
+    import uvicorn
+
+    dep = Deployment(plan, config, launcher)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    if main:  # while workers load, SIGTERM unwinds like Ctrl-C so the `finally` below reaps them
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        dep.start_workers()
+        app = build_app(dep)
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
+                                               log_level=config.log_level, lifespan="on"))
+        if main:
+            # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal against the handlers
+            # it found: make those a no-op so the process ends normally (exit 0) after the clean shutdown.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+        server.run()
+    finally:
+        dep.stop()
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
