@@ -92,8 +92,13 @@ def diff_plans(old: Plan, new: Plan, model: ModelSpec, cluster: Cluster) -> list
 
 
 def lightweight_replan(plan: Plan, cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
-                       *, clock: Callable[[], float] = time.perf_counter) -> ReplanResult:
-    """Keep surviving groups and layouts; re-lay or drop damaged ones; re-decide phases and routing."""
+                       *, added_gpus: frozenset[str] = frozenset(),
+                       clock: Callable[[], float] = time.perf_counter) -> ReplanResult:
+    """Keep surviving groups and layouts; re-lay or drop damaged ones; re-decide phases and routing.
+
+    `cluster` is the cluster after the event; `added_gpus` are GPUs the event brought (they form new groups).
+    GPUs the running plan left idle stay idle: the lightweight path does not re-group.
+    """
     from thunderserve.scheduler import best_group_layout, orchestrate
 
     start = clock()
@@ -110,7 +115,7 @@ def lightweight_replan(plan: Plan, cluster: Cluster, model: ModelSpec, workload:
         if stages is not None:
             groups.append(Group(id=g.id, phase=g.phase, stages=stages))
             used |= set(remaining)
-    spare = [g.id for g in cluster.gpus if g.id not in used and g.id not in set(plan.gpus)]
+    spare = [g.id for g in cluster.gpus if g.id in added_gpus and g.id not in used]
     groups.extend(_groups_from_new_gpus(spare, cluster, model, {g.id for g in groups}))
     new = orchestrate(groups, cluster, model, workload, slo, plan.kv_transfer.compression)
     elapsed = clock() - start
