@@ -52,6 +52,7 @@ def serve(
                                     help="Bind address of worker servers (0.0.0.0 for multi-node Ray)"),
     kv_capacity_tokens: int = typer.Option(65536, "--kv-capacity-tokens", help="KV tokens per worker"),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, or cuda"),
 ) -> None:
     """Serve a plan (or the demo) with an OpenAI-compatible API until SIGINT/SIGTERM."""
     from thunderserve.runtime.launch import LaunchError
@@ -62,6 +63,8 @@ def serve(
 
     if backend not in ("local", "ray"):
         raise SpecError(f"unknown backend '{backend}' (local, ray)", field="--backend")
+    if device not in ("auto", "cpu", "cuda"):
+        raise SpecError(f"unknown device '{device}' (auto, cpu, cuda)", field="--device")
     if backend == "local" and ray_address:
         raise SpecError("--ray-address needs --backend ray", field="--ray-address")
     for name, value in (("--cpu-threads", cpu_threads), ("--kv-capacity-tokens", kv_capacity_tokens)):
@@ -84,7 +87,7 @@ def serve(
         _check_layers(plan, spec)
     config = ServeConfig(model=model, backend=backend, ray_address=ray_address, host=host, port=port,
                          cpu_threads=cpu_threads, api_key=api_key, worker_host=worker_host,
-                         kv_capacity_tokens=kv_capacity_tokens, log_level=log_level)
+                         kv_capacity_tokens=kv_capacity_tokens, log_level=log_level, device=device)
     groups = ", ".join(f"{g.id}={g.phase}" for g in plan.groups)
     console.print(f"serving {plan.model} ({model}) on http://{host}:{port}  [{backend}: {groups}]")
     try:

@@ -52,6 +52,17 @@ def group_node(group: Group) -> str:
     return group.stages[0].gpus[0].split(":", 1)[0]
 
 
+def cuda_devices(plan: Plan, device_count: int) -> dict[str, str]:
+    """Local GPU placement: each group's worker uses the CUDA device numbered like its first plan GPU."""
+    if device_count <= 0:
+        return {}
+    out = {}
+    for g in plan.groups:
+        index = g.stages[0].gpus[0].rsplit(":", 1)[-1]
+        out[g.id] = f"cuda:{int(index) % device_count if index.isdigit() else 0}"
+    return out
+
+
 def check_servable(plan: Plan) -> None:
     """Checks the runtime needs whatever the cluster: routing present, shares valid, targets of the right phase."""
     if plan.routing is None:

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from thunderserve.plan.model import Plan
 from thunderserve.runtime.api.admin import AdminState
 from thunderserve.runtime.api.app import ApiConfig, create_app
-from thunderserve.runtime.launch.base import Launcher, WorkerEndpoint, worker_specs
+from thunderserve.runtime.launch.base import Launcher, LaunchError, WorkerEndpoint, cuda_devices, worker_specs
 from thunderserve.runtime.launch.local import LocalLauncher
 from thunderserve.runtime.router import Router, RouterConfig
 from thunderserve.runtime.workers.protocol import DEFAULT_KV_CAPACITY_TOKENS, WorkerConfig
@@ -45,6 +45,7 @@ class ServeConfig:
     kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS
     heartbeat_timeout_s: float = 15.0
     log_level: str = "warning"
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", or "cuda"
 
 
 def served_names(plan: Plan, model: str) -> tuple[str, tuple[str, ...]]:
@@ -63,7 +64,8 @@ class Deployment:
             if config.backend == "ray":
                 from thunderserve.runtime.launch.ray import RayLauncher
 
-                launcher = RayLauncher(plan, config.ray_address)
+                launcher = RayLauncher(plan, config.ray_address,
+                                       num_gpus_per_worker=1.0 if config.device == "cuda" else 0.0)
             elif config.backend == "local":
                 launcher = LocalLauncher()
             else:
@@ -76,7 +78,7 @@ class Deployment:
         knobs = WorkerConfig(group_id="-", role=self.plan.groups[0].phase,
                              kv_capacity_tokens=self.config.kv_capacity_tokens)
         specs = worker_specs(self.plan, self.config.model, cpu_threads=self.config.cpu_threads,
-                             host=self.config.worker_host, knobs=knobs)
+                             host=self.config.worker_host, knobs=knobs, devices=self._devices())
         self.endpoints = self.launcher.start(specs)
         self.router = Router(self.plan, {g: (e.host, e.control_port) for g, e in self.endpoints.items()},
                              RouterConfig(heartbeat_timeout_s=self.config.heartbeat_timeout_s))
@@ -84,6 +86,19 @@ class Deployment:
 
     def worker_pids(self) -> dict[str, int]:
         return self.launcher.worker_pids()
+
+    def _devices(self) -> dict[str, str]:
+        """Per-group torch device: local CUDA devices by plan GPU index; Ray pins one GPU per actor."""
+        if self.config.device == "cpu" or self.config.model.startswith("fake"):
+            return {}
+        import torch
+
+        count = torch.cuda.device_count()
+        if self.config.device == "cuda" and count == 0 and self.config.backend == "local":
+            raise LaunchError("--device cuda: no CUDA device on this machine")
+        if self.config.backend == "ray":
+            return {g.id: "cuda:0" for g in self.plan.groups} if self.config.device == "cuda" else {}
+        return cuda_devices(self.plan, count)
 
     def stop(self) -> None:
         self.launcher.stop()
