@@ -147,7 +147,7 @@ class WorkerInfo:
     host: str
     control_port: int
     kv_port: int
-    weights_token: int
+    weights_token: int  # latest reported (hello, then heartbeats): a weight reload would change it
     max_context_tokens: int
     down_reason: str = ""
     heartbeat_age_s: float = 0.0
@@ -287,7 +287,8 @@ class Router:
 
     def workers(self) -> list[WorkerInfo]:
         now = self.clock()
-        return [WorkerInfo(g, str(lk.role), lk.alive, lk.pid, lk.host, lk.port, lk.kv_port, lk.weights_token,
+        return [WorkerInfo(g, str(lk.role), lk.alive, lk.pid, lk.host, lk.port, lk.kv_port,
+                           lk.state.weights_token if lk.state is not None else lk.weights_token,
                            lk.max_context_tokens, lk.down_reason, now - lk.last_heartbeat_s, lk.state)
                 for g, lk in sorted(self._links.items())]
 
