@@ -148,6 +148,8 @@ def compare_cmd(
     seed: int = SeedOpt,
     time_limit: float = typer.Option(10.0, "--time-limit", help="Planner time limit (ThunderServe and HexGen), s"),
     no_curves: bool = typer.Option(False, "--no-curves", help="Skip the attainment-vs-rate curve runs"),
+    chunked_only: bool = typer.Option(False, "--chunked-only",
+                                      help="Do not also try the prefill-first policy for colocated-only systems"),
     slo: float | None = SloScaleOpt,
     ttft_ms: float | None = TtftOpt,
     tpot_ms: float | None = TpotOpt,
@@ -173,7 +175,7 @@ def compare_cmd(
         CompareConfig().baselines
     config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed), sim=SimConfig(warmup_s=warmup),
                            planner_time_limit_s=time_limit, baselines=names, curves=not no_curves or plot is not None,
-                           seed=seed)
+                           try_prefill_first=not chunked_only, seed=seed)
     with _progress() as bar:
         task = bar.add_task("comparing", total=None)
 

@@ -91,6 +91,15 @@ class _Entry:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+def rate_hint(plan: Plan) -> float | None:
+    """Where a plan's own estimate says its max rate is (planner or baseline search); starts the bisection."""
+    for key in ("rate_hint_rps", "planner_max_rate_rps"):
+        value = plan.estimate.get(key)
+        if isinstance(value, int | float) and value > 0:
+            return float(value)
+    return None
+
+
 def _colocated_only(plan: Plan) -> bool:
     return all(g.phase is Phase.COLOCATED for g in plan.groups)
 
@@ -124,7 +133,8 @@ def run_comparison(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, s
 
     for e in entries:
         tick(f"max rate of {e.name}")
-        best = max_rate_at_slo(e.plan, e.cluster, model, workload, slo, e.sim, config.load).rate_rps
+        best = max_rate_at_slo(e.plan, e.cluster, model, workload, slo, e.sim, config.load,
+                               rate_hint_rps=rate_hint(e.plan)).rate_rps
         if config.try_prefill_first and _colocated_only(e.plan):
             alt = replace(e.sim, colocated_policy=ColocatedPolicy.PREFILL_FIRST)
             alt_rate = max_rate_at_slo(e.plan, e.cluster, model, workload, slo, alt, config.load,

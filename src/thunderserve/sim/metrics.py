@@ -6,7 +6,8 @@ Definitions (all over *measured* requests: those arriving at or after the warm-u
   * throughput: measured requests (and their output tokens) / (last measured finish - warm-up end).
   * p50/p90/p99 of TTFT, TPOT and end-to-end latency (seconds).
   * max_rate_at_slo: the largest Poisson arrival rate whose attainment meets slo.attainment_target, found by
-    doubling then bisection to `LoadConfig.rate_tolerance` relative width; each probe simulates
+    doubling (or halving) from a hint, then bisection to `LoadConfig.rate_tolerance` relative width (0 when
+    even hint / 1024 misses, e.g. the unloaded latency is over the SLO); each probe simulates
     `LoadConfig.duration_s` seconds of arrivals (stretched to at least `min_requests` requests) with the
     first `SimConfig.warmup_s` seconds unmeasured, and stops early once the target is certainly missed.
   * latency deadline: the smallest factor f such that attainment under slo.scaled(f) meets the target at a
@@ -35,6 +36,7 @@ from thunderserve.spec.workload import WorkloadSpec
 Stream = tuple[np.ndarray, np.ndarray, np.ndarray]  # arrival_s, prompt_tokens, output_tokens
 StreamFn = Callable[[float], Stream]  # rate_rps -> requests
 MAX_DOUBLINGS = 16
+MAX_HALVINGS = 10  # the lowest probe is hint / 1024
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def latency_deadline_factor(result: SimResult, slo: SloSpec) -> float:
     if need.size == 0:
         return math.nan
     k = max(math.ceil(slo.attainment_target * need.size - 1e-9), 1)
-    return float(need[k - 1])
+    return float(need[k - 1]) * (1.0 + 1e-12)  # a hair above, so slo.scaled(f) passes despite rounding
 
 
 def latency_deadline_scale(result: SimResult, slo: SloSpec) -> float:
@@ -208,11 +210,11 @@ def max_rate_at_slo(plan: Plan, cluster: Cluster, model: ModelSpec, workload: Wo
         else:
             return RateSearch(lo, tuple(probes))
     else:
-        floor = hi / 2.0 ** MAX_DOUBLINGS
+        # Missing at the floor means missing at any rate (e.g. the unloaded latency is over the SLO): stop.
+        if not ok(hi / 2.0 ** MAX_HALVINGS):
+            return RateSearch(0.0, tuple(probes))
         while True:
             hi_new = hi / 2.0
-            if hi_new < floor:
-                return RateSearch(0.0, tuple(probes))
             if ok(hi_new):
                 lo = hi_new
                 break

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from builders import make_cluster
 
+from builders import make_cluster
 from thunderserve.cli.common import make_slo
 from thunderserve.plan import Phase, validate_plan
 from thunderserve.scheduler.baselines import BASELINES, plan_distserve, plan_hexgen, plan_vllm

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from builders import TOY_GPU, make_cluster, make_model, make_plan
 
+from builders import TOY_GPU, make_cluster, make_model, make_plan
 from thunderserve.spec.workload import WorkloadSpec
 
 MODEL = make_model()

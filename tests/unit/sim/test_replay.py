@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from builders import make_cluster
-from sim_builders import (
-    MODEL,
-    colocated_plan,
-    constant_workload,
-    disagg_plan,
-    requests,
-    two_node_cluster,
-)
+from sim_builders import MODEL, colocated_plan, constant_workload, disagg_plan, requests, two_node_cluster
 
+from builders import make_cluster
 from thunderserve.costmodel.kv import kv_seconds_per_token, kv_transfer_time_s
 from thunderserve.errors import PlanError
 from thunderserve.plan import group_perf_of

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from builders import make_cluster, make_model
 
+from builders import make_cluster, make_model
 from thunderserve.costmodel import group_perf
 from thunderserve.sim.steptime import GroupTimer
 

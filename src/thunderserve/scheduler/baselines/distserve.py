@@ -197,4 +197,4 @@ def plan_distserve(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, s
                               f"of {model.name}")
     return Plan(model=model.name, cluster=cluster.name, groups=tuple(groups),
                 routing=Routing(entry=normalised(entry), kv=kv),
-                estimate={"system": "distserve", "per_island": chosen})
+                estimate={"system": "distserve", "per_island": chosen, "rate_hint_rps": sum(entry.values())})

@@ -82,4 +82,5 @@ def plan_vllm(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: S
         raise InfeasibleError(f"vllm: no GPU type of {cluster.name} can hold {model.name}")
     return Plan(model=model.name, cluster=cluster.name, groups=tuple(groups),
                 routing=Routing(entry=normalised(shares)),
-                estimate={"system": "vllm", "per_type": chosen, "scheduler": "chunked_prefill"})
+                estimate={"system": "vllm", "per_type": chosen, "scheduler": "chunked_prefill",
+                          "rate_hint_rps": sum(shares.values())})
