@@ -9,6 +9,8 @@ is a cache hit. The context is created per call of a public function (no global 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from thunderserve.costmodel.comm import Compression
@@ -16,13 +18,7 @@ from thunderserve.costmodel.kv import kv_seconds_per_token
 from thunderserve.costmodel.perf import GroupPerf, group_perf
 from thunderserve.plan.model import Group, Phase, Stage
 from thunderserve.scheduler.layout import LayoutCandidate, best_layout_candidate
-from thunderserve.scheduler.queueing import (
-    ColocatedModel,
-    DecodeModel,
-    EdgeModel,
-    PrefillModel,
-    max_rate,
-)
+from thunderserve.scheduler.queueing import ColocatedModel, DecodeModel, EdgeModel, PrefillModel, max_rate
 from thunderserve.scheduler.samples import LengthSample, length_sample
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
@@ -30,6 +26,26 @@ from thunderserve.spec.slo import SloSpec
 from thunderserve.spec.workload import WorkloadSpec
 
 Stages = tuple[Stage, ...]
+Shape = tuple[tuple[int, int], ...]  # (node index, GPUs of that node) of a GPU set, sorted
+Sig = tuple[tuple[Shape, int], ...]  # per stage: its shape and layer count -> identical cost model
+
+
+def gpu_shape(cluster: Cluster, gpu_ids: Iterable[str]) -> Shape:
+    """GPUs of one node are interchangeable (same type, same links), so a set is priced by its shape."""
+    return tuple(sorted(Counter(cluster.by_id[g].node_index for g in gpu_ids).items()))
+
+
+def relabel(stages: Stages, cluster: Cluster, gpu_ids: Iterable[str]) -> Stages:
+    """The same layout on another GPU set of the same shape (position by position inside each node)."""
+    index = cluster.index_of
+    target: dict[int, list[str]] = {}
+    for g in sorted(gpu_ids, key=index.__getitem__):
+        target.setdefault(cluster.by_id[g].node_index, []).append(g)
+    source: dict[int, list[str]] = {}
+    for g in sorted((g for s in stages for g in s.gpus), key=index.__getitem__):
+        source.setdefault(cluster.by_id[g].node_index, []).append(g)
+    mapping = {a: b for n, src in source.items() for a, b in zip(src, target[n], strict=True)}
+    return tuple(Stage(gpus=tuple(mapping[g] for g in s.gpus), layers=s.layers) for s in stages)
 
 
 def component_target(slo: SloSpec) -> float:
@@ -47,58 +63,76 @@ class PlanningContext:
     compression: Compression = Compression.INT4
     max_pp: int = 4
     sample: LengthSample = field(init=False)
-    _layouts: dict[tuple[frozenset[str], Phase], LayoutCandidate | None] = field(default_factory=dict)
-    _perf: dict[Stages, GroupPerf] = field(default_factory=dict)
-    _prefill: dict[Stages, PrefillModel] = field(default_factory=dict)
-    _decode: dict[Stages, DecodeModel] = field(default_factory=dict)
-    _colocated: dict[Stages, ColocatedModel] = field(default_factory=dict)
-    _spt: dict[tuple[Stages, frozenset[str]], float] = field(default_factory=dict)
+    _layouts: dict[tuple[Shape, Phase], LayoutCandidate | None] = field(default_factory=dict)
+    _perf: dict[Sig, GroupPerf] = field(default_factory=dict)
+    _prefill: dict[Sig, PrefillModel] = field(default_factory=dict)
+    _decode: dict[Sig, DecodeModel] = field(default_factory=dict)
+    _colocated: dict[Sig, ColocatedModel] = field(default_factory=dict)
+    _spt: dict[tuple[Sig, Shape], float] = field(default_factory=dict)
     _edges: dict[float, EdgeModel] = field(default_factory=dict)
-    _cap_edge: dict[tuple[Stages, float], float] = field(default_factory=dict)
-    _cap_decode: dict[Stages, float] = field(default_factory=dict)
-    _cap_colocated: dict[Stages, float] = field(default_factory=dict)
+    _cap_prefill: dict[tuple[Sig, float], float] = field(default_factory=dict)
+    _cap_decode: dict[tuple[Sig, float], float] = field(default_factory=dict)
+    _cap_colocated: dict[Sig, float] = field(default_factory=dict)
+    _cap_standalone: dict[tuple[Sig, Phase], float] = field(default_factory=dict)
+    _sig: dict[Stages, Sig] = field(default_factory=dict)
+    _layout_memo: dict[object, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sample = length_sample(self.workload)
 
+    def sig(self, stages: Stages) -> Sig:
+        if stages not in self._sig:
+            self._sig[stages] = tuple((gpu_shape(self.cluster, s.gpus), s.num_layers) for s in stages)
+        return self._sig[stages]
+
     # ------------------------------------------------------------ layouts and models
 
     def layout(self, gpu_ids: frozenset[str], phase: Phase) -> LayoutCandidate | None:
-        """Best layout of a GPU set for a phase, ranked by that phase's capacity (memoised)."""
-        key = (gpu_ids, phase)
+        """Best layout of a GPU set for a phase, ranked by that phase's capacity (memoised by shape)."""
+        key = (gpu_shape(self.cluster, gpu_ids), phase)
         if key not in self._layouts:
-            self._layouts[key] = best_layout_candidate(
+            found = best_layout_candidate(
                 sorted(gpu_ids, key=self.cluster.index_of.__getitem__), self.cluster, self.model, self.max_pp,
-                phase, score=lambda perf: self.standalone_capacity(perf, phase))
-            found = self._layouts[key]
+                phase, score=lambda perf, st: self._standalone(perf, st, phase), memo=self._layout_memo)
+            self._layouts[key] = found
             if found is not None:
-                self._perf.setdefault(found.stages, found.perf)
-        return self._layouts[key]
+                self._perf.setdefault(self.sig(found.stages), found.perf)
+        found = self._layouts[key]
+        if found is None:
+            return None
+        if frozenset(g for s in found.stages for g in s.gpus) == gpu_ids:
+            return found
+        return LayoutCandidate(relabel(found.stages, self.cluster, gpu_ids), found.perf)
 
     def perf(self, stages: Stages) -> GroupPerf:
-        if stages not in self._perf:
-            self._perf[stages] = group_perf(
+        sig = self.sig(stages)
+        if sig not in self._perf:
+            self._perf[sig] = group_perf(
                 self.model, [([self.cluster.by_id[g] for g in s.gpus], s.num_layers) for s in stages], self.cluster)
-        return self._perf[stages]
+        return self._perf[sig]
 
     def prefill_model(self, stages: Stages) -> PrefillModel:
-        if stages not in self._prefill:
-            self._prefill[stages] = PrefillModel.build(self.perf(stages), self.sample)
-        return self._prefill[stages]
+        sig = self.sig(stages)
+        if sig not in self._prefill:
+            self._prefill[sig] = PrefillModel.build(self.perf(stages), self.sample)
+        return self._prefill[sig]
 
     def decode_model(self, stages: Stages) -> DecodeModel:
-        if stages not in self._decode:
-            self._decode[stages] = DecodeModel.build(self.perf(stages), self.sample, self.slo.tpot_s)
-        return self._decode[stages]
+        sig = self.sig(stages)
+        if sig not in self._decode:
+            self._decode[sig] = DecodeModel.build(self.perf(stages), self.sample, self.slo.tpot_s)
+        return self._decode[sig]
 
     def colocated_model(self, stages: Stages) -> ColocatedModel:
-        if stages not in self._colocated:
-            self._colocated[stages] = ColocatedModel.build(self.perf(stages), self.sample)
-        return self._colocated[stages]
+        sig = self.sig(stages)
+        if sig not in self._colocated:
+            self._colocated[sig] = ColocatedModel.build(self.perf(stages), self.sample)
+        return self._colocated[sig]
 
-    def seconds_per_token(self, prefill: Stages, decode_gpus: frozenset[str]) -> float:
+    def seconds_per_token(self, prefill: Stages, decode_gpus: Iterable[str]) -> float:
         """KV transfer seconds per prompt token from a prefill layout to a decode group (compressed)."""
-        key = (prefill, decode_gpus)
+        dshape = gpu_shape(self.cluster, decode_gpus)
+        key = (self.sig(prefill), dshape)
         if key not in self._spt:
             by_id = self.cluster.by_id
             self._spt[key] = kv_seconds_per_token(
@@ -107,7 +141,7 @@ class PlanningContext:
         return self._spt[key]
 
     def edge(self, seconds_per_token: float) -> EdgeModel:
-        key = round(seconds_per_token, 15) if math.isfinite(seconds_per_token) else math.inf
+        key = _rate_key(seconds_per_token)
         if key not in self._edges:
             self._edges[key] = EdgeModel.build(seconds_per_token, self.sample)
         return self._edges[key]
@@ -119,52 +153,72 @@ class PlanningContext:
 
     # ------------------------------------------------------------ capacities (req/s at the SLO)
 
-    def standalone_capacity(self, perf: GroupPerf, phase: Phase) -> float:
-        """Capacity of a layout in isolation (prefill: with a free KV link), used to rank layouts."""
-        tgt = component_target(self.slo)
-        if phase is Phase.PREFILL:
-            pm = PrefillModel.build(perf, self.sample)
-            return max_rate(lambda r: float(pm.ttft_ok(r, self.slo.ttft_s).mean()), tgt, pm.guess_capacity_rps())
-        if phase is Phase.DECODE:
-            dm = DecodeModel.build(perf, self.sample, self.slo.tpot_s)
-            return max_rate(lambda r: float(dm.ok(r).mean()), tgt, dm.guess_capacity_rps())
-        cm = ColocatedModel.build(perf, self.sample)
-        return max_rate(lambda r: float(cm.ok(r, self.slo.ttft_s, self.slo.tpot_s).mean()),
-                        self.slo.attainment_target, cm.guess_capacity_rps())
+    def _standalone(self, perf: GroupPerf, stages: Stages, phase: Phase) -> float:
+        key = (self.sig(stages), phase)
+        if key not in self._cap_standalone:
+            self._perf.setdefault(key[0], perf)
+            self._cap_standalone[key] = self.group_capacity(Group(id="x", phase=phase, stages=stages))
+        return self._cap_standalone[key]
 
-    def edge_capacity(self, prefill: Stages, seconds_per_token: float) -> float:
-        """Rate a prefill group can take at the SLO if all its KV goes over an edge with this link rate."""
-        key = (prefill, round(seconds_per_token, 15) if math.isfinite(seconds_per_token) else math.inf)
-        if key not in self._cap_edge:
+    def standalone_capacity(self, stages: Stages, phase: Phase) -> float:
+        """Capacity of a layout in isolation (KV over an ideal link), used to rank layouts."""
+        return self._standalone(self.perf(stages), stages, phase)
+
+    def prefill_capacity(self, prefill: Stages, seconds_per_token: float) -> float:
+        """Rate a prefill group takes at its share of the SLO (TTFT, and KV memory held until the transfer
+        ends) when all its KV crosses a link of this rate."""
+        key = (self.sig(prefill), _rate_key(seconds_per_token))
+        if key not in self._cap_prefill:
             if not self.edge_usable(seconds_per_token):
-                self._cap_edge[key] = 0.0
+                self._cap_prefill[key] = 0.0
             else:
                 pm = self.prefill_model(prefill)
                 edge = self.edge(seconds_per_token)
-                self._cap_edge[key] = max_rate(
-                    lambda r: float(pm.ttft_ok(r, self.slo.ttft_s, edge, r).mean()), component_target(self.slo),
-                    pm.guess_capacity_rps())
-        return self._cap_edge[key]
+                ttft = self.slo.ttft_s
 
-    def decode_capacity(self, stages: Stages) -> float:
-        if stages not in self._cap_decode:
-            dm = self.decode_model(stages)
-            self._cap_decode[stages] = max_rate(lambda r: float(dm.ok(r).mean()), component_target(self.slo),
-                                                dm.guess_capacity_rps())
-        return self._cap_decode[stages]
+                def att(r: float) -> float:
+                    hold = pm.kv_hold_ok(r, [(1.0, edge.sojourn_s(r))])
+                    return hold * float(pm.ttft_ok(r, ttft).mean())
+
+                self._cap_prefill[key] = max_rate(att, component_target(self.slo), pm.guess_capacity_rps())
+        return self._cap_prefill[key]
+
+    def decode_capacity(self, stages: Stages, seconds_per_token: float = 0.0) -> float:
+        """Rate a decode group takes at its share of the SLO (TPOT including the KV link's sojourn, KV
+        memory and batch slots) when all its requests arrive over a link of this rate."""
+        key = (self.sig(stages), _rate_key(seconds_per_token))
+        if key not in self._cap_decode:
+            if not self.edge_usable(seconds_per_token):
+                self._cap_decode[key] = 0.0
+            else:
+                dm = self.decode_model(stages)
+                edge = self.edge(seconds_per_token)
+
+                def att(r: float) -> float:
+                    soj = edge.sojourn_s(r)
+                    mean_soj = float(soj[dm.has_decode].mean()) if dm.has_decode.any() else 0.0
+                    return float(dm.ok(r, soj, mean_soj).mean())
+
+                self._cap_decode[key] = max_rate(att, component_target(self.slo), dm.guess_capacity_rps())
+        return self._cap_decode[key]
 
     def colocated_capacity(self, stages: Stages) -> float:
-        if stages not in self._cap_colocated:
+        sig = self.sig(stages)
+        if sig not in self._cap_colocated:
             cm = self.colocated_model(stages)
-            self._cap_colocated[stages] = max_rate(
+            self._cap_colocated[sig] = max_rate(
                 lambda r: float(cm.ok(r, self.slo.ttft_s, self.slo.tpot_s).mean()), self.slo.attainment_target,
                 cm.guess_capacity_rps())
-        return self._cap_colocated[stages]
+        return self._cap_colocated[sig]
 
     def group_capacity(self, group: Group) -> float:
-        """Stand-alone capacity of a plan group in its phase (prefill: best case, free link)."""
+        """Stand-alone capacity of a plan group in its phase (disaggregated phases: over an ideal KV link)."""
         if group.phase is Phase.PREFILL:
-            return self.edge_capacity(group.stages, 0.0)
+            return self.prefill_capacity(group.stages, 0.0)
         if group.phase is Phase.DECODE:
-            return self.decode_capacity(group.stages)
+            return self.decode_capacity(group.stages, 0.0)
         return self.colocated_capacity(group.stages)
+
+
+def _rate_key(seconds_per_token: float) -> float:
+    return round(seconds_per_token, 15) if math.isfinite(seconds_per_token) else math.inf

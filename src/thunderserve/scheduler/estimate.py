@@ -1,39 +1,44 @@
 """Analytic, queueing-aware SLO estimate of a plan: attainment at a rate, and the max rate at the SLO.
 
-Requests arrive as a Poisson process of rate λ and are split by `routing.entry` (and prefill groups' KV by
-`routing.kv`), so each group sees a Poisson stream. Lengths are the workload's empirical (prompt p, output o)
+It models the mechanisms the simulator replays (`sim.replay`, `policy.step`). Requests arrive as a Poisson
+process of rate λ and are split by `routing.entry` (and prefill groups' KV by `routing.kv`, smooth weighted
+round-robin), so each group sees a Poisson stream. Lengths are the workload's empirical (prompt p, output o)
 pairs (`samples.length_sample`). A request meets the SLO when TTFT <= target and its mean TPOT <= target;
-TTFT is measured until the first token is available on the decode side (prefill done + KV transferred),
-TPOT = (last token - first token) / (o - 1) over its o - 1 decode steps.
+TTFT ends at the first token (end of its prefill), TPOT = (finish - first token) / (o - 1), so the KV
+transfer and the wait to join a decode batch count in TPOT. Requests with o = 1 end at prefill.
 
-Prefill group (λ_p): M/G/1 FIFO. Service S_i = bottleneck-stage prefill time of prompt p_i (pipelined
-stages admit the next batch when the slowest stage frees), latency L_i = the full pipeline time.
-Pollaczek-Khinchine: ρ = λE[S], E[W] = λE[S²]/(2(1-ρ)); P(W > t) ≈ ρ·exp(-t·ρ/E[W]) (exact for M/M/1).
-Batching under the prefill token budget (policy.batching) packs queued prompts into one pass; prompts are
-compute bound, so a batch costs about the sum of its prompts and the per-request service is kept.
+Prefill group (λ_p): M/G/1 FIFO. Prompts are batched under the prefill token budget (policy.batching) and
+batches flow through pipelined stages, the next one entering after the bottleneck-stage time. A request's
+server occupancy S_i is its FLOP share of the bottleneck time of a loaded batch (its prompt plus up to two
+mean prompts within the budget); Pollaczek-Khinchine: ρ = λE[S], E[W] = λE[S²]/(2(1-ρ)), and
+P(W > t) ≈ ρ·exp(-t·ρ/E[W]) (exact for M/M/1). TTFT_i = W + L_i with L_i its pipeline latency, alone when
+idle and inside the loaded batch as ρ -> 1 (linear in ρ). The prompt's KV stays in the prefill group until
+its transfer ends (pull model): tokens held ~ compound Poisson, mean λ·E[p·(L + sojourn)] and variance
+λ·E[p²·(L + sojourn)]; the group is not blocked with probability Φ((KV tokens - mean)/sd), which multiplies
+the TTFT probability. Prompts larger than the group's KV memory never run (P = 0).
 
-KV edge p→d (λ_pd = λ_p·kv share): the (compressed) KV of prompt p_i crosses the slowest stage link in
-K_i = 30 µs + p_i·(seconds per token from costmodel.kv_seconds_per_token); transfers queue FIFO on the link
-(M/G/1 again). TTFT_i = W_p + L_i + W_pd + K_i; P(W_p + W_pd > t) in closed form (two atoms at zero with
-exponential tails -> hypoexponential), so P(TTFT_i <= T) = 1 - P(W_p + W_pd > T - L_i - K_i).
-Prompts larger than the prefill group's KV memory never run (P = 0).
+KV link p→d (λ_pd = λ_p·share): the (compressed) KV of prompt p_i needs K_i = 30 µs + p_i·(seconds per token
+from costmodel.kv_seconds_per_token) at full speed; the link is processor sharing, so the transfer takes
+K_i/(1-ρ_pd) on average, ρ_pd = λ_pd·E[K].
 
-Decode group (λ_d = Σ_p λ_pd): continuous batching with KV reserved for p + o tokens per sequence. The
-mean batch N solves Little's law N = λ_d·E[o-1]·τ(N), τ(N) = decode step time (costmodel) at batch N and
-context N·c̄, c̄ = E[(o-1)(p + o/2)]/E[o-1] (time-weighted mean context). The batch is capped by
-N_cap = min(max batch, KV tokens / E[(o-1)(p+o)]/E[o-1]) and by N_T, the batch whose step time equals the
-TPOT target. The batch size of an M/G/∞ system is Poisson(N); averaged over a request's life (x = its
-steps / mean steps) its variance is N·v(x), v(x) = 2(x-1+e^-x)/x². So P(TPOT_i ok) =
-Φ((min(N_T, N_cap) - N)/sqrt(v(x_i)·N)), and 0 when N has no solution (decode unstable) or when
-p_i + o_i exceeds the KV memory.
+Decode group (λ_d = Σ_p λ_pd): continuous batching; each sequence reserves p + o KV tokens from admission
+(before its transfer) to its end. The mean running batch N solves Little's law N = λ_d·E[o-1]·τ(N), τ(N) =
+decode step time at batch N and context N·c̄ (c̄ = E[(o-1)(p + o/2)]/E[o-1], the time-weighted mean context;
+with PP the batch runs as min(pp, N) micro-batches: τ = max(pipeline latency, m·bottleneck)). A request's
+TPOT_i = τ(N) + (transfer sojourn_i + τ/2)/(o_i - 1), so it meets the target while N <= N_T,i (the batch at
+which that holds). Slots and KV memory cap the sequences holding a reservation: N + N_transfer <= N_cap =
+min(max batch, KV tokens / time-weighted mean reservation). The running batch of an M/G/∞ system is
+Poisson(N); averaged over a request's life (x = its steps / mean steps) its variance is N·v(x),
+v(x) = 2(x-1+e^-x)/x². So P(TPOT_i ok) = Φ((min(N_T,i, N_cap - N_transfer) - N)/sqrt(v(x_i)·N)), and 0
+when N has no solution (decode unstable) or when p_i + o_i exceeds the KV memory.
 
 Colocated group (λ_c): vLLM chunked prefill. A step carries the N running decodes plus up to B - N prefill
-tokens (B = chunk token budget); its time τ_full(N) prices both in one forward pass, a decode-only step
-τ_dec(N). Prefill is an M/G/1 server with S_i = p_i·τ_full/(B - N); the fraction of time spent in prefill
-steps is u = λ_c·E[S]; decodes see TPOT(N) = 1/(u/τ_full + (1-u)/τ_dec) and N solves N = λ_c·E[o-1]·TPOT(N).
-TTFT_i = W + S_i; TPOT as for decode groups with TPOT(N) in place of τ(N).
+tokens (B = chunk token budget) in one forward pass, τ_full(N); a decode-only step takes τ_dec(N). Prefill is
+an M/G/1 server with S_i = p_i·τ_full/(B - N); the fraction of time spent in prefill steps is u = λ_c·E[S];
+decodes see TPOT(N) = 1/(u/τ_full + (1-u)/τ_dec) and N solves N = λ_c·E[o-1]·TPOT(N). TTFT_i = W + S_i;
+TPOT as for decode groups with TPOT(N) in place of τ(N) (requests being prefilled also hold reservations).
 
-Attainment at λ = Σ over entry groups and KV edges of (share × mean over sampled requests of
+Attainment at λ = Σ over entry groups and KV links of (share × mean over sampled requests of
 P(TTFT ok)·P(TPOT ok)), TTFT and TPOT treated as independent. The max rate at the SLO is found by
 bisection on λ (attainment falls with λ). One evaluation is a few numpy passes over 512 samples per group.
 """
@@ -61,18 +66,29 @@ def _require_routing(plan: Plan) -> None:
 
 def _ok_fn(ctx: PlanningContext, plan: Plan, rate_rps: float, ttft_s: float, with_tpot: bool
            ) -> list[tuple[float, np.ndarray]]:
-    """(share of all requests, per-sample probability) for every entry group / KV edge."""
+    """(share of all requests, per-sample probability) for every entry group / KV link."""
     _require_routing(plan)
     assert plan.routing is not None
     groups = {g.id: g for g in plan.groups}
     entry = plan.routing.entry
     kv = plan.routing.kv
+    # per KV link: rate and per-sample sojourn; per decode group: total rate and sequences in transfer
+    links: dict[tuple[str, str], tuple[float, np.ndarray]] = {}
     decode_rate: dict[str, float] = {}
-    for p, share in entry.items():
-        for d, s in kv.get(p, {}).items():
-            decode_rate[d] = decode_rate.get(d, 0.0) + rate_rps * share * s
-    decode_ok = {d: (ctx.decode_model(groups[d].stages).ok(r) if with_tpot else None)
-                 for d, r in sorted(decode_rate.items())}
+    in_transfer: dict[str, float] = {}
+    sample = ctx.sample
+    for p, share in sorted(entry.items()):
+        if groups[p].phase is not Phase.PREFILL:
+            continue
+        for d, s in sorted(kv.get(p, {}).items()):
+            lam = rate_rps * share * s
+            edge = ctx.edge(ctx.seconds_per_token(groups[p].stages, groups[d].gpus))
+            soj = edge.sojourn_s(lam)
+            links[(p, d)] = (lam, soj)
+            decode_rate[d] = decode_rate.get(d, 0.0) + lam
+            has = sample.decode_steps > 0
+            moved = float(soj[has].mean()) if has.any() else 0.0
+            in_transfer[d] = in_transfer.get(d, 0.0) + lam * moved  # rate-weighted, normalised below
     parts: list[tuple[float, np.ndarray]] = []
     for gid, share in sorted(entry.items()):
         if share <= 0:
@@ -85,14 +101,17 @@ def _ok_fn(ctx: PlanningContext, plan: Plan, rate_rps: float, ttft_s: float, wit
             parts.append((share, cm.ok(lam, ttft_s, tpot_target)))
             continue
         pm = ctx.prefill_model(g.stages)
-        for d, s in sorted(kv.get(gid, {}).items()):
-            if s <= 0:
-                continue
-            spt = ctx.seconds_per_token(g.stages, frozenset(groups[d].gpus))
-            edge = ctx.edge(spt)
-            ok = pm.ttft_ok(lam, ttft_s, edge, lam * s)
-            dok = decode_ok[d]
-            parts.append((share * s, ok * dok if dok is not None else ok))
+        dests = sorted((d, s) for d, s in kv.get(gid, {}).items() if s > 0)
+        hold = pm.kv_hold_ok(lam, [(s, links[(gid, d)][1]) for d, s in dests])
+        ttft = pm.ttft_ok(lam, ttft_s) * hold
+        for d, s in dests:
+            if with_tpot:
+                dm = ctx.decode_model(groups[d].stages)
+                mean_delay = in_transfer[d] / decode_rate[d] if decode_rate[d] > 0 else 0.0
+                ok = ttft * dm.ok(decode_rate[d], links[(gid, d)][1], mean_delay)
+            else:
+                ok = ttft
+            parts.append((share * s, ok))
     return parts
 
 
@@ -136,20 +155,21 @@ def ttft_quantile_s(ctx: PlanningContext, plan: Plan, rate_rps: float, q: float 
 
 
 def tpot_mean_s(ctx: PlanningContext, plan: Plan, rate_rps: float) -> float | None:
-    """Request-weighted mean TPOT over decode/colocated groups at this rate (None when one is unstable)."""
+    """Request-weighted mean decode step time over decode/colocated groups at this rate (transfer time
+    excluded; None when a group is unstable)."""
     assert plan.routing is not None
     groups = {g.id: g for g in plan.groups}
+    entry, kv = plan.routing.entry, plan.routing.kv
     total = 0.0
     weight = 0.0
-    for gid, share in sorted(plan.routing.entry.items()):
+    for gid, share in sorted(entry.items()):
         g = groups[gid]
         if g.phase is Phase.COLOCATED:
             pairs = [(share, ctx.colocated_model(g.stages).tpot_s(rate_rps * share))]
         else:
             pairs = []
-            for d, s in sorted(plan.routing.kv.get(gid, {}).items()):
-                lam_d = sum(rate_rps * e * plan.routing.kv.get(p, {}).get(d, 0.0)
-                            for p, e in plan.routing.entry.items())
+            for d, s in sorted(kv.get(gid, {}).items()):
+                lam_d = sum(rate_rps * e * kv.get(p, {}).get(d, 0.0) for p, e in entry.items())
                 pairs.append((share * s, ctx.decode_model(groups[d].stages).tpot_s(lam_d)))
         for w, t in pairs:
             if not math.isfinite(t):

@@ -50,7 +50,7 @@ def group_score(ctx: PlanningContext, key: GroupKey, phases: Sequence[Phase]) ->
         lay = ctx.layout(key, ph)
         if lay is None:
             continue
-        caps[ph] = ctx.standalone_capacity(lay.perf, ph)
+        caps[ph] = ctx.standalone_capacity(lay.stages, ph)
     if Phase.COLOCATED in caps:
         best = caps[Phase.COLOCATED]
     pre, dec = caps.get(Phase.PREFILL, 0.0), caps.get(Phase.DECODE, 0.0)

@@ -9,7 +9,7 @@ For each ordered stage list the layers are split by dynamic programming over (st
 time is linear in its layer count (roofline terms from `costmodel.stage_perf` at one layer), so slower or
 smaller GPUs get fewer layers. Prefill minimises the bottleneck stage time (pipelined batches), decode and
 colocated minimise the summed step time; every stage must keep at least `kv_floor` tokens of KV memory, and
-the DP is repeated for a few KV floors up to the best achievable, because decode wants KV capacity.
+the DP is repeated for a few KV floors (minimum, half and all of the best achievable), because decode wants KV capacity.
 Candidates are ranked by a phase proxy (or by a caller's `score`, e.g. the queueing capacity).
 """
 
@@ -39,7 +39,7 @@ REF_PROMPT_TOKENS = 1024.0  # proxy prefill batch: one prompt of this length
 REF_RESERVE_TOKENS = 1536.0  # proxy decode: KV reserved per running sequence
 REF_DECODE_CONTEXT = 1024.0  # proxy decode: mean context per running sequence
 MAX_REF_BATCH = 256
-PROXY_TOP_K = 4  # candidates the (expensive) caller score looks at
+PROXY_TOP_K = 3  # candidates the (expensive) caller score looks at
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,10 @@ def _stage_curve(model: ModelSpec, gpus: Sequence[GpuRef], cluster: Cluster, fir
         flops_0 = tokens * one.lm_head_flops_per_seq
         mem_l = layer_w + ctx * one.kv_bytes_per_token
     comm_l = 2.0 * float(_allreduce_s(tokens * one.hidden_bytes_per_token, one.tp, one.link_bytes_s)) if one.tp > 1 else 0.0
-    time = (np.maximum((ell * flops_l + flops_0) / one.flops_s, (ell * mem_l + lm_head_bytes) / one.mem_bytes_s)
+    sat = getattr(one, "compute_saturation_tokens", 0.0)
+    sat_factor = (tokens + sat) / tokens if sat > 0 else 1.0  # roofline_time_s: compute saturates with tokens
+    time = (np.maximum((ell * flops_l + flops_0) / one.flops_s * sat_factor,
+                       (ell * mem_l + lm_head_bytes) / one.mem_bytes_s)
             + ell * (comm_l + one.overhead_s))
     # memory, as in stage_perf: weights/tp + activations + runtime overhead, KV in what is left
     extra = one.weight_bytes - layer_w
@@ -181,24 +184,30 @@ def _stage_curve(model: ModelSpec, gpus: Sequence[GpuRef], cluster: Cluster, fir
 # ------------------------------------------------------------------ the layer DP
 
 
+def _dp_index(num_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(clipped index of the layers before a stage, validity) over (layers after, layers in the stage)."""
+    L = num_layers
+    prev_idx = np.arange(L + 1)[:, None] - np.arange(L + 1)[None, :]
+    return np.clip(prev_idx, 0, L), prev_idx >= 0
+
+
 def split_layers(curves: Sequence[_StageCurve], num_layers: int, kv_floor: float, bottleneck: bool
                  ) -> list[int] | None:
     """Layer counts per stage minimising max (bottleneck) or sum of stage times, each stage keeping at least
-    `kv_floor` KV tokens; None when no split satisfies memory. DP over (stage, layers assigned so far)."""
+    `kv_floor` KV tokens; None when no split satisfies memory. DP over (stage, layers assigned so far):
+    best_i[l] = min over k of combine(best_{i-1}[l - k], time_i(k)), vectorised over (l, k)."""
     L = num_layers
+    prev_idx, valid = _dp_index(L)
     best = np.full(L + 1, np.inf)
     best[0] = 0.0
+    rows = np.arange(L + 1)
     choices = []
-    lidx = np.arange(L + 1)[:, None]  # layers assigned after this stage
-    kidx = np.arange(L + 1)[None, :]  # layers this stage takes
-    prev_idx = lidx - kidx
-    valid = prev_idx >= 0
     for c in curves:
         cost = np.where(c.kv_tokens >= kv_floor, c.time_s, np.inf)
-        prev = np.where(valid, best[np.clip(prev_idx, 0, L)], np.inf)
+        prev = np.where(valid, best[prev_idx], np.inf)
         cand = np.maximum(prev, cost[None, :]) if bottleneck else prev + cost[None, :]
         choice = np.argmin(cand, axis=1)
-        best = cand[np.arange(L + 1), choice]
+        best = cand[rows, choice]
         choices.append(choice)
     if not np.isfinite(best[L]):
         return None
@@ -213,15 +222,12 @@ def split_layers(curves: Sequence[_StageCurve], num_layers: int, kv_floor: float
 def _max_min_kv(curves: Sequence[_StageCurve], num_layers: int) -> float:
     """The largest KV floor any split can keep on every stage (same DP, maximising the minimum)."""
     L = num_layers
+    prev_idx, valid = _dp_index(L)
     best = np.full(L + 1, -np.inf)
     best[0] = np.inf
-    lidx = np.arange(L + 1)[:, None]
-    kidx = np.arange(L + 1)[None, :]
-    prev_idx = lidx - kidx
-    valid = prev_idx >= 0
     for c in curves:
         kv = np.where(np.isfinite(c.time_s), c.kv_tokens, -np.inf)
-        prev = np.where(valid, best[np.clip(prev_idx, 0, L)], -np.inf)
+        prev = np.where(valid, best[prev_idx], -np.inf)
         best = np.max(np.minimum(prev, kv[None, :]), axis=1)
     return float(best[L])
 
@@ -237,9 +243,22 @@ def _to_stages(sets: Sequence[Sequence[GpuRef]], counts: Sequence[int]) -> tuple
     return tuple(out)
 
 
+def _shape(gpus: Sequence[GpuRef]) -> tuple[tuple[int, int], ...]:
+    counts: dict[int, int] = {}
+    for g in gpus:
+        counts[g.node_index] = counts.get(g.node_index, 0) + 1
+    return tuple(sorted(counts.items()))
+
+
 def layout_candidates(gpus: Sequence[GpuRef], cluster: Cluster, model: ModelSpec, max_pp: int = 4,
-                      phase: Phase | None = None) -> list[LayoutCandidate]:
-    """Every (TP sets, order, KV floor) layout the DP finds feasible for this GPU set, deduplicated."""
+                      phase: Phase | None = None, memo: dict[object, object] | None = None
+                      ) -> list[LayoutCandidate]:
+    """Every (TP sets, order, KV floor) layout the DP finds feasible for this GPU set, deduplicated.
+
+    `memo` (optional, caller-owned) caches stage curves and group costs by shape across calls: GPUs of one
+    node are interchangeable, so a stage is priced by (node, count) pairs, its position and the phase.
+    """
+    memo = {} if memo is None else memo
     ordered = sorted(gpus, key=lambda g: cluster.index_of[g.id])
     seen: set[tuple[Stage, ...]] = set()
     out: list[LayoutCandidate] = []
@@ -247,20 +266,29 @@ def layout_candidates(gpus: Sequence[GpuRef], cluster: Cluster, model: ModelSpec
         n = len(sets)
         if n > model.num_layers:
             continue
-        curves = [_stage_curve(model, s, cluster, i == 0, i == n - 1, phase) for i, s in enumerate(sets)]
-        top = _max_min_kv(curves, model.num_layers)
+        curves = []
+        for i, st in enumerate(sets):
+            ckey = ("curve", _shape(st), i == 0, i == n - 1, phase)
+            if ckey not in memo:
+                memo[ckey] = _stage_curve(model, st, cluster, i == 0, i == n - 1, phase)
+            curves.append(memo[ckey])
+        top = _max_min_kv(curves, model.num_layers)  # type: ignore[arg-type]
         if top < MIN_KV_TOKENS:
             continue
-        floors = sorted({MIN_KV_TOKENS, max(MIN_KV_TOKENS, top / 4), max(MIN_KV_TOKENS, top / 2), top})
+        floors = sorted({MIN_KV_TOKENS, max(MIN_KV_TOKENS, top / 2), top})
         for floor in floors:
-            counts = split_layers(curves, model.num_layers, floor, bottleneck=phase is Phase.PREFILL)
+            counts = split_layers(curves, model.num_layers, floor, bottleneck=phase is Phase.PREFILL)  # type: ignore[arg-type]
             if counts is None:
                 continue
             stages = _to_stages(sets, counts)
             if stages in seen:
                 continue
             seen.add(stages)
-            perf = group_perf(model, [(s, k) for s, k in zip(sets, counts, strict=True)], cluster)
+            pkey = ("perf", tuple((_shape(st), k) for st, k in zip(sets, counts, strict=True)))
+            if pkey not in memo:
+                memo[pkey] = group_perf(model, [(st, k) for st, k in zip(sets, counts, strict=True)], cluster)
+            perf = memo[pkey]
+            assert isinstance(perf, GroupPerf)
             if perf.fits:
                 out.append(LayoutCandidate(stages, perf))
     return out
@@ -278,32 +306,35 @@ def proxy_score(perf: GroupPerf, phase: Phase | None) -> float:
 
 def best_group_layout(gpu_ids: Sequence[str], cluster: Cluster, model: ModelSpec, max_pp: int = 4,
                       phase: Phase | None = None, *,
-                      score: Callable[[GroupPerf], float] | None = None) -> tuple[Stage, ...] | None:
+                      score: Callable[[GroupPerf, tuple[Stage, ...]], float] | None = None,
+                      memo: dict[object, object] | None = None) -> tuple[Stage, ...] | None:
     """The best layout of these GPUs for `phase` (None: decode-like proxy), or None if the model cannot fit.
 
     Candidates are ranked by `proxy_score`; when `score` is given (e.g. the group's queueing capacity for
     the workload and SLO) the top few by proxy are re-ranked by it. Ties keep the first (deterministic).
     """
-    found = _best(gpu_ids, cluster, model, max_pp, phase, score)
+    found = _best(gpu_ids, cluster, model, max_pp, phase, score, memo)
     return None if found is None else found.stages
 
 
 def _best(gpu_ids: Sequence[str], cluster: Cluster, model: ModelSpec, max_pp: int, phase: Phase | None,
-          score: Callable[[GroupPerf], float] | None) -> LayoutCandidate | None:
+          score: Callable[[GroupPerf, tuple[Stage, ...]], float] | None,
+          memo: dict[object, object] | None = None) -> LayoutCandidate | None:
     gpus = [cluster.by_id[g] for g in gpu_ids]
-    cands = layout_candidates(gpus, cluster, model, max_pp, phase)
+    cands = layout_candidates(gpus, cluster, model, max_pp, phase, memo)
     if not cands:
         return None
     ranked = sorted(range(len(cands)), key=lambda i: (-proxy_score(cands[i].perf, phase), i))
     if score is None:
         return cands[ranked[0]]
     top = ranked[:PROXY_TOP_K]
-    best_i = max(top, key=lambda i: (score(cands[i].perf), -top.index(i)))
+    best_i = max(top, key=lambda i: (score(cands[i].perf, cands[i].stages), -top.index(i)))
     return cands[best_i]
 
 
 def best_layout_candidate(gpu_ids: Sequence[str], cluster: Cluster, model: ModelSpec, max_pp: int = 4,
                           phase: Phase | None = None, *,
-                          score: Callable[[GroupPerf], float] | None = None) -> LayoutCandidate | None:
+                          score: Callable[[GroupPerf, tuple[Stage, ...]], float] | None = None,
+                          memo: dict[object, object] | None = None) -> LayoutCandidate | None:
     """`best_group_layout` returning the stages with their `GroupPerf`."""
-    return _best(gpu_ids, cluster, model, max_pp, phase, score)
+    return _best(gpu_ids, cluster, model, max_pp, phase, score, memo)

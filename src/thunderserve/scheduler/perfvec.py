@@ -1,10 +1,16 @@
-"""Vectorised twins of the cost model's stage/group times (`costmodel.perf`), plus the mixed step.
+"""Vectorised twins of the cost model's stage/group step times, with the serving mechanics on top.
 
-`StagePerf`/`GroupPerf` price one batch per call; the estimate needs hundreds of batches per group (every
-sampled prompt, every decode batch size), so these functions evaluate the very same formulas on numpy
-arrays. `mixed_step_time_s` prices a vLLM-style chunked-prefill step (decodes plus prefill chunks in one
-forward pass), which the cost model has no single call for; it composes the same terms. Tests pin the
-scalar cases against `costmodel.perf`.
+`StagePerf` prices one batch per call; the estimate needs hundreds of batches per group (every sampled
+prompt, every decode batch size), so these functions evaluate the very same roofline on numpy arrays
+(`costmodel.perf.roofline_time_s`: compute efficiency saturating with the batch's tokens, TP all-reduces,
+per-layer overhead). On top they model how a group runs its steps, as the simulator does (`sim.steptime`):
+  * prefill batches flow stage by stage (pipelined): the next batch enters after the bottleneck stage time;
+  * a decode step with PP > 1 splits the running batch into m = min(pp, batch) micro-batches circulating
+    through the pipeline: every sequence gets a token per max(L, m·B) (L: pipeline latency of one
+    micro-batch, B: its bottleneck-stage time);
+  * a colocated (chunked-prefill) step is one pass over decode tokens and prefill chunks together, with the
+    same micro-batching under PP.
+Tests pin these against `costmodel.perf` and the simulator's step times.
 """
 
 from __future__ import annotations
@@ -17,27 +23,33 @@ from thunderserve.costmodel.perf import GroupPerf, StagePerf
 ArrayLike = np.ndarray | float
 
 
-def _allreduce_s(num_bytes: ArrayLike, tp: int, link_bytes_s: float) -> ArrayLike:
+def _allreduce_s(num_bytes: ArrayLike, tp: int, link_bytes_s: float) -> np.ndarray:
+    nb = np.asarray(num_bytes, dtype=float)
     if tp <= 1:
-        return 0.0 * np.asarray(num_bytes)
+        return np.zeros_like(nb)
     if link_bytes_s <= 0:
-        return np.full_like(np.asarray(num_bytes, dtype=float), np.inf)
+        return np.full_like(nb, np.inf)
     steps = 2 * (tp - 1)
-    return steps * ALLREDUCE_LATENCY_S + steps / tp * np.asarray(num_bytes) / link_bytes_s
+    return steps * ALLREDUCE_LATENCY_S + steps / tp * nb / link_bytes_s
 
 
 def stage_time_s(sp: StagePerf, tokens: ArrayLike, flops: ArrayLike, mem_bytes: ArrayLike) -> np.ndarray:
-    """`StagePerf._time` on arrays: max(compute, memory) + TP all-reduces + fixed overhead."""
-    compute = np.asarray(flops) / sp.flops_s
-    memory = np.asarray(mem_bytes) / sp.mem_bytes_s
-    comm = 2 * sp.num_layers * _allreduce_s(np.asarray(tokens) * sp.hidden_bytes_per_token, sp.tp,
-                                            sp.link_bytes_s) if sp.tp > 1 else 0.0
+    """`StagePerf._time` on arrays: roofline (saturating compute) + TP all-reduces + fixed overhead."""
+    t = np.asarray(tokens, dtype=float)
+    compute = np.asarray(flops, dtype=float) / sp.flops_s
+    sat = getattr(sp, "compute_saturation_tokens", 0.0)
+    if sat > 0:
+        compute = np.where(t > 0, compute * (t + sat) / np.where(t > 0, t, 1.0), compute)
+    memory = np.asarray(mem_bytes, dtype=float) / sp.mem_bytes_s
+    comm = 2 * sp.num_layers * _allreduce_s(t * sp.hidden_bytes_per_token, sp.tp, sp.link_bytes_s) \
+        if sp.tp > 1 else 0.0
     return np.maximum(compute, memory) + comm + sp.overhead_s
 
 
-def _sends_s(gp: GroupPerf, tokens: ArrayLike) -> ArrayLike:
-    total: ArrayLike = 0.0
+def sends_s(gp: GroupPerf, tokens: ArrayLike) -> np.ndarray:
+    """Activation sends between consecutive stages for a pass over `tokens` tokens (summed)."""
     t = np.asarray(tokens, dtype=float)
+    total = np.zeros_like(t)
     for sp, bw in zip(gp.stages, gp.send_bytes_s, strict=False):
         nbytes = t * sp.hidden_bytes_per_token
         if bw <= 0:
@@ -56,39 +68,63 @@ def stage_prefill_s(sp: StagePerf, tokens: ArrayLike, sum_sq: ArrayLike, seqs: A
 
 def prefill_times_s(gp: GroupPerf, tokens: ArrayLike, sum_sq: ArrayLike, seqs: ArrayLike = 1.0
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(latency through all stages, bottleneck stage time) of prefill batches, elementwise."""
+    """(latency through all stages and sends, bottleneck stage time) of prefill batches, elementwise."""
     per_stage = [stage_prefill_s(sp, tokens, sum_sq, seqs) for sp in gp.stages]
-    latency = np.sum(per_stage, axis=0) + _sends_s(gp, tokens)
+    latency = np.sum(per_stage, axis=0) + sends_s(gp, tokens)
     return latency, np.max(per_stage, axis=0)
 
 
-def decode_step_s(gp: GroupPerf, batch: ArrayLike, context_tokens: ArrayLike) -> np.ndarray:
-    """One decode step (`GroupPerf.decode_time_s`) for batch sizes and total context tokens, elementwise."""
+def stage_decode_s(sp: StagePerf, batch: ArrayLike, context_tokens: ArrayLike) -> np.ndarray:
     b = np.asarray(batch, dtype=float)
     ctx = np.asarray(context_tokens, dtype=float)
-    total = _sends_s(gp, b)
-    for sp in gp.stages:
-        flops = b * (sp.linear_flops_per_token + sp.lm_head_flops_per_seq) + ctx * sp.attn_decode_flops_per_ctx_token
-        mem = sp.streamed_weight_bytes + ctx * sp.kv_bytes_per_token
-        total = total + stage_time_s(sp, b, flops, mem)
-    return np.asarray(total, dtype=float)
+    flops = b * (sp.linear_flops_per_token + sp.lm_head_flops_per_seq) + ctx * sp.attn_decode_flops_per_ctx_token
+    mem = sp.streamed_weight_bytes + ctx * sp.kv_bytes_per_token
+    return stage_time_s(sp, b, flops, mem)
 
 
-def mixed_step_time_s(gp: GroupPerf, num_decode: ArrayLike, decode_context_tokens: ArrayLike,
-                      prefill_tokens: ArrayLike, prefill_sum_sq: ArrayLike, prefill_seqs: ArrayLike
-                      ) -> np.ndarray:
-    """One chunked-prefill step: `num_decode` sequences take a token each and `prefill_tokens` prompt tokens
-    (attention as `prefill_sum_sq` equivalent Σlen², `prefill_seqs` prompts finishing, which need logits)
-    ride along in the same forward pass of every stage.
-    """
-    n = np.asarray(num_decode, dtype=float)
-    c = np.asarray(prefill_tokens, dtype=float)
-    tokens = n + c
-    total = _sends_s(gp, tokens)
-    for sp in gp.stages:
-        flops = (tokens * sp.linear_flops_per_token + np.asarray(prefill_sum_sq) * sp.attn_prefill_flops_per_sq_token
-                 + np.asarray(decode_context_tokens) * sp.attn_decode_flops_per_ctx_token
-                 + (n + np.asarray(prefill_seqs)) * sp.lm_head_flops_per_seq)
-        mem = sp.streamed_weight_bytes + (np.asarray(decode_context_tokens) + c) * sp.kv_bytes_per_token
-        total = total + stage_time_s(sp, tokens, flops, mem)
-    return np.asarray(total, dtype=float)
+def _pipelined(gp: GroupPerf, per_stage: list[np.ndarray], micro_tokens: np.ndarray, m: np.ndarray) -> np.ndarray:
+    latency = np.sum(per_stage, axis=0) + sends_s(gp, micro_tokens)
+    return np.maximum(latency, m * np.max(per_stage, axis=0))
+
+
+def decode_step_s(gp: GroupPerf, batch: ArrayLike, context_tokens: ArrayLike) -> np.ndarray:
+    """Time between two tokens of every running sequence at this batch size and total context (elementwise);
+    with PP > 1 the batch runs as min(pp, batch) micro-batches (see the module docstring)."""
+    b = np.asarray(batch, dtype=float)
+    ctx = np.asarray(context_tokens, dtype=float)
+    pp = len(gp.stages)
+    if pp == 1:
+        return stage_decode_s(gp.stages[0], b, ctx) + sends_s(gp, b)
+    m = np.maximum(np.minimum(float(pp), b), 1.0)
+    per_stage = [stage_decode_s(sp, b / m, ctx / m) for sp in gp.stages]
+    return _pipelined(gp, per_stage, b / m, m)
+
+
+def stage_mixed_s(sp: StagePerf, decode_batch: ArrayLike, decode_context_tokens: ArrayLike, chunk_tokens: ArrayLike,
+                  chunk_attn_sq_tokens: ArrayLike, chunk_prefix_tokens: ArrayLike,
+                  chunk_seqs_completing: ArrayLike) -> np.ndarray:
+    """One stage pass over decode tokens plus prefill chunks (the simulator's `mixed_stage_time_s`)."""
+    nd = np.asarray(decode_batch, dtype=float)
+    c = np.asarray(chunk_tokens, dtype=float)
+    tokens = nd + c
+    flops = (tokens * sp.linear_flops_per_token + np.asarray(chunk_attn_sq_tokens) * sp.attn_prefill_flops_per_sq_token
+             + np.asarray(decode_context_tokens) * sp.attn_decode_flops_per_ctx_token
+             + (nd + np.asarray(chunk_seqs_completing)) * sp.lm_head_flops_per_seq)
+    mem = sp.streamed_weight_bytes + (c + np.asarray(chunk_prefix_tokens) + np.asarray(decode_context_tokens)) \
+        * sp.kv_bytes_per_token
+    return stage_time_s(sp, tokens, flops, mem)
+
+
+def mixed_step_s(gp: GroupPerf, decode_batch: ArrayLike, decode_context_tokens: ArrayLike, chunk_tokens: ArrayLike,
+                 chunk_attn_sq_tokens: ArrayLike, chunk_prefix_tokens: ArrayLike, chunk_seqs_completing: ArrayLike,
+                 chunk_seqs: ArrayLike) -> np.ndarray:
+    """One colocated step (decodes + chunks of `chunk_seqs` prompts); PP micro-batching as for decode."""
+    nd = np.asarray(decode_batch, dtype=float)
+    c = np.asarray(chunk_tokens, dtype=float)
+    args = (decode_context_tokens, chunk_tokens, chunk_attn_sq_tokens, chunk_prefix_tokens, chunk_seqs_completing)
+    pp = len(gp.stages)
+    if pp == 1:
+        return stage_mixed_s(gp.stages[0], nd, *args) + sends_s(gp, nd + c)
+    m = np.maximum(np.minimum(float(pp), nd + np.asarray(chunk_seqs, dtype=float)), 1.0)
+    per_stage = [stage_mixed_s(sp, nd / m, *(np.asarray(a, dtype=float) / m for a in args)) for sp in gp.stages]
+    return _pipelined(gp, per_stage, (nd + c) / m, m)

@@ -4,15 +4,16 @@ Variables: y[p,d] >= 0, the request rate prefilled by group p whose KV goes to d
 x[c] >= 0, the rate a colocated group c serves end to end. Maximise the served rate
     Σ y + Σ x  -  ε Σ y[p,d] · E[KV transfer time p→d] / TTFT target      (ε: prefer fast links on ties)
 subject to
-    Σ_d y[p,d] / C[p,d] <= 1   for every prefill group p   (time-sharing p's capacity across its edges)
-    Σ_p y[p,d]          <= C[d] for every decode group d
-    x[c]                <= C[c] for every colocated group c
-where every capacity is a rate (req/s) at which that group alone meets its share of the SLO attainment
-(`PlanningContext`): C[p,d] is p's rate when all its KV crosses the p→d link, so the KV edge is priced by
-the link's bandwidth (prefill queue + link queue + transfer must fit the TTFT target) and an edge whose
-transfer alone would blow the TTFT budget has no capacity and no variable. Solved by HiGHS. Routing shares
-are the normalised flows. When no flow meets the SLO at all, the same LP runs on stability (throughput)
-capacities so the plan still routes sensibly.
+    Σ_d y[p,d] / P[p,d] <= 1   for every prefill group p   (time-sharing p's capacity across its links)
+    Σ_p y[p,d] / D[p,d] <= 1   for every decode group d    (time-sharing d's capacity across its links)
+    x[c] <= C[c]               for every colocated group c
+Every capacity is a rate (req/s) at which that group alone meets its share of the SLO attainment
+(`PlanningContext`): P[p,d] is p's rate when all its KV leaves over the p→d link (TTFT, and prefill KV memory
+held until the transfer ends), D[p,d] is d's rate when all its requests arrive over that link (TPOT includes
+the transfer's sojourn on the processor-sharing link). So each KV edge is priced by its link's bandwidth, and
+an edge whose transfer alone would blow the TTFT budget gets no capacity and no variable. Solved by HiGHS.
+Routing shares are the normalised flows. When no flow meets the SLO at all, the same LP runs on stability
+(throughput) capacities so the plan still routes sensibly.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linprog
-from scipy.sparse import coo_matrix
+from scipy.sparse import csc_matrix
 
 from thunderserve.errors import PlanError
 from thunderserve.plan.model import Group, Phase, Routing
@@ -58,47 +59,68 @@ class LpResult:
         return Routing(entry=entry, kv=kv)
 
 
+def _linprog_max(c_max: np.ndarray, a_csc: csc_matrix, b_ub: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """argmax c·x s.t. A x <= b, 0 <= x <= upper, by HiGHS (highspy's core; scipy's linprog as fallback)."""
+    try:
+        from highspy import _core as hc  # the bindings without the console banner of highspy.Highs
+    except ImportError:  # pragma: no cover - older highspy layouts
+        hc = None
+    if hc is not None and hasattr(hc, "_Highs") and hasattr(hc, "HighsLp"):
+        h = hc._Highs()
+        h.setOptionValue("output_flag", False)
+        lp = hc.HighsLp()
+        lp.num_col_ = int(c_max.size)
+        lp.num_row_ = int(b_ub.size)
+        lp.col_cost_ = -c_max
+        lp.col_lower_ = np.zeros(c_max.size)
+        lp.col_upper_ = np.where(np.isfinite(upper), upper, hc.kHighsInf)
+        lp.row_lower_ = np.full(b_ub.size, -hc.kHighsInf)
+        lp.row_upper_ = b_ub
+        lp.a_matrix_.format_ = hc.MatrixFormat.kColwise
+        lp.a_matrix_.start_ = a_csc.indptr
+        lp.a_matrix_.index_ = a_csc.indices
+        lp.a_matrix_.value_ = a_csc.data
+        h.passModel(lp)
+        h.run()
+        if h.getModelStatus() != hc.HighsModelStatus.kOptimal:  # pragma: no cover - always feasible, bounded
+            raise PlanError(f"routing LP failed: {h.modelStatusToString(h.getModelStatus())}")
+        return np.asarray(h.getSolution().col_value, dtype=float)
+    res = linprog(-c_max, A_ub=a_csc, b_ub=b_ub, bounds=list(zip(np.zeros(c_max.size), upper, strict=True)),
+                  method="highs")
+    if res.status != 0:  # pragma: no cover
+        raise PlanError(f"routing LP failed: {res.message}")
+    return np.asarray(res.x, dtype=float)
+
+
 def _solve(prefill: Sequence[Group], decode: Sequence[Group], colocated: Sequence[Group],
-           edge_caps: dict[tuple[int, int], float], edge_cost: dict[tuple[int, int], float],
-           decode_caps: Sequence[float], colocated_caps: Sequence[float]) -> tuple[float, dict[str, float],
-                                                                              dict[str, dict[str, float]]]:
-    edges = sorted(k for k, c in edge_caps.items() if c > 0)
+           prefill_caps: dict[tuple[int, int], float], decode_caps: dict[tuple[int, int], float],
+           edge_cost: dict[tuple[int, int], float], colocated_caps: Sequence[float]
+           ) -> tuple[float, dict[str, float], dict[str, dict[str, float]]]:
+    edges = sorted(k for k, c in prefill_caps.items() if c > 0 and decode_caps.get(k, 0.0) > 0)
     cols = [i for i, c in enumerate(colocated_caps) if c > 0]
-    nvar = len(edges) + len(cols)
+    ne = len(edges)
+    nvar = ne + len(cols)
     if nvar == 0:
         return 0.0, {}, {}
-    c = np.empty(nvar)
-    for j, e in enumerate(edges):
-        c[j] = -(1.0 - EDGE_COST_WEIGHT * edge_cost[e])
-    c[len(edges):] = -1.0
-    rows, colsi, vals, rhs = [], [], [], []
-    r = 0
-    for pi in range(len(prefill)):
-        js = [j for j, e in enumerate(edges) if e[0] == pi]
-        if not js:
-            continue
-        for j in js:
-            rows.append(r)
-            colsi.append(j)
-            vals.append(1.0 / edge_caps[edges[j]])
-        rhs.append(1.0)
-        r += 1
-    for di in range(len(decode)):
-        js = [j for j, e in enumerate(edges) if e[1] == di]
-        if not js:
-            continue
-        for j in js:
-            rows.append(r)
-            colsi.append(j)
-            vals.append(1.0)
-        rhs.append(decode_caps[di])
-        r += 1
-    bounds = [(0.0, None)] * len(edges) + [(0.0, colocated_caps[i]) for i in cols]
-    a_ub = coo_matrix((vals, (rows, colsi)), shape=(r, nvar)).tocsr() if r else None
-    res = linprog(c, A_ub=a_ub, b_ub=np.asarray(rhs) if r else None, bounds=bounds, method="highs")
-    if res.status != 0:  # pragma: no cover - the LP is always feasible (0 is) and bounded
-        raise PlanError(f"routing LP failed: {res.message}")
-    flows = np.maximum(res.x, 0.0)
+    c_max = np.ones(nvar)
+    upper = np.full(nvar, np.inf)
+    if ne:
+        e_arr = np.asarray(edges, dtype=np.int64).reshape(ne, 2)
+        c_max[:ne] = 1.0 - EDGE_COST_WEIGHT * np.minimum(np.asarray([edge_cost[e] for e in edges]), 1.0)
+        pcap = np.asarray([prefill_caps[e] for e in edges])
+        dcap = np.asarray([decode_caps[e] for e in edges])
+        # rows 0..P-1: prefill time-sharing; rows P..P+D-1: decode time-sharing
+        rows = np.concatenate([e_arr[:, 0], len(prefill) + e_arr[:, 1]])
+        colsi = np.concatenate([np.arange(ne), np.arange(ne)])
+        vals = np.concatenate([1.0 / pcap, 1.0 / dcap])
+        a = csc_matrix((vals, (rows, colsi)), shape=(len(prefill) + len(decode), nvar))
+        b_ub = np.ones(len(prefill) + len(decode))
+    else:
+        a = csc_matrix((1, nvar))
+        b_ub = np.zeros(1)
+    for k, i in enumerate(cols):
+        upper[ne + k] = colocated_caps[i]
+    flows = np.maximum(_linprog_max(c_max, a, b_ub, upper), 0.0)
     entry: dict[str, float] = {}
     kv: dict[str, dict[str, float]] = {}
     for j, (pi, di) in enumerate(edges):
@@ -108,7 +130,7 @@ def _solve(prefill: Sequence[Group], decode: Sequence[Group], colocated: Sequenc
         entry[p] = entry.get(p, 0.0) + float(flows[j])
         kv.setdefault(p, {})[d] = float(flows[j])
     for k, i in enumerate(cols):
-        f = float(flows[len(edges) + k])
+        f = float(flows[ne + k])
         if f > 0:
             entry[colocated[i].id] = f
     return float(sum(entry.values())), entry, kv
@@ -119,22 +141,22 @@ def route(ctx: PlanningContext, groups: Sequence[Group]) -> LpResult:
     prefill = [g for g in groups if g.phase is Phase.PREFILL]
     decode = [g for g in groups if g.phase is Phase.DECODE]
     colocated = [g for g in groups if g.phase is Phase.COLOCATED]
-    spt = {(pi, di): ctx.seconds_per_token(p.stages, frozenset(d.gpus))
+    spt = {(pi, di): ctx.seconds_per_token(p.stages, d.gpus)
            for pi, p in enumerate(prefill) for di, d in enumerate(decode)}
     cost = {k: ctx.edge(v).mean_s / ctx.slo.ttft_s if math.isfinite(v) else math.inf for k, v in spt.items()}
-    caps = {k: ctx.edge_capacity(prefill[k[0]].stages, v) for k, v in spt.items()}
-    dcaps = [ctx.decode_capacity(d.stages) for d in decode]
+    pcaps = {k: ctx.prefill_capacity(prefill[k[0]].stages, v) for k, v in spt.items()}
+    dcaps = {k: ctx.decode_capacity(decode[k[1]].stages, v) if pcaps[k] > 0 else 0.0 for k, v in spt.items()}
     ccaps = [ctx.colocated_capacity(g.stages) for g in colocated]
-    value, entry, kv = _solve(prefill, decode, colocated, caps, cost, dcaps, ccaps)
+    value, entry, kv = _solve(prefill, decode, colocated, pcaps, dcaps, cost, ccaps)
     if value > 0:
         return LpResult(value, entry, kv, True)
     # No flow meets the SLO: route by stability capacities so the plan is still well formed.
-    caps = {k: (1.0 / ctx.prefill_model(prefill[k[0]].stages).mean_service_s) if math.isfinite(v) else 0.0
-            for k, v in spt.items()}
+    pcaps = {k: (ctx.prefill_model(prefill[k[0]].stages).guess_capacity_rps() if math.isfinite(v) else 0.0)
+             for k, v in spt.items()}
+    dcaps = {k: ctx.decode_model(decode[k[1]].stages).guess_capacity_rps() for k in spt}
     cost = {k: (v if math.isfinite(v) else 0.0) for k, v in cost.items()}
-    dcaps = [ctx.decode_model(d.stages).guess_capacity_rps() for d in decode]
     ccaps = [ctx.colocated_model(g.stages).guess_capacity_rps() for g in colocated]
-    value, entry, kv = _solve(prefill, decode, colocated, caps, cost, dcaps, ccaps)
+    value, entry, kv = _solve(prefill, decode, colocated, pcaps, dcaps, cost, ccaps)
     if value <= 0:
         raise PlanError("routing: no group can serve requests (prefill groups need a decode group reachable "
                         "over a non-zero-bandwidth link)")
