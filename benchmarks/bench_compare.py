@@ -1,0 +1,114 @@
+"""ThunderServe vs the baselines on every built-in scenario (paper-cloud-32 x coding, conversation; llama-30b),
+baselines also on inhouse-8xa100 at the same price. Prints each comparison table and the ratios
+ThunderServe / best baseline for max_rate_at_slo and latency_deadline_scale (deadline: lower is better, so
+the ratio printed is best baseline / ThunderServe, > 1 meaning ThunderServe meets a tighter deadline).
+
+Targets from the issue: >= 1.3x the best baseline's max rate on paper-cloud-32 for both workloads; on
+inhouse-8xa100 no worse than DistServe. Usage:
+    .venv/bin/python benchmarks/bench_compare.py [--workloads coding,conversation] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from thunderserve.cli.common import make_slo
+from thunderserve.report import CompareConfig, comparison_table, plot_comparison, run_comparison
+from thunderserve.spec import load_cluster, load_model, load_workload
+
+console = Console(width=160)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def summarise(doc: dict[str, Any], baseline_cluster: str) -> dict[str, Any]:
+    sys = doc["systems"]
+    ts = sys["thunderserve"]
+    main = {k: v for k, v in sys.items() if "@" not in k and k != "thunderserve"}
+    other = {k: v for k, v in sys.items() if k.endswith(f"@{baseline_cluster}")}
+    best_name = max(main, key=lambda k: main[k]["max_rate_at_slo"] or 0.0)
+    best_deadline = min((v["latency_deadline_scale"] for v in main.values() if v["latency_deadline_scale"]),
+                        default=None)
+    ds_home = other.get(f"distserve@{baseline_cluster}", {})
+    best_home = max(other, key=lambda k: other[k]["max_rate_at_slo"] or 0.0) if other else None
+    return {
+        "workload": doc["workload"],
+        "thunderserve_rps": ts["max_rate_at_slo"],
+        "best_baseline": best_name,
+        "best_baseline_rps": main[best_name]["max_rate_at_slo"],
+        "rate_ratio": ratio(ts["max_rate_at_slo"], main[best_name]["max_rate_at_slo"]),
+        "deadline_ratio": ratio(best_deadline, ts["latency_deadline_scale"]),
+        "vs_distserve_inhouse": ratio(ts["max_rate_at_slo"], ds_home.get("max_rate_at_slo")),
+        "best_inhouse": best_home,
+        "vs_best_inhouse": ratio(ts["max_rate_at_slo"], other[best_home]["max_rate_at_slo"]) if best_home else None,
+    }
+
+
+def reporter(bar: Progress, task: TaskID, label: str) -> Callable[[int, int, str], None]:
+    def tick(done: int, total: int, what: str) -> None:
+        bar.update(task, completed=done, total=total, description=f"{label}: {what}")
+
+    return tick
+
+
+def fmt(x: float | None, spec: str = "{:.2f}") -> str:
+    return "-" if x is None else spec.format(x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cluster", default="paper-cloud-32")
+    ap.add_argument("--baseline-cluster", default="inhouse-8xa100")
+    ap.add_argument("--model", default="llama-30b")
+    ap.add_argument("--workloads", default="coding,conversation")
+    ap.add_argument("--time-limit", type=float, default=10.0)
+    ap.add_argument("--out", help="write every comparison document to this JSON file")
+    ap.add_argument("--plot-dir", help="write one comparison plot per workload here")
+    args = ap.parse_args()
+    cluster, home, model = load_cluster(args.cluster), load_cluster(args.baseline_cluster), load_model(args.model)
+    docs, summaries = [], []
+    for name in [w.strip() for w in args.workloads.split(",") if w.strip()]:
+        workload = load_workload(name)
+        slo = make_slo(model, workload, None, None, None, 0.9)
+        t0 = time.perf_counter()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(name, total=None)
+            doc = run_comparison(cluster, model, workload, slo, baseline_cluster=home,
+                                 config=CompareConfig(planner_time_limit_s=args.time_limit),
+                                 progress=reporter(bar, task, name))
+        console.print(comparison_table(doc))
+        console.print(f"[dim]{name}: {time.perf_counter() - t0:.0f} s[/dim]")
+        if args.plot_dir:
+            plot_comparison(doc, Path(args.plot_dir) / f"compare_{name}.png")
+        docs.append(doc)
+        summaries.append(summarise(doc, home.name))
+    table = Table(title=f"ThunderServe / best baseline ({args.model}, {args.cluster}; baselines also on {home.name})")
+    for col in ("workload", "ThunderServe req/s", "best baseline", "its req/s", "rate ratio (target >= 1.3)",
+                "deadline ratio", f"vs distserve@{home.name} (target >= 1)", f"vs best @{home.name}"):
+        table.add_column(col, justify="right")
+    for s in summaries:
+        table.add_row(s["workload"], fmt(s["thunderserve_rps"]), s["best_baseline"], fmt(s["best_baseline_rps"]),
+                      fmt(s["rate_ratio"], "{:.2f}x"), fmt(s["deadline_ratio"], "{:.2f}x"),
+                      fmt(s["vs_distserve_inhouse"], "{:.2f}x"),
+                      f"{fmt(s['vs_best_inhouse'], '{:.2f}x')} ({s['best_inhouse']})")
+    console.print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"comparisons": docs, "summary": summaries}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
