@@ -1,0 +1,266 @@
+"""`plan`, `evaluate` and `demo`: run the two-level planner, score plans, plan the built-in scenario.
+
+Thin wrappers over `thunderserve.scheduler`. Human-readable tables go to stdout (to stderr when `--json`
+owns stdout); the search's progress bar goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from thunderserve.cli.common import (
+    AttainOpt,
+    ClusterOpt,
+    Inputs,
+    JsonOpt,
+    ModelOpt,
+    SloScaleOpt,
+    TpotOpt,
+    TtftOpt,
+    WorkloadOpt,
+    console,
+    load_inputs,
+    out,
+    print_json,
+)
+from thunderserve.costmodel.comm import Compression
+from thunderserve.errors import PlanError, SpecError, ThunderServeError
+from thunderserve.plan import Plan, load_plan, plan_from_dict
+from thunderserve.scheduler import PlanResult, SchedulerConfig, evaluate_plan, plan_deployment
+from thunderserve.spec.cluster import Cluster
+
+DEMO_CLUSTER = "paper-cloud-32"
+DEMO_MODEL = "llama-30b"
+DEMO_WORKLOAD = "conversation"
+
+RateOpt = typer.Option(None, "--rate", help="Request rate (req/s) to report attainment at (default: the max rate)")
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise SpecError(f"must be positive, got {value}", field=name)
+
+
+def _compression(value: str) -> Compression:
+    try:
+        return Compression(value.lower())
+    except ValueError:
+        known = ", ".join(c.value for c in Compression)
+        raise SpecError(f"unknown compression '{value}' (known: {known})", field="--kv-compression") from None
+
+
+@contextmanager
+def search_progress(enabled: bool = True) -> Iterator[Callable[[float], None]]:
+    """A rich progress bar on stderr; yields the callback the planner reports its fraction done to."""
+    progress = Progress(TextColumn("planning"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                        TimeElapsedColumn(), console=console, transient=True,
+                        disable=not (enabled and console.is_terminal))
+    with progress:
+        task = progress.add_task("plan", total=1.0)
+        yield lambda fraction: progress.update(task, completed=min(max(fraction, 0.0), 1.0))
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _layout(group: Any, cluster: Cluster) -> str:
+    parts = []
+    for st in group.stages:
+        gpu = cluster.by_id[st.gpus[0]]
+        nodes = sorted({cluster.by_id[g].node for g in st.gpus})
+        parts.append(f"TP{st.tp} {gpu.spec.name}@{'+'.join(nodes)} L{st.layers[0]}-{st.layers[1] - 1}")
+    return " -> ".join(parts)
+
+
+def plan_table(plan: Plan, cluster: Cluster) -> Table:
+    """Groups with phase, GPUs, layout (TP per stage, PP, layer split) and routing shares."""
+    table = Table(title=f"plan for {plan.model} on {plan.cluster} (KV transfer {plan.kv_transfer.compression})")
+    for col in ("group", "phase", "GPUs", "$/h", "layout (TP x PP, layers)", "entry", "KV to"):
+        table.add_column(col)
+    routing = plan.routing
+    for g in plan.groups:
+        types: dict[str, int] = {}
+        for x in g.gpus:
+            types[cluster.by_id[x].spec.name] = types.get(cluster.by_id[x].spec.name, 0) + 1
+        gpus = " + ".join(f"{n}x{t}" for t, n in sorted(types.items()))
+        price = sum(cluster.by_id[x].price_usd_per_hour for x in g.gpus)
+        entry = f"{routing.entry.get(g.id, 0.0):.1%}" if routing and g.id in routing.entry else ""
+        kv = ", ".join(f"{d} {s:.0%}" for d, s in sorted(routing.kv.get(g.id, {}).items())) if routing else ""
+        table.add_row(g.id, g.phase.value, gpus, f"{price:.2f}", f"PP{g.pp}: {_layout(g, cluster)}", entry, kv)
+    return table
+
+
+def _fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value * scale:.{digits}f}{unit}"
+
+
+def estimate_lines(est: dict[str, Any]) -> list[str]:
+    return [
+        f"estimated max rate at SLO: {_fmt(est.get('max_rate_at_slo'), ' req/s')}  "
+        f"(attainment {_fmt(est.get('slo_attainment'), '%', 100, 1)} at {_fmt(est.get('rate_rps'), ' req/s')}, "
+        f"target {_fmt(est.get('attainment_target'), '%', 100, 0)})",
+        f"cost: ${_fmt(est.get('cost_per_hour'))}/hour  ->  {_fmt(est.get('rate_per_dollar'), ' req/s per $/h', 1, 3)}",
+        f"TTFT p90 {_fmt(est.get('ttft_p90_s'), ' ms', 1e3, 0)} (target {_fmt(est.get('ttft_target_s'), ' ms', 1e3, 0)}),"
+        f" mean TPOT {_fmt(est.get('tpot_mean_s'), ' ms', 1e3, 0)} (target {_fmt(est.get('tpot_target_s'), ' ms', 1e3, 0)})",
+    ]
+
+
+def print_plan_summary(plan: Plan, cluster: Cluster, to_stderr: bool = False,
+                       result: PlanResult | None = None) -> None:
+    con = console if to_stderr else out
+    con.print(plan_table(plan, cluster))
+    for line in estimate_lines(plan.estimate):
+        con.print(line)
+    if result is not None:
+        con.print(f"search: {result.iterations} tabu iterations in {result.decision_time_s:.1f} s")
+
+
+# ------------------------------------------------------------------ commands
+
+
+def run_plan(inputs: Inputs, config: SchedulerConfig, rate_rps: float | None = None,
+             show_progress: bool = True) -> PlanResult:
+    """Plan with a progress bar on stderr."""
+    with search_progress(show_progress) as progress:
+        return plan_deployment(inputs.cluster, inputs.model, inputs.workload, inputs.slo, config, rate_rps,
+                               progress)
+
+
+def plan_cmd(
+    cluster: str = ClusterOpt,
+    model: str = ModelOpt,
+    workload: str = WorkloadOpt,
+    rate: float | None = RateOpt,
+    slo: float | None = SloScaleOpt,
+    ttft_ms: float | None = TtftOpt,
+    tpot_ms: float | None = TpotOpt,
+    attainment: float = AttainOpt,
+    time_limit: float = typer.Option(10.0, "--time-limit", help="Seconds the tabu search may run"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the tabu search (same seed, same plan)"),
+    kv_compression: str = typer.Option("int4", "--kv-compression", help="KV transfer compression: none|int8|int4"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the plan JSON here"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Plan groups, phases, parallel layouts and routing for a cluster, model, workload and SLO."""
+    _positive("--rate", rate)
+    _positive("--time-limit", time_limit)
+    comp = _compression(kv_compression)
+    inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
+    config = SchedulerConfig(time_limit_s=time_limit, seed=seed, kv_compression=comp)
+    result = run_plan(inputs, config, rate)
+    if output is not None:
+        try:
+            output.write_text(result.plan.to_json() + "\n")
+        except OSError as exc:
+            raise SpecError(f"cannot write plan ({exc.strerror})", source=str(output)) from None
+    print_plan_summary(result.plan, inputs.cluster, to_stderr=as_json, result=result)
+    if output is not None:
+        (console if as_json else out).print(f"plan written to {output}")
+    if as_json:
+        print_json(result.plan.to_dict())
+
+
+def _read_plan_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        raise PlanError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read file ({exc.strerror})") from None
+
+
+def _score_line(line: str, where: str, inputs: Inputs, rate: float | None) -> dict[str, Any]:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return {"feasible": False, "reason": f"{where}: malformed JSON: {exc.msg}"}
+    try:
+        plan = plan_from_dict(data, where)
+        return evaluate_plan(plan, inputs.cluster, inputs.model, inputs.workload, inputs.slo, rate)
+    except ThunderServeError as exc:
+        msg = str(exc)
+        return {"feasible": False, "reason": msg if msg.startswith(where) else f"{where}: {msg}"}
+
+
+def evaluate_cmd(
+    cluster: str = ClusterOpt,
+    model: str = ModelOpt,
+    workload: str = WorkloadOpt,
+    plan: Path | None = typer.Option(None, "--plan", help="Plan JSON to score"),
+    plans: Path | None = typer.Option(None, "--plans", help="JSONL file of plans, one per line, scored in order"),
+    rate: float | None = RateOpt,
+    slo: float | None = SloScaleOpt,
+    ttft_ms: float | None = TtftOpt,
+    tpot_ms: float | None = TpotOpt,
+    attainment: float = AttainOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Score plans with the analytic estimate (routing is solved when a plan has none)."""
+    _positive("--rate", rate)
+    if (plan is None) == (plans is None):
+        raise SpecError("give exactly one of --plan FILE or --plans FILE.jsonl", field="--plan")
+    inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
+    if plans is not None:
+        for i, line in enumerate(_read_plan_lines(plans), start=1):
+            if not line.strip():
+                continue
+            result = _score_line(line, f"{plans}:{i}", inputs, rate)
+            if as_json:
+                out.file.write(json.dumps(result) + "\n")
+            else:
+                out.print(_one_line(f"{plans}:{i}", result))
+        return
+    assert plan is not None
+    loaded = load_plan(plan)
+    try:
+        scored = evaluate_plan(loaded, inputs.cluster, inputs.model, inputs.workload, inputs.slo, rate)
+    except ThunderServeError as exc:
+        raise PlanError(f"{plan}: {exc}") from None
+    if as_json:
+        print_json(scored)
+        return
+    shown = loaded if loaded.routing is not None else loaded.model_copy(update={"routing": None})
+    out.print(plan_table(shown, inputs.cluster))
+    for line in estimate_lines(scored):
+        out.print(line)
+
+
+def _one_line(where: str, result: dict[str, Any]) -> str:
+    if not result.get("feasible"):
+        return f"{where}: infeasible: {result.get('reason')}"
+    return (f"{where}: max rate {result['max_rate_at_slo']:.2f} req/s, attainment "
+            f"{result['slo_attainment']:.1%} at {result['rate_rps']:.2f} req/s, ${result['cost_per_hour']:.2f}/h")
+
+
+def demo_plan(time_limit_s: float = 10.0, show_progress: bool = True) -> tuple[Inputs, PlanResult]:
+    """Plan the built-in demo scenario: paper-cloud-32, llama-30b, conversation workload, default SLO."""
+    inputs = load_inputs(DEMO_CLUSTER, DEMO_MODEL, DEMO_WORKLOAD)
+    return inputs, run_plan(inputs, SchedulerConfig(time_limit_s=time_limit_s), None, show_progress)
+
+
+def demo_cmd(
+    time_limit: float = typer.Option(10.0, "--time-limit", help="Seconds the tabu search may run"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Plan the built-in paper-cloud-32 scenario (llama-30b, conversation) and print the plan."""
+    _positive("--time-limit", time_limit)
+    inputs, result = demo_plan(time_limit)
+    print_plan_summary(result.plan, inputs.cluster, to_stderr=as_json, result=result)
+    if as_json:
+        print_json(result.plan.to_dict())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_cmd)
+    app.command("evaluate")(evaluate_cmd)
+    app.command("demo")(demo_cmd)
