@@ -249,7 +249,6 @@ def register_profile(app: typer.Typer) -> None:
     def profile_cmd(
         model: str = typer.Option("smollm2", "--model", help="Model directory / HF config path, or 'smollm2'"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
-        dtype: str = typer.Option("float32", "--dtype", help="Engine compute dtype (float32, bfloat16, float16)"),
         output: Path = typer.Option(..., "-o", "--output", help="Where to write profile.json"),
         gpu_type: str | None = typer.Option(None, "--gpu-type",
                                             help="Name of the pseudo GPU type to fit (default: CPU / CUDA-LOCAL)"),
@@ -276,7 +275,7 @@ def register_profile(app: typer.Typer) -> None:
             def step(label: str) -> None:
                 bar.update(task, advance=1, description=label)
 
-            prof = run_profile(model, device, dtype, grid, gpu_type=gpu_type, on_step=step)
+            prof = run_profile(model, device, grid, gpu_type=gpu_type, on_step=step)
         try:
             output.write_text(dump_profile(prof))
         except OSError as exc:

@@ -4,11 +4,12 @@ profile (the I/O shell around `engine_profile` and `microbench`)."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from thunderserve.costmodel.comm import Compression
 from thunderserve.errors import SpecError
 from thunderserve.profiling.engine_profile import KvCodec, ProfileGrid, Timer, profile_engine, profile_kv
 from thunderserve.profiling.microbench import cpu_name, measure_peaks, memory_gb
@@ -16,7 +17,6 @@ from thunderserve.profiling.schema import DeviceInfo, EngineProfile
 from thunderserve.runtime.engine.base import EngineProtocol
 from thunderserve.spec.model import ModelSpec, load_model
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m")
 
 
@@ -28,42 +28,42 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise SpecError(f"unknown dtype '{name}' (known: {', '.join(DTYPES)})", field="--dtype")
-    return DTYPES[name]
-
-
 def model_spec_for(model_ref: str, dtype: torch.dtype) -> ModelSpec:
     """The model's shape, with dtype_bytes set to what the engine computes in."""
     spec = load_model("smollm2-135m" if model_ref.lower() in SMOLLM2_ALIASES else model_ref)
     return spec.model_copy(update={"dtype_bytes": torch.empty(0, dtype=dtype).element_size()})
 
 
-def load_local_engine(model_ref: str, device: torch.device, dtype: torch.dtype) -> EngineProtocol:
-    """The runtime's engine (`thunderserve.runtime.engine.load_engine`)."""
+def load_local_engine(model_ref: str, device: torch.device) -> EngineProtocol:
+    """The runtime's engine (`thunderserve.runtime.engine.load_engine(model, device=...)`)."""
     try:
         mod = importlib.import_module("thunderserve.runtime.engine")
         loader: Callable[..., Any] = mod.load_engine
     except (ImportError, AttributeError):
         raise SpecError("the local engine (thunderserve.runtime.engine.load_engine) is not available in this build",
                         field="--model") from None
-    return loader(model_ref, device=str(device), dtype=dtype)  # type: ignore[no-any-return]
+    return loader(model_ref, device=str(device))  # type: ignore[no-any-return]
+
+
+def engine_dtype(engine: EngineProtocol) -> torch.dtype:
+    """The dtype the engine computes in, read off the KV cache of a one-token prefill."""
+    with torch.inference_mode():
+        return engine.prefill([[1]])[0].kv.keys.dtype
 
 
 def kv_codecs() -> dict[str, KvCodec]:
-    """The runtime's KV codecs (quantised transfer formats), when the runtime provides them."""
+    """The runtime's KV codecs, one per compression level, when the runtime provides the quantiser."""
     try:
-        mod = importlib.import_module("thunderserve.runtime.kv.quantize")
+        importlib.import_module("thunderserve.runtime.kv.quantize")
+        from thunderserve.runtime.workers.codec import QuantizeKvCodec
     except ImportError:
         return {}
-    make = getattr(mod, "profile_codecs", None)
-    return dict(make()) if callable(make) else {}
+    return {c.value: QuantizeKvCodec(c) for c in Compression}
 
 
 def device_info(device: torch.device, dtype: torch.dtype, gpu_type: str | None,
-                on_step: Callable[[str], None]) -> DeviceInfo:
-    peaks = measure_peaks(device, dtype)
+                on_step: Callable[[str], None], peak_sizes: Sequence[int] = (512, 1024, 2048)) -> DeviceInfo:
+    peaks = measure_peaks(device, dtype, matmul_sizes=peak_sizes)
     on_step("device peaks")
     if device.type == "cuda":
         name, threads, default_type = torch.cuda.get_device_name(device), 1, "CUDA-LOCAL"
@@ -75,23 +75,24 @@ def device_info(device: torch.device, dtype: torch.dtype, gpu_type: str | None,
                       memory_gb=memory_gb(device))
 
 
-def run_profile(model_ref: str, device_name: str, dtype_name: str, grid: ProfileGrid, *,
-                gpu_type: str | None = None, on_step: Callable[[str], None] | None = None,
-                engine: EngineProtocol | None = None) -> EngineProfile:
-    """Measure device peaks, then the engine's prefill/decode grid and KV codec costs."""
+def run_profile(model_ref: str, device_name: str, grid: ProfileGrid, *, gpu_type: str | None = None,
+                on_step: Callable[[str], None] | None = None, engine: EngineProtocol | None = None,
+                peak_sizes: Sequence[int] = (512, 1024, 2048)) -> EngineProfile:
+    """Load the engine, measure device peaks in its dtype, then its prefill/decode grid and KV codec costs."""
     step = on_step or (lambda _label: None)
-    device, dtype = resolve_device(device_name), resolve_dtype(dtype_name)
-    spec = model_spec_for(model_ref, dtype)
+    device = resolve_device(device_name)
     if engine is None:
-        engine = load_local_engine(model_ref, device, dtype)
+        engine = load_local_engine(model_ref, device)
+    dtype = engine_dtype(engine)
+    spec = model_spec_for(model_ref, dtype)
     step("engine loaded")
-    info = device_info(device, dtype, gpu_type, step)
+    info = device_info(device, dtype, gpu_type, step, peak_sizes)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = Timer(sync=sync)
     with torch.inference_mode():
         ms = profile_engine(engine, grid, spec.vocab_size, timer=timer, on_step=step)
         codecs = kv_codecs()
         kv = profile_kv(engine, codecs, grid, spec.vocab_size, timer=timer, on_step=step) if codecs else []
-    notes = () if codecs else ("no KV codec available (thunderserve.runtime.kv.quantize); KV cost not measured",)
+    notes = () if codecs else ("no KV quantiser available (thunderserve.runtime.kv.quantize); KV cost not measured",)
     return EngineProfile(device=info, model=spec, engine=model_ref, warmup=grid.warmup, repeats=grid.repeats,
                          measurements=tuple(ms), kv=tuple(kv), notes=notes)

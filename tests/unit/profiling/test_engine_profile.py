@@ -149,3 +149,20 @@ def test_empty_and_malformed_profile_files(tmp_path: Path) -> None:
         parse_profile("[]", "p.json")
     with pytest.raises(SpecError, match=r"file not found"):
         load_profile(tmp_path / "missing.json")
+
+
+def test_run_profile_on_the_fake_engine_detects_dtype_and_device() -> None:
+    from thunderserve.profiling.run import run_profile
+    from thunderserve.runtime.fakes import FakeEngine
+
+    grid = ProfileGrid(prefill_batch_sizes=(1, 2), prompt_tokens=(4, 8), decode_batch_sizes=(1, 2),
+                       context_tokens=(8,), kv_tokens=(8,), warmup=0, repeats=1)
+    steps: list[str] = []
+    prof = run_profile("smollm2", "cpu", grid, engine=FakeEngine(), peak_sizes=(32,), on_step=steps.append)
+    assert prof.model.name == "smollm2-135m" and prof.model.dtype_bytes == 4  # the fake engine keeps float32 KV
+    assert prof.device.kind == "cpu" and prof.device.gpu_type == "CPU" and prof.device.dtype == "float32"
+    assert prof.device.threads >= 1 and prof.device.peak_tflops > 0
+    assert len(prof.measurements) == 6 and steps[:2] == ["engine loaded", "device peaks"]
+    assert all(m.latency_s > 0 for m in prof.measurements)
+    with pytest.raises(SpecError, match=r"^--device: unknown device 'tpu'"):
+        run_profile("smollm2", "tpu", grid, engine=FakeEngine())
