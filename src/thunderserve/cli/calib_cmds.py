@@ -257,6 +257,7 @@ def register_profile(app: typer.Typer) -> None:
         decode_batches: str = typer.Option("1,4,16,32", "--decode-batches", help="Decode batch sizes"),
         context_tokens: str = typer.Option("64,256", "--context-tokens", help="Decode context lengths (tokens)"),
         kv_tokens: str = typer.Option("256", "--kv-tokens", help="KV cache sizes for the codec cost (tokens)"),
+        threads: int | None = typer.Option(None, "--threads", help="Torch intra-op threads (match serve --cpu-threads)"),
         warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs per shape"),
         repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per shape (the median is kept)"),
         as_json: bool = JsonOpt,
@@ -275,7 +276,7 @@ def register_profile(app: typer.Typer) -> None:
             def step(label: str) -> None:
                 bar.update(task, advance=1, description=label)
 
-            prof = run_profile(model, device, grid, gpu_type=gpu_type, on_step=step)
+            prof = run_profile(model, device, grid, gpu_type=gpu_type, on_step=step, threads=threads)
         try:
             output.write_text(dump_profile(prof))
         except OSError as exc:

@@ -77,14 +77,24 @@ def device_info(device: torch.device, dtype: torch.dtype, gpu_type: str | None,
 
 def run_profile(model_ref: str, device_name: str, grid: ProfileGrid, *, gpu_type: str | None = None,
                 on_step: Callable[[str], None] | None = None, engine: EngineProtocol | None = None,
-                peak_sizes: Sequence[int] = (512, 1024, 2048)) -> EngineProfile:
-    """Load the engine, measure device peaks in its dtype, then its prefill/decode grid and KV codec costs."""
+                peak_sizes: Sequence[int] = (512, 1024, 2048), model_spec: ModelSpec | None = None,
+                threads: int | None = None) -> EngineProfile:
+    """Load the engine, measure device peaks in its dtype, then its prefill/decode grid and KV codec costs.
+
+    `engine` + `model_spec` profile an already-built engine (e.g. the runtime's fake); `threads` sets torch's
+    intra-op threads first (match what a serving worker uses: `serve --cpu-threads`).
+    """
     step = on_step or (lambda _label: None)
     device = resolve_device(device_name)
+    if threads is not None:
+        if threads < 1:
+            raise SpecError("must be at least 1", field="--threads")
+        torch.set_num_threads(threads)
     if engine is None:
         engine = load_local_engine(model_ref, device)
     dtype = engine_dtype(engine)
-    spec = model_spec_for(model_ref, dtype)
+    spec = (model_spec or model_spec_for(model_ref, dtype)).model_copy(
+        update={"dtype_bytes": torch.empty(0, dtype=dtype).element_size()})
     step("engine loaded")
     info = device_info(device, dtype, gpu_type, step, peak_sizes)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
