@@ -12,7 +12,7 @@ from thunderserve.profiling.fidelity import Fidelity
 _BASIS = {"fitted": "own fit", "shared": "not fitted: datasheet + shared model", "catalog": "catalog factors"}
 
 
-def plot_fidelity(fid: Fidelity, path: Path, *, title: str | None = None,
+def plot_fidelity(fid: Fidelity | None, path: Path, *, title: str | None = None,
                   engine: tuple[np.ndarray, np.ndarray] | None = None, engine_label: str = "local engine") -> None:
     """Write a PNG: measured (x) vs predicted (y) latency in microseconds, coloured by GPU type.
 
@@ -24,15 +24,16 @@ def plot_fidelity(fid: Fidelity, path: Path, *, title: str | None = None,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 6), dpi=120)
-    s = fid.samples
     lo, hi = np.inf, 0.0
-    for i, name in enumerate(s.gpus()):
-        mask = s.gpu == name
-        x, y = s.measured_s[mask] * 1e6, fid.predicted_s[mask] * 1e6
-        err = float(np.median(np.abs(y / x - 1)))
-        ax.scatter(x, y, s=4, alpha=0.35, color=f"C{i}", edgecolors="none",
-                   label=f"{name} ({_BASIS.get(fid.basis[name], fid.basis[name])}, median err {err:.1%})")
-        lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
+    if fid is not None:
+        s = fid.samples
+        for i, name in enumerate(s.gpus()):
+            mask = s.gpu == name
+            x, y = s.measured_s[mask] * 1e6, fid.predicted_s[mask] * 1e6
+            err = float(np.median(np.abs(y / x - 1)))
+            ax.scatter(x, y, s=4, alpha=0.35, color=f"C{i}", edgecolors="none",
+                       label=f"{name} ({_BASIS.get(fid.basis[name], fid.basis[name])}, median err {err:.1%})")
+            lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
     if engine is not None and len(engine[0]):
         x, y = engine[0] * 1e6, engine[1] * 1e6
         err = float(np.median(np.abs(y / x - 1)))
@@ -46,7 +47,9 @@ def plot_fidelity(fid: Fidelity, path: Path, *, title: str | None = None,
     ax.set_yscale("log")
     ax.set_xlabel("measured latency (µs)")
     ax.set_ylabel("predicted latency (µs)")
-    ax.set_title(title or "Cost model fidelity: GEMM latency per op and size")
+    default = ("Cost model fidelity: GEMM latency per op and size" if fid is not None
+               else "Cost model fidelity: whole-model prefill / decode passes")
+    ax.set_title(title or default)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8, markerscale=3)
     fig.tight_layout()
