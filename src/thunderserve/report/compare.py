@@ -1,6 +1,6 @@
 """Side-by-side comparison: ThunderServe and every baseline planned on the same GPUs and simulated alike.
 
-Protocol (README "Comparison"):
+Protocol:
   1. Plan each system: ThunderServe with `scheduler.plan_deployment`, baselines from `BASELINES`; with a
      baseline cluster, the baselines are planned there too (entries `<system>@<cluster>`).
   2. `max_rate_at_slo` of each plan by simulation (see `sim.metrics`: Poisson arrivals, warm-up, bisection).
@@ -88,6 +88,7 @@ class _Entry:
     decision_time_s: float
     sim: SimConfig
     max_rate_rps: float = 0.0
+    rate_by_policy: dict[str, float] = field(default_factory=dict)  # colocated-only systems: both policies
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,6 +140,7 @@ def run_comparison(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, s
             alt = replace(e.sim, colocated_policy=ColocatedPolicy.PREFILL_FIRST)
             alt_rate = max_rate_at_slo(e.plan, e.cluster, model, workload, slo, alt, config.load,
                                        rate_hint_rps=best or None).rate_rps
+            e.rate_by_policy = {str(e.sim.colocated_policy): best, str(alt.colocated_policy): alt_rate}
             if alt_rate > best:
                 best, e.sim = alt_rate, alt
         e.max_rate_rps = best
@@ -192,6 +194,8 @@ def _measure(e: _Entry, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec, 
     out = system_entry(e.plan, e.cluster, slo, at, common_rps, e.max_rate_rps, own)
     out["decision_time_s"] = e.decision_time_s
     out["colocated_policy"] = str(e.sim.colocated_policy)
+    if e.rate_by_policy:
+        out["max_rate_by_colocated_policy"] = e.rate_by_policy
     return out
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from thunderserve.policy.batching import BatchingConfig
 from thunderserve.policy.step import ColocatedPolicy
 
-# Measurement protocol used by max_rate_at_slo / compare (README "Simulation"): Poisson arrivals for
+# Measurement protocol of max_rate_at_slo and compare (see sim.metrics): Poisson arrivals for
 # DEFAULT_DURATION_S seconds (and at least DEFAULT_MIN_REQUESTS requests: the duration is stretched at low
 # rates), the first DEFAULT_WARMUP_S seconds of arrivals excluded from metrics, every request run to
 # completion (the tail drains without new arrivals).
