@@ -31,7 +31,6 @@ from thunderserve.plan import load_plan
 from thunderserve.policy.step import ColocatedPolicy
 from thunderserve.sim.config import DEFAULT_DURATION_S, DEFAULT_WARMUP_S, LoadConfig, SimConfig
 from thunderserve.spec.cluster import load_cluster
-from thunderserve.spec.workload import read_trace
 
 DurationOpt = typer.Option(DEFAULT_DURATION_S, "--duration",
                            help="Seconds of Poisson arrivals per simulated run (trace: keep its first S seconds)")
@@ -57,7 +56,8 @@ def simulate_cmd(
     workload: str = WorkloadOpt,
     plan: Path = typer.Option(..., "--plan", help="Plan JSON (from `thunderserve plan`)"),
     rate: float | None = typer.Option(None, "--rate", help="Arrival rate, req/s (default: the max rate at the SLO)"),
-    trace: Path | None = typer.Option(None, "--trace", help="Replay this trace CSV's own arrival times instead"),
+    trace: Path | None = typer.Option(None, "--trace",
+                                      help="Replay this trace CSV's own arrival times (replaces --workload)"),
     duration: float = DurationOpt,
     warmup: float = WarmupOpt,
     seed: int = SeedOpt,
@@ -82,7 +82,9 @@ def simulate_cmd(
         raise SpecError("give either --rate or --trace, not both", field="--rate")
     if no_search and rate is None and trace is None:
         raise SpecError("--no-search needs --rate or --trace (the rate to simulate)", field="--no-search")
-    inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
+    # With --trace the trace is the workload: its lengths also set the SLO's reference latency.
+    inputs = load_inputs(cluster, model, str(trace) if trace is not None else workload, slo, ttft_ms, tpot_ms,
+                         attainment)
     the_plan = load_plan(plan)
     policy = ColocatedPolicy.PREFILL_FIRST if prefill_first else ColocatedPolicy.CHUNKED
     sim_cfg = SimConfig(colocated_policy=policy, warmup_s=warmup)
@@ -90,7 +92,6 @@ def simulate_cmd(
     wl = inputs.workload
     stream = None
     if trace is not None:
-        wl = read_trace(trace)
         stream = trace_stream(wl, duration)
     fn = stream or poisson_stream(wl, load, warmup)
     max_rate = None

@@ -454,8 +454,9 @@ class _Replay:
         for idx, g in enumerate(plan.groups):
             perf = group_perf_of(g, model, cluster)
             timer = GroupTimer(perf)
-            cls = {Phase.PREFILL: _PrefillSim, Phase.DECODE: _DecodeSim, Phase.COLOCATED: _ColocatedSim}[g.phase]
-            self.by_id[g.id] = cls(self, idx, timer, perf.kv_capacity_tokens)
+            kinds: dict[Phase, type[_PrefillSim] | type[_DecodeSim] | type[_ColocatedSim]] = {
+                Phase.PREFILL: _PrefillSim, Phase.DECODE: _DecodeSim, Phase.COLOCATED: _ColocatedSim}
+            self.by_id[g.id] = kinds[g.phase](self, idx, timer, perf.kv_capacity_tokens)
         routing = plan.routing
         assert routing is not None
         for src_id, shares in sorted(routing.kv.items()):
