@@ -84,7 +84,7 @@ def plan_table(plan: Plan, cluster: Cluster) -> Table:
     """Groups with phase, GPUs, layout (TP per stage, PP, layer split) and routing shares."""
     table = Table(title=f"plan for {plan.model} on {plan.cluster} (KV transfer {plan.kv_transfer.compression})")
     for col in ("group", "phase", "GPUs", "$/h", "layout (TP x PP, layers)", "entry", "KV to"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     routing = plan.routing
     for g in plan.groups:
         types: dict[str, int] = {}
@@ -106,12 +106,12 @@ def _fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 2) -> str
 
 def estimate_lines(est: dict[str, Any]) -> list[str]:
     return [
-        f"estimated max rate at SLO: {_fmt(est.get('max_rate_at_slo'), ' req/s')}  "
-        f"(attainment {_fmt(est.get('slo_attainment'), '%', 100, 1)} at {_fmt(est.get('rate_rps'), ' req/s')}, "
-        f"target {_fmt(est.get('attainment_target'), '%', 100, 0)})",
-        f"cost: ${_fmt(est.get('cost_per_hour'))}/hour  ->  {_fmt(est.get('rate_per_dollar'), ' req/s per $/h', 1, 3)}",
+        f"estimated max rate at SLO: {_fmt(est.get('max_rate_at_slo'), ' req/s')} "
+        f"(attainment target {_fmt(est.get('attainment_target'), '%', 100, 0)})",
+        f"at {_fmt(est.get('rate_rps'), ' req/s')}: attainment {_fmt(est.get('slo_attainment'), '%', 100, 1)}, "
         f"TTFT p90 {_fmt(est.get('ttft_p90_s'), ' ms', 1e3, 0)} (target {_fmt(est.get('ttft_target_s'), ' ms', 1e3, 0)}),"
         f" mean TPOT {_fmt(est.get('tpot_mean_s'), ' ms', 1e3, 0)} (target {_fmt(est.get('tpot_target_s'), ' ms', 1e3, 0)})",
+        f"cost: ${_fmt(est.get('cost_per_hour'))}/hour -> {_fmt(est.get('rate_per_dollar'), ' req/s per $/hour', 1, 3)}",
     ]
 
 
@@ -120,9 +120,9 @@ def print_plan_summary(plan: Plan, cluster: Cluster, to_stderr: bool = False,
     con = console if to_stderr else out
     con.print(plan_table(plan, cluster))
     for line in estimate_lines(plan.estimate):
-        con.print(line)
+        con.print(line, soft_wrap=True, highlight=False)
     if result is not None:
-        con.print(f"search: {result.iterations} tabu iterations in {result.decision_time_s:.1f} s")
+        con.print(f"search: {result.iterations} tabu iterations in {result.decision_time_s:.1f} s", highlight=False)
 
 
 # ------------------------------------------------------------------ commands
@@ -218,7 +218,7 @@ def evaluate_cmd(
             if as_json:
                 out.file.write(json.dumps(result) + "\n")
             else:
-                out.print(_one_line(f"{plans}:{i}", result))
+                out.print(_one_line(f"{plans}:{i}", result), soft_wrap=True, highlight=False)
         return
     assert plan is not None
     loaded = load_plan(plan)
@@ -229,10 +229,9 @@ def evaluate_cmd(
     if as_json:
         print_json(scored)
         return
-    shown = loaded if loaded.routing is not None else loaded.model_copy(update={"routing": None})
-    out.print(plan_table(shown, inputs.cluster))
+    out.print(plan_table(loaded, inputs.cluster))
     for line in estimate_lines(scored):
-        out.print(line)
+        out.print(line, soft_wrap=True, highlight=False)
 
 
 def _one_line(where: str, result: dict[str, Any]) -> str:

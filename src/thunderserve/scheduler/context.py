@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from thunderserve.costmodel.comm import Compression
 from thunderserve.costmodel.kv import kv_seconds_per_token
 from thunderserve.costmodel.perf import GroupPerf, group_perf
@@ -26,6 +28,7 @@ from thunderserve.spec.slo import SloSpec
 from thunderserve.spec.workload import WorkloadSpec
 
 Stages = tuple[Stage, ...]
+CAPACITY_REL_TOL = 3e-3  # bisection tolerance of the per-group capacities the LP and the layout ranking use
 Shape = tuple[tuple[int, int], ...]  # (node index, GPUs of that node) of a GPU set, sorted
 Sig = tuple[tuple[Shape, int], ...]  # per stage: its shape and layer count -> identical cost model
 
@@ -63,19 +66,21 @@ class PlanningContext:
     compression: Compression = Compression.INT4
     max_pp: int = 4
     sample: LengthSample = field(init=False)
-    _layouts: dict[tuple[Shape, Phase], LayoutCandidate | None] = field(default_factory=dict)
-    _perf: dict[Sig, GroupPerf] = field(default_factory=dict)
-    _prefill: dict[Sig, PrefillModel] = field(default_factory=dict)
-    _decode: dict[Sig, DecodeModel] = field(default_factory=dict)
-    _colocated: dict[Sig, ColocatedModel] = field(default_factory=dict)
-    _spt: dict[tuple[Sig, Shape], float] = field(default_factory=dict)
-    _edges: dict[float, EdgeModel] = field(default_factory=dict)
-    _cap_prefill: dict[tuple[Sig, float], float] = field(default_factory=dict)
-    _cap_decode: dict[tuple[Sig, float], float] = field(default_factory=dict)
-    _cap_colocated: dict[Sig, float] = field(default_factory=dict)
-    _cap_standalone: dict[tuple[Sig, Phase], float] = field(default_factory=dict)
-    _sig: dict[Stages, Sig] = field(default_factory=dict)
-    _layout_memo: dict[object, object] = field(default_factory=dict)
+    _layouts: dict[tuple[Shape, Phase], LayoutCandidate | None] = field(default_factory=dict, init=False, repr=False)
+    _perf: dict[Sig, GroupPerf] = field(default_factory=dict, init=False, repr=False)
+    _prefill: dict[Sig, PrefillModel] = field(default_factory=dict, init=False, repr=False)
+    _decode: dict[Sig, DecodeModel] = field(default_factory=dict, init=False, repr=False)
+    _colocated: dict[Sig, ColocatedModel] = field(default_factory=dict, init=False, repr=False)
+    _spt: dict[tuple[Sig, Shape], float] = field(default_factory=dict, init=False, repr=False)
+    _edges: dict[float, EdgeModel] = field(default_factory=dict, init=False, repr=False)
+    _cap_prefill: dict[tuple[Sig, float], float] = field(default_factory=dict, init=False, repr=False)
+    _cap_decode: dict[tuple[Sig, float], float] = field(default_factory=dict, init=False, repr=False)
+    _cap_colocated: dict[Sig, float] = field(default_factory=dict, init=False, repr=False)
+    _cap_standalone: dict[tuple[Sig, Phase], float] = field(default_factory=dict, init=False, repr=False)
+    _sig: dict[Stages, Sig] = field(default_factory=dict, init=False, repr=False)
+    _layout_memo: dict[object, object] = field(default_factory=dict, init=False, repr=False)
+
+    _prefix_per_step: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.sample = length_sample(self.workload)
@@ -126,7 +131,10 @@ class PlanningContext:
     def colocated_model(self, stages: Stages) -> ColocatedModel:
         sig = self.sig(stages)
         if sig not in self._colocated:
-            self._colocated[sig] = ColocatedModel.build(self.perf(stages), self.sample)
+            if self._prefix_per_step is None:
+                self._prefix_per_step = ColocatedModel.prefix_per_step(self.sample)
+            self._colocated[sig] = ColocatedModel.build(self.perf(stages), self.sample,
+                                                        prefix_per_step=self._prefix_per_step)
         return self._colocated[sig]
 
     def seconds_per_token(self, prefill: Stages, decode_gpus: Iterable[str]) -> float:
@@ -180,7 +188,8 @@ class PlanningContext:
                     hold = pm.kv_hold_ok(r, [(1.0, edge.sojourn_s(r))])
                     return hold * float(pm.ttft_ok(r, ttft).mean())
 
-                self._cap_prefill[key] = max_rate(att, component_target(self.slo), pm.guess_capacity_rps())
+                self._cap_prefill[key] = max_rate(att, component_target(self.slo), pm.guess_capacity_rps(),
+                                                  CAPACITY_REL_TOL)
         return self._cap_prefill[key]
 
     def decode_capacity(self, stages: Stages, seconds_per_token: float = 0.0) -> float:
@@ -199,7 +208,8 @@ class PlanningContext:
                     mean_soj = float(soj[dm.has_decode].mean()) if dm.has_decode.any() else 0.0
                     return float(dm.ok(r, soj, mean_soj).mean())
 
-                self._cap_decode[key] = max_rate(att, component_target(self.slo), dm.guess_capacity_rps())
+                self._cap_decode[key] = max_rate(att, component_target(self.slo), dm.guess_capacity_rps(),
+                                                 CAPACITY_REL_TOL)
         return self._cap_decode[key]
 
     def colocated_capacity(self, stages: Stages) -> float:
@@ -208,7 +218,7 @@ class PlanningContext:
             cm = self.colocated_model(stages)
             self._cap_colocated[sig] = max_rate(
                 lambda r: float(cm.ok(r, self.slo.ttft_s, self.slo.tpot_s).mean()), self.slo.attainment_target,
-                cm.guess_capacity_rps())
+                cm.guess_capacity_rps(), CAPACITY_REL_TOL)
         return self._cap_colocated[sig]
 
     def group_capacity(self, group: Group) -> float:

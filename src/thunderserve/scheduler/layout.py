@@ -26,7 +26,6 @@ from thunderserve.costmodel.perf import (
     MEMORY_UTILIZATION,
     RUNTIME_OVERHEAD_BYTES,
     GroupPerf,
-    group_perf,
     stage_perf,
 )
 from thunderserve.plan.model import Phase, Stage
@@ -39,7 +38,7 @@ REF_PROMPT_TOKENS = 1024.0  # proxy prefill batch: one prompt of this length
 REF_RESERVE_TOKENS = 1536.0  # proxy decode: KV reserved per running sequence
 REF_DECODE_CONTEXT = 1024.0  # proxy decode: mean context per running sequence
 MAX_REF_BATCH = 256
-PROXY_TOP_K = 3  # candidates the (expensive) caller score looks at
+PROXY_TOP_K = 2  # candidates the (expensive) caller score looks at
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,28 @@ def _domains(gpus: Sequence[GpuRef], level: int) -> list[list[GpuRef]]:
     return [buckets[k] for k in sorted(buckets, key=lambda k: min(x.node_index for x in buckets[k]))]
 
 
+def _min_link(cluster: Cluster, a: Sequence[GpuRef], b: Sequence[GpuRef]) -> float:
+    """Slowest link between two GPU sets (`Cluster.min_bandwidth_bytes_s` over node indices)."""
+    bw = cluster.node_bandwidth_bytes_s
+    na = {g.node_index for g in a}
+    nb = {g.node_index for g in b}
+    return float(min(bw[i, j] for i in na for j in nb))
+
+
+def _group_perf(model: ModelSpec, sets: Sequence[Sequence[GpuRef]], counts: Sequence[int], cluster: Cluster,
+                memo: dict[object, object]) -> GroupPerf:
+    """`costmodel.group_perf` with each stage's `StagePerf` memoised by (shape, layers, first, last)."""
+    n = len(sets)
+    stages = []
+    for i, (st, k) in enumerate(zip(sets, counts, strict=True)):
+        key = ("stage", _shape(st), k, i == 0, i == n - 1)
+        if key not in memo:
+            memo[key] = stage_perf(model, st, k, cluster, first=i == 0, last=i == n - 1)
+        stages.append(memo[key])
+    sends = tuple(_min_link(cluster, sets[i], sets[i + 1]) for i in range(n - 1))
+    return GroupPerf(tuple(stages), sends)  # type: ignore[arg-type]
+
+
 def _domain_orders(domains: list[list[GpuRef]], cluster: Cluster, keep: int = 2) -> list[list[list[GpuRef]]]:
     """Orders of the domains whose slowest consecutive link is fastest (ties: larger summed bandwidth)."""
     if len(domains) == 1:
@@ -100,7 +121,7 @@ def _domain_orders(domains: list[list[GpuRef]], cluster: Cluster, keep: int = 2)
         return [domains]
     scored = []
     for perm in itertools.permutations(range(len(domains))):
-        links = [cluster.min_bandwidth_bytes_s(domains[a], domains[b]) for a, b in itertools.pairwise(perm)]
+        links = [_min_link(cluster, domains[a], domains[b]) for a, b in itertools.pairwise(perm)]
         scored.append(((-min(links), -sum(links), perm), perm))
     scored.sort()
     return [[domains[i] for i in perm] for _, perm in scored[:keep]]
@@ -286,7 +307,7 @@ def layout_candidates(gpus: Sequence[GpuRef], cluster: Cluster, model: ModelSpec
             seen.add(stages)
             pkey = ("perf", tuple((_shape(st), k) for st, k in zip(sets, counts, strict=True)))
             if pkey not in memo:
-                memo[pkey] = group_perf(model, [(st, k) for st, k in zip(sets, counts, strict=True)], cluster)
+                memo[pkey] = _group_perf(model, sets, counts, cluster, memo)
             perf = memo[pkey]
             assert isinstance(perf, GroupPerf)
             if perf.fits:

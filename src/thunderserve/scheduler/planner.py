@@ -31,10 +31,11 @@ PHASE_PREFIX = {Phase.PREFILL: "p", Phase.DECODE: "d", Phase.COLOCATED: "c"}
 
 def _infeasible(cluster: Cluster, model: ModelSpec) -> InfeasibleError:
     usable = sum(g.spec.memory_gb * MEMORY_UTILIZATION for g in cluster.gpus)
+    gpus = f"{cluster.num_gpus} GPU" + ("s" if cluster.num_gpus != 1 else "")
     return InfeasibleError(
         f"model {model.name} ({model.weight_bytes / 1e9:.1f} GB of weights) cannot fit on cluster "
-        f"{cluster.name} ({cluster.num_gpus} GPUs, {usable:.1f} GB usable) with at most the allowed pipeline "
-        f"stages and room for KV cache")
+        f"{cluster.name} ({gpus}, {usable:.1f} GB usable) with at most the allowed pipeline stages and room "
+        f"for KV cache")
 
 
 def _start_state(ctx: PlanningContext, config: SchedulerConfig) -> State:

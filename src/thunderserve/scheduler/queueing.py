@@ -361,19 +361,32 @@ class ColocatedModel:
     has_decode: np.ndarray
     kv_capacity_tokens: int
 
+    @staticmethod
+    def prefix_per_step(sample: LengthSample, max_batch: int = DEFAULT_MAX_BATCH_SIZE,
+                        chunk_budget: int = DEFAULT_CHUNK_TOKEN_BUDGET) -> np.ndarray:
+        """Prefix KV tokens a full chunked step reads, per decode batch N (depends on the workload only).
+
+        A prompt of p tokens cut into chunks of c: Σ(c² + 2c·done) = p² and Σ done = p(p - c)/2c; a full step
+        carries c/E[p] prompts' worth of chunks, so per step attention Σlen² ≈ c·E[p²]/E[p] and prefix tokens
+        read ≈ E[p·max(p - c, 0)]/(2E[p]).
+        """
+        chunk = np.maximum(chunk_budget - np.arange(max_batch + 1, dtype=float), 1.0)
+        p = sample.prompt_tokens
+        return (p[None, :] * np.maximum(p[None, :] - chunk[:, None], 0.0)).mean(axis=1) / (
+            2.0 * max(sample.mean_prompt_tokens, 1.0))
+
     @classmethod
     def build(cls, gp: GroupPerf, sample: LengthSample, max_batch: int = DEFAULT_MAX_BATCH_SIZE,
-              chunk_budget: int = DEFAULT_CHUNK_TOKEN_BUDGET) -> ColocatedModel:
+              chunk_budget: int = DEFAULT_CHUNK_TOKEN_BUDGET, prefix_per_step: np.ndarray | None = None
+              ) -> ColocatedModel:
         n = np.arange(max_batch + 1, dtype=float)
         nn = np.maximum(n, 1.0)
         ctx = sample.decode_context_tokens
         chunk = np.maximum(chunk_budget - n, 1.0)
         p = sample.prompt_tokens
         pbar = max(sample.mean_prompt_tokens, 1.0)
-        # a prompt of p tokens cut into chunks of c: Σ(c² + 2c·done) = p² and Σ done = p(p - c)/2c; a full step
-        # carries c/E[p] prompts' worth of chunks, so per step: attention Σlen² ≈ c·E[p²]/E[p] and prefix
-        # tokens read ≈ E[p·max(p - c, 0)]/(2E[p])
-        prefix_per_step = (p[None, :] * np.maximum(p[None, :] - chunk[:, None], 0.0)).mean(axis=1) / (2.0 * pbar)
+        if prefix_per_step is None:
+            prefix_per_step = cls.prefix_per_step(sample, max_batch, chunk_budget)
         dec = np.maximum.accumulate(decode_step_s(gp, nn, nn * ctx))
         full = mixed_step_s(gp, n, n * ctx, chunk, chunk * sample.token_weighted_prompt_tokens,
                             prefix_per_step, chunk / pbar, 1.0 + chunk / pbar)

@@ -3,10 +3,11 @@
 A state assigns every GPU to exactly one group and every group a phase; a group whose GPUs cannot hold the
 model is kept in the state but serves nothing (its GPUs idle). A state's objective is the served rate of the
 routing LP (`routing_lp.route`) over the usable groups, each laid out by the layout DP for its phase; ties
-prefer the cheaper set of GPUs that carry traffic.
+(within 0.01%) prefer the cheaper set of GPUs that carry traffic, then groups spanning fewer zones and nodes.
 
-Moves: move one GPU to another group, swap two GPUs of different groups, merge two groups, split a group
-(off one node, or in halves), flip a group's phase. Each iteration samples `neighbourhood_size` moves (seeded
+Moves: move one GPU to another group, swap two GPUs of different groups, move (or swap) all of a group's GPUs
+on one node to (with) another group, merge two groups, split a group (off one node, or in halves), flip a
+group's phase. Each iteration samples `neighbourhood_size` moves (seeded
 `random.Random`, biased toward groups sharing a zone, i.e. fast links), scores them (layouts, queueing
 models, capacities and LP results are memoised) and applies the best one that is not tabu. A move is tabu
 when it touches a GPU moved, or a group created, in the last `tabu_tenure` iterations; a tabu move is still
@@ -32,7 +33,9 @@ Entry = tuple[GroupKey, Phase]
 State = tuple[Entry, ...]
 Attr = tuple[str, object]
 
-MOVE_WEIGHTS = {"move": 0.3, "swap": 0.15, "merge": 0.15, "split": 0.15, "flip": 0.25}
+MOVE_WEIGHTS = {"move": 0.15, "swap": 0.1, "move_node": 0.15, "swap_node": 0.1, "merge": 0.15, "split": 0.15,
+                "flip": 0.2}
+VALUE_TIE_REL = 1e-4  # objective values this close count as equal (then: cheaper, then tidier wins)
 LOCAL_BIAS = 0.8  # probability of picking a partner group that shares a zone
 
 
@@ -40,13 +43,18 @@ LOCAL_BIAS = 0.8  # probability of picking a partner group that shares a zone
 class Score:
     value_rps: float  # routing LP served rate at the SLO
     cost_per_hour: float  # price of the GPUs that carry traffic
+    spread: int = 0  # untidiness: zones and nodes each group spans beyond its first (fewer slow links)
 
     def better_than(self, other: Score) -> bool:
-        if self.value_rps > other.value_rps * (1 + 1e-9) + 1e-12:
+        if self.value_rps > other.value_rps * (1 + VALUE_TIE_REL) + 1e-12:
             return True
-        if self.value_rps >= other.value_rps * (1 - 1e-9) - 1e-12:
-            return self.cost_per_hour < other.cost_per_hour - 1e-9
-        return False
+        if self.value_rps < other.value_rps * (1 - VALUE_TIE_REL) - 1e-12:
+            return False
+        if abs(self.cost_per_hour - other.cost_per_hour) > 1e-9:
+            return self.cost_per_hour < other.cost_per_hour
+        if self.spread != other.spread:
+            return self.spread < other.spread
+        return self.value_rps > other.value_rps
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,10 @@ class Evaluator:
                 busy = set(lp.entry_rps) | {d for dests in lp.kv_rps.values() for d in dests}
                 price = self.ctx.cluster.by_id
                 cost = sum(price[x].price_usd_per_hour for g in usable if g.id in busy for x in g.gpus)
-        result = (Score(value, cost), groups, lp)
+        by_id = self.ctx.cluster.by_id
+        spread = sum(10 * (len({by_id[x].zone for x in key}) - 1) + len({by_id[x].node for x in key}) - 1
+                     for key, _ in state)
+        result = (Score(value, cost, spread), groups, lp)
         self._cache[state] = result
         return result
 
@@ -165,6 +176,20 @@ class MoveSampler:
             ph = phase if len(key) >= len(key_b) else phase_b
             return Move("merge", self._with(state, [i, j], [(merged, ph)]),
                         frozenset({("group", key), ("group", key_b)}), frozenset({("group", merged)}))
+        if kind in ("move_node", "swap_node"):
+            node = self.rng.choice(sorted({self.node[x] for x in key}))
+            block = frozenset(x for x in key if self.node[x] == node)
+            if kind == "move_node":
+                return Move("move_node", self._with(state, [i, j], [(key - block, phase), (key_b | block, phase_b)]),
+                            frozenset(("gpu", x) for x in block), frozenset(("gpu", x) for x in block))
+            node_b = self.rng.choice(sorted({self.node[x] for x in key_b}))
+            block_b = frozenset(x for x in key_b if self.node[x] == node_b)
+            if node_b == node:
+                return None
+            moved = block | block_b
+            return Move("swap_node", self._with(state, [i, j], [((key - block) | block_b, phase),
+                                                                ((key_b - block_b) | block, phase_b)]),
+                        frozenset(("gpu", x) for x in moved), frozenset(("gpu", x) for x in moved))
         g = self.rng.choice(self._sorted(key))
         if kind == "move":
             return Move("move", self._with(state, [i, j], [(key - {g}, phase), (key_b | {g}, phase_b)]),
