@@ -266,6 +266,8 @@ async def serve_worker(spec: WorkerLaunchSpec, on_ready: Callable[[dict[str, Any
 
     torch.set_num_threads(max(1, spec.cpu_threads))
     engine, _ = build_engine(spec.model, spec.device)
+    with contextlib.suppress(Exception):  # load the tokenizer now, not on the first request (a stage may have none)
+        engine.decode_text(engine.encode("warm up"))
     codec = make_codec(spec.model, str(spec.config.compression))
     server = WorkerServer(engine, spec.config, codec, host=spec.host, advertise_host=spec.advertise_host)
     control_port, kv_port = await server.start()
