@@ -17,8 +17,9 @@ class KvCodec(Protocol):
 class QuantizeKvCodec:
     """The production codec: `runtime.kv.quantize` at the plan's compression (none / int8 / int4)."""
 
-    def __init__(self, compression: Compression | str) -> None:
+    def __init__(self, compression: Compression | str, device: str = "cpu") -> None:
         self.compression = Compression(compression)
+        self.device = device  # where imported caches go (the decode engine's device)
 
     def encode(self, kv: KVCache) -> bytes:
         from thunderserve.runtime.kv import quantize
@@ -28,4 +29,4 @@ class QuantizeKvCodec:
     def decode(self, data: bytes) -> KVCache:
         from thunderserve.runtime.kv import quantize
 
-        return quantize.dequantize_kv(quantize.from_bytes(data))
+        return quantize.dequantize_kv(quantize.from_bytes(data), device=self.device)

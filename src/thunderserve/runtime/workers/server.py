@@ -234,29 +234,26 @@ class WorkerLaunchSpec:
     device: str = "cpu"
 
 
-def build_engine(model: str, device: str = "cpu") -> tuple[EngineProtocol, KvCodec]:
-    """Load the engine for `model` with the codec matching it ("fake" selects the in-repo fake engine)."""
-    from thunderserve.runtime.workers.codec import QuantizeKvCodec
-
+def build_engine(model: str, device: str = "cpu") -> EngineProtocol:
+    """Load the engine for `model` ("fake" or "fake:<context>" selects the in-repo fake engine)."""
     if model == "fake" or model.startswith("fake:"):
-        from thunderserve.runtime.fakes import FakeEngine, RawKvCodec
+        from thunderserve.runtime.fakes import FakeEngine
 
-        ctx = int(model.split(":", 1)[1]) if ":" in model else 512
-        return FakeEngine(max_context_tokens=ctx), RawKvCodec()
-    from thunderserve.runtime.engine import load_engine  # type: ignore[attr-defined]
+        return FakeEngine(max_context_tokens=int(model.split(":", 1)[1]) if ":" in model else 512)
+    from thunderserve.runtime.engine import load_engine
 
-    engine = load_engine(model, device=device) if device != "cpu" else load_engine(model)
-    return engine, QuantizeKvCodec("none")
+    return load_engine(model, device=device)
 
 
-def make_codec(model: str, compression: str) -> KvCodec:
+def make_codec(model: str, compression: str, device: str = "cpu") -> KvCodec:
+    """The plan's KV codec (quantize at its compression); the fake engine's exact caches travel raw."""
     from thunderserve.runtime.workers.codec import QuantizeKvCodec
 
     if (model == "fake" or model.startswith("fake:")) and compression == "none":
         from thunderserve.runtime.fakes import RawKvCodec
 
         return RawKvCodec()
-    return QuantizeKvCodec(compression)
+    return QuantizeKvCodec(compression, device)
 
 
 async def serve_worker(spec: WorkerLaunchSpec, on_ready: Callable[[dict[str, Any]], None],
@@ -265,10 +262,10 @@ async def serve_worker(spec: WorkerLaunchSpec, on_ready: Callable[[dict[str, Any
     import torch
 
     torch.set_num_threads(max(1, spec.cpu_threads))
-    engine, _ = build_engine(spec.model, spec.device)
+    engine = build_engine(spec.model, spec.device)
     with contextlib.suppress(Exception):  # load the tokenizer now, not on the first request (a stage may have none)
         engine.decode_text(engine.encode("warm up"))
-    codec = make_codec(spec.model, str(spec.config.compression))
+    codec = make_codec(spec.model, str(spec.config.compression), spec.device)
     server = WorkerServer(engine, spec.config, codec, host=spec.host, advertise_host=spec.advertise_host)
     control_port, kv_port = await server.start()
     loop = asyncio.get_running_loop()
