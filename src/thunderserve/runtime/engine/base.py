@@ -16,10 +16,27 @@ Continuous batching happens one level up: requests join and leave between `decod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+
+@dataclass
+class KVBuffer:
+    """Preallocated storage a `KVCache`'s keys/values are prefix views of (lets decode append without copying).
+
+    Owned by exactly one sequence: `num_tokens` is the length that sequence committed, so a shallow copy of the
+    cache that falls behind is detected and gets its own storage instead of overwriting the other's tokens.
+    """
+
+    keys: torch.Tensor  # [num_layers, num_kv_heads, capacity_tokens, head_dim]
+    values: torch.Tensor  # same shape as keys
+    num_tokens: int  # tokens written so far (the views cover [0, num_tokens))
+
+    @property
+    def capacity_tokens(self) -> int:
+        return int(self.keys.shape[2])
 
 
 @dataclass
@@ -29,6 +46,8 @@ class KVCache:
     keys: torch.Tensor  # [num_layers, num_kv_heads, num_tokens, head_dim]
     values: torch.Tensor  # same shape as keys
     first_layer: int = 0  # global index of the first layer held (pipeline stages)
+    # engine-private spare capacity that keys/values are views of; None for caches built elsewhere (always safe)
+    buffer: KVBuffer | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,295 @@
+"""Group-wise KV-cache quantisation for transfer: none (exact), int8 (symmetric), int4 (asymmetric, packed).
+
+Groups are `group_size` consecutive elements along head_dim (default `costmodel.comm.KV_GROUP_SIZE` = 64, so
+the bytes match what the cost model charges). A head_dim that is not a multiple of the group size is padded
+at the end by repeating its last element (which changes no group's min/max) and cut back on dequantisation.
+
+* int8, symmetric: per group an fp16 scale s = absmax / 127 (rounded *up* to fp16); q = round(x / s) in
+  [-127, 127]; x' = q * s.
+* int4, asymmetric: per group an fp16 zero point z = min (rounded *down* to fp16) and an fp16 scale
+  s = (max - z) / 15 (rounded up); q = round((x - z) / s) in [0, 15], two values per byte (even index in the
+  low nibble); x' = q * s + z.
+
+Rounding the parameters outwards keeps every group inside the quantisation grid, so each element's error is at
+most s / 2 of its group (plus float32 arithmetic noise, and the rounding to the cache dtype on the way back).
+A constant group gets s = 0 (int4: z holds the value; exact whenever the value is an fp16 number). When a
+cache holds values outside the fp16 range, the scales and zero points are kept in float32 instead.
+
+Wire format (`to_bytes`, little-endian, no pickle): a 28-byte header
+    magic b"TSKV", version u8, compression u8, cache dtype u8, parameter dtype u8,
+    group_size u32, first_layer u32, layers u32, kv_heads u32, tokens u32, head_dim u32
+then keys' data, scales, zero points and values' data, scales, zero points as raw arrays whose sizes follow
+from the header (absent parts take no bytes).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from thunderserve.costmodel.comm import KV_GROUP_SIZE
+from thunderserve.runtime.engine.base import KVCache
+
+MAGIC = b"TSKV"
+VERSION = 1
+_HEADER = struct.Struct("<4sBBBBIIIIII")
+HEADER_BYTES = _HEADER.size  # 28
+COMPRESSIONS = ("none", "int8", "int4")
+_DTYPES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_DTYPE_OF = {v: k for k, v in _DTYPES.items()}
+_FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One of keys/values, quantised. N = layers * kv_heads * tokens rows, G groups per row of g elements."""
+
+    data: torch.Tensor  # none: the tensor itself [L, H, T, D]; int8: int8 [N, G, g]; int4: uint8 [N, G, g/2]
+    scale: torch.Tensor | None = None  # [N, G] per-group scale (fp16, or fp32 out of fp16 range); not for none
+    zero: torch.Tensor | None = None  # [N, G] per-group zero point, int4 only: x ~ q * scale + zero
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
+
+
+@dataclass(frozen=True)
+class QuantizedKV:
+    """A quantised `KVCache` (see the module docstring for the formats)."""
+
+    compression: str  # "none" | "int8" | "int4"
+    shape: tuple[int, int, int, int]  # [layers, kv_heads, tokens, head_dim] of keys (and of values)
+    dtype: torch.dtype  # the cache's dtype, restored by dequantize_kv
+    first_layer: int
+    group_size: int  # elements per group actually used (<= the requested size when head_dim is smaller)
+    keys: QuantizedTensor
+    values: QuantizedTensor
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        s = self.keys.scale
+        return torch.float16 if s is None else s.dtype
+
+
+def _compression_name(compression: str | Enum) -> str:
+    name = str(compression.value if isinstance(compression, Enum) else compression).lower()
+    if name not in COMPRESSIONS:
+        raise ValueError(f"unknown KV compression '{compression}' (known: {', '.join(COMPRESSIONS)})")
+    return name
+
+
+def effective_group_size(head_dim: int, group_size: int) -> int:
+    """The group size used for `head_dim`: the requested one, or head_dim (rounded up to even) if smaller."""
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even number >= 2, got {group_size}")
+    return min(group_size, head_dim + head_dim % 2)
+
+
+def _round_to(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """x rounded to `dtype`, towards +inf (up) or -inf (down) where the nearest value would go the other way."""
+    r = x.to(dtype)
+    if dtype == x.dtype:
+        return r
+    bad = r.to(x.dtype) < x if up else r.to(x.dtype) > x
+    if bool(bad.any()):
+        target = torch.full_like(r, float("inf") if up else float("-inf"))
+        r = torch.where(bad, torch.nextafter(r, target), r)
+    return r
+
+
+def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
+    """[L, H, T, D] -> float32 [N, G, g], padding D by repeating its last element."""
+    d = x.shape[-1]
+    rows = x.reshape(-1, d).to(torch.float32)
+    pad = -d % g
+    if pad:
+        rows = torch.cat([rows, rows[:, -1:].expand(-1, pad)], dim=1)
+    return rows.reshape(rows.shape[0], (d + pad) // g, g)
+
+
+def _quantize_tensor(x: torch.Tensor, compression: str, g: int, param_dtype: torch.dtype) -> QuantizedTensor:
+    if compression == "none":
+        return QuantizedTensor(data=x.contiguous())
+    xg = _groups(x, g)
+    # a zero scale means the whole group sits on the grid's origin (x - zero == 0), so dividing by 1 gives q = 0
+    if compression == "int8":
+        scale = _round_to(torch.maximum(xg.amax(-1), -xg.amin(-1)) / 127.0, param_dtype, up=True)
+        sf = scale.to(torch.float32)
+        q = (xg / torch.where(sf > 0, sf, 1.0)[..., None]).round_().clamp_(-127, 127)
+        return QuantizedTensor(data=q.to(torch.int8), scale=scale)
+    zero = _round_to(xg.amin(-1), param_dtype, up=False)
+    zf = zero.to(torch.float32)
+    scale = _round_to((xg.amax(-1) - zf) / 15.0, param_dtype, up=True)
+    sf = scale.to(torch.float32)
+    q = (xg - zf[..., None]).div_(torch.where(sf > 0, sf, 1.0)[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    return QuantizedTensor(data=packed, scale=scale, zero=zero)
+
+
+def _dequantize_tensor(t: QuantizedTensor, compression: str, shape: tuple[int, int, int, int],
+                       dtype: torch.dtype) -> torch.Tensor:
+    if compression == "none":
+        return t.data.to(dtype).reshape(shape)
+    assert t.scale is not None
+    sf = t.scale.to(torch.float32)[..., None]
+    if compression == "int8":
+        xg = t.data.to(torch.float32) * sf
+    else:
+        assert t.zero is not None
+        q = torch.stack([t.data & 0xF, t.data >> 4], dim=-1).reshape(*t.data.shape[:-1], 2 * t.data.shape[-1])
+        xg = q.to(torch.float32) * sf + t.zero.to(torch.float32)[..., None]
+    d = shape[-1]
+    return xg.reshape(xg.shape[0], xg.shape[1] * xg.shape[2])[:, :d].to(dtype).reshape(shape)
+
+
+def _param_dtype(kv: KVCache, compression: str) -> torch.dtype:
+    """fp16 when every scale and zero point fits it (it nearly always does), else float32."""
+    if compression == "none" or kv.keys.numel() == 0:
+        return torch.float16
+    absmax = max(float(kv.keys.abs().max()), float(kv.values.abs().max()))
+    limit = _FP16_MAX / 2 if compression == "int4" else _FP16_MAX
+    return torch.float16 if absmax < limit else torch.float32
+
+
+def quantize_kv(kv: KVCache, compression: str | Enum, group_size: int = KV_GROUP_SIZE) -> QuantizedKV:
+    """Quantise a cache's keys and values (vectorised; see the module docstring for the formats)."""
+    name = _compression_name(compression)
+    if kv.keys.dim() != 4 or kv.keys.shape != kv.values.shape:
+        raise ValueError(f"keys/values must share one [layers, kv_heads, tokens, head_dim] shape, got "
+                         f"{tuple(kv.keys.shape)} and {tuple(kv.values.shape)}")
+    if kv.keys.dtype not in _DTYPES or kv.values.dtype != kv.keys.dtype:
+        raise ValueError(f"unsupported KV dtype {kv.keys.dtype} / {kv.values.dtype}")
+    shape = tuple(int(n) for n in kv.keys.shape)
+    g = effective_group_size(shape[3], group_size)
+    pdt = _param_dtype(kv, name)
+    qk = _quantize_tensor(kv.keys.detach(), name, g, pdt)
+    qv = _quantize_tensor(kv.values.detach(), name, g, pdt)
+    return QuantizedKV(compression=name, shape=shape, dtype=kv.keys.dtype,  # type: ignore[arg-type]
+                       first_layer=int(kv.first_layer), group_size=g, keys=qk, values=qv)
+
+
+def dequantize_kv(q: QuantizedKV, device: torch.device | str | None = None) -> KVCache:
+    """The cache back, in its original dtype (on `device`, default where the quantised data is)."""
+    keys = _dequantize_tensor(q.keys, q.compression, q.shape, q.dtype)
+    values = _dequantize_tensor(q.values, q.compression, q.shape, q.dtype)
+    if device is not None:
+        keys, values = keys.to(device), values.to(device)
+    return KVCache(keys=keys, values=values, first_layer=q.first_layer)
+
+
+# ----- wire format ---------------------------------------------------------------------------------------------
+def _layout(compression: str, shape: tuple[int, int, int, int], g: int, pdt: torch.dtype, dtype: torch.dtype
+            ) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of data, scale, zero for one of keys/values (empty shape: absent)."""
+    if compression == "none":
+        return [(dtype, shape), (pdt, ()), (pdt, ())]
+    n = shape[0] * shape[1] * shape[2]
+    groups = -(-shape[3] // g) if shape[3] else 0
+    if compression == "int8":
+        return [(torch.int8, (n, groups, g)), (pdt, (n, groups)), (pdt, ())]
+    return [(torch.uint8, (n, groups, g // 2)), (pdt, (n, groups)), (pdt, (n, groups))]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out if shape else 0
+
+
+def payload_nbytes(q: QuantizedKV) -> int:
+    """len(to_bytes(q)), without building it."""
+    return _HEADER.size + q.keys.nbytes() + q.values.nbytes()
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    if t.numel() == 0:
+        return b""
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def to_bytes(q: QuantizedKV) -> bytes:
+    """The self-describing binary payload (header + raw arrays; see the module docstring)."""
+    L, H, T, D = q.shape
+    head = _HEADER.pack(MAGIC, VERSION, COMPRESSIONS.index(q.compression), _DTYPES[q.dtype],
+                        _DTYPES[q.param_dtype], q.group_size, q.first_layer, L, H, T, D)
+    parts = [head]
+    for t in (q.keys, q.values):
+        parts += [_raw(t.data), b"" if t.scale is None else _raw(t.scale), b"" if t.zero is None else _raw(t.zero)]
+    return b"".join(parts)
+
+
+def from_bytes(payload: bytes | bytearray | memoryview) -> QuantizedKV:
+    """Parse `to_bytes` output; ValueError on a bad magic, version, code or length."""
+    buf = bytearray(payload)
+    if len(buf) < _HEADER.size:
+        raise ValueError(f"KV payload of {len(buf)} bytes is shorter than its header")
+    magic, version, comp, dt, pdt, g, first, L, H, T, D = _HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise ValueError(f"not a KV payload (magic {magic!r})")
+    if version != VERSION:
+        raise ValueError(f"KV payload version {version} is not supported (expected {VERSION})")
+    if comp >= len(COMPRESSIONS) or dt not in _DTYPE_OF or pdt not in _DTYPE_OF:
+        raise ValueError("corrupt KV payload header (unknown compression or dtype code)")
+    compression, dtype, param_dtype = COMPRESSIONS[comp], _DTYPE_OF[dt], _DTYPE_OF[pdt]
+    shape = (L, H, T, D)
+    layout = _layout(compression, shape, g, param_dtype, dtype)
+    expected = _HEADER.size + 2 * sum(_numel(s) * torch.empty(0, dtype=t).element_size() for t, s in layout)
+    if len(buf) != expected:
+        raise ValueError(f"KV payload is {len(buf)} bytes, its header says {expected}")
+    offset = _HEADER.size
+    tensors: list[torch.Tensor | None] = []
+    for _ in range(2):
+        for t_dtype, t_shape in layout:
+            if not t_shape:
+                tensors.append(None)
+                continue
+            nbytes = _numel(t_shape) * torch.empty(0, dtype=t_dtype).element_size()
+            raw = (torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes
+                   else torch.empty(0, dtype=torch.uint8))
+            tensors.append(raw.view(t_dtype).reshape(t_shape))
+            offset += nbytes
+    kd, ks, kz, vd, vs, vz = tensors
+    assert kd is not None and vd is not None
+    return QuantizedKV(compression=compression, shape=shape, dtype=dtype, first_layer=first, group_size=g,
+                       keys=QuantizedTensor(kd, ks, kz), values=QuantizedTensor(vd, vs, vz))
+
+
+# ----- codecs (the profiler's and the benchmark's view) ---------------------------------------------------------
+class KvQuantCodec:
+    """KVCache <-> bytes at one compression level (quantize + to_bytes; from_bytes + dequantize)."""
+
+    def __init__(self, compression: str | Enum, group_size: int = KV_GROUP_SIZE) -> None:
+        self.compression = _compression_name(compression)
+        self.group_size = group_size
+
+    def encode(self, kv: KVCache) -> bytes:
+        return to_bytes(quantize_kv(kv, self.compression, self.group_size))
+
+    def decode(self, data: bytes) -> KVCache:
+        return dequantize_kv(from_bytes(data))
+
+
+def profile_codecs() -> dict[str, KvQuantCodec]:
+    """One codec per compression level, for `profiling.run.kv_codecs`."""
+    return {name: KvQuantCodec(name) for name in COMPRESSIONS}
+
+
+def time_codec(kv: KVCache, compression: str, repeats: int = 5, group_size: int = KV_GROUP_SIZE
+               ) -> tuple[float, float]:
+    """Median seconds of (quantize_kv, dequantize_kv) on `kv` (after one warm-up of each)."""
+    q = quantize_kv(kv, compression, group_size)
+    dequantize_kv(q)
+    enc, dec = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        q = quantize_kv(kv, compression, group_size)
+        t1 = time.perf_counter()
+        dequantize_kv(q)
+        t2 = time.perf_counter()
+        enc.append(t1 - t0)
+        dec.append(t2 - t1)
+    return sorted(enc)[len(enc) // 2], sorted(dec)[len(dec) // 2]
