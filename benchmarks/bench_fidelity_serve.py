@@ -54,7 +54,7 @@ def profile_step(args: argparse.Namespace, out: Path) -> EngineProfile:
     grid = (ProfileGrid(prefill_batch_sizes=(1, 2), prompt_tokens=(16, 64), decode_batch_sizes=(1, 4),
                         context_tokens=(32, 128), kv_tokens=(64,), warmup=1, repeats=2) if args.quick
             else ProfileGrid(prefill_batch_sizes=(1, 2, 4), prompt_tokens=(16, 64, 256),
-                             decode_batch_sizes=(1, 2, 4, 8, 16), context_tokens=(64, 256), warmup=1, repeats=3))
+                             decode_batch_sizes=(1, 2, 4, 8, 16), context_tokens=(64, 256), warmup=1, repeats=5))
     engine = spec = None
     if args.model.startswith("fake"):
         from thunderserve.cli.serve_cmds import FAKE_MODEL
