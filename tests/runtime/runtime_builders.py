@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from builders import make_plan
-
 from thunderserve.plan import Phase, Plan
 from thunderserve.runtime.engine.base import SamplingParams
 from thunderserve.runtime.fakes import FakeEngine, RawKvCodec
 from thunderserve.runtime.router import Accepted, Delta, Failed, Finished, RequestHandle, Router, RouterConfig
+from thunderserve.runtime.workers.codec import KvCodec
 from thunderserve.runtime.workers.protocol import GenerateRequest, WorkerConfig
 from thunderserve.runtime.workers.server import WorkerServer
 
@@ -47,15 +47,16 @@ class FakeDeployment:
 @contextlib.asynccontextmanager
 async def fake_deployment(plan: Plan, *, router_config: RouterConfig | None = None,
                           engine_kwargs: dict[str, Any] | None = None,
-                          worker_kwargs: dict[str, Any] | None = None) -> AsyncIterator[FakeDeployment]:
-    """Worker servers for every plan group (fake engines, raw KV codec) and a started router."""
+                          worker_kwargs: dict[str, Any] | None = None,
+                          codec: KvCodec | None = None) -> AsyncIterator[FakeDeployment]:
+    """Worker servers for every plan group (fake engines, raw KV codec unless given) and a started router."""
     servers: dict[str, WorkerServer] = {}
     engines: dict[str, FakeEngine] = {}
     for g in plan.groups:
         engines[g.id] = FakeEngine(**(engine_kwargs or {}))
         knobs: dict[str, Any] = {"heartbeat_interval_s": 0.05, "kv_timeout_s": 5.0, **(worker_kwargs or {})}
         cfg = WorkerConfig(group_id=g.id, role=g.phase, **knobs)
-        servers[g.id] = WorkerServer(engines[g.id], cfg, RawKvCodec())
+        servers[g.id] = WorkerServer(engines[g.id], cfg, codec or RawKvCodec())
         await servers[g.id].start()
     router = Router(plan, {g: ("127.0.0.1", s.control_port) for g, s in servers.items()},
                     router_config or RouterConfig(heartbeat_timeout_s=5.0, monitor_interval_s=0.05))

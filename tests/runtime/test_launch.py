@@ -101,5 +101,5 @@ def test_cuda_devices_follow_plan_gpu_indices() -> None:
     from thunderserve.runtime.launch.base import cuda_devices
 
     plan = pd_plan(num_prefill=1, num_decode=2)  # p0 on n0:0, d0 on n0:1, d1 on n0:2
-    assert cuda_devices(plan, 2) == {"p0": "cuda:0", "d0": "cuda:1", "d1": "cuda:0"}
+    assert cuda_devices(plan, 2) == {"p0": ("cuda:0",), "d0": ("cuda:1",), "d1": ("cuda:0",)}
     assert cuda_devices(plan, 0) == {}

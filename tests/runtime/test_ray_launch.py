@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from builders import make_plan
 from runtime_builders import request, run_request
 
+from builders import make_plan
 from thunderserve.runtime.launch import LaunchError, worker_specs
 from thunderserve.runtime.router import Finished, Router
 

@@ -1,14 +1,15 @@
 """From a Plan to worker launch specs, and the launcher seam (local processes or Ray actors).
 
-One worker per plan group. On a machine without GPUs every group runs as one CPU process holding all
-layers (the plan's TP/PP layout is a placement decision for GPUs; on CPU it is collapsed and each worker
-uses `cpu_threads` torch threads). The plan node a group runs on is the node of its first GPU.
+One worker process per plan group. A group's pipeline stages each get their own engine for their layer range
+(on their own device when there are GPUs; all on the CPU otherwise, each worker using `cpu_threads` torch
+threads). Tensor parallelism is collapsed: a stage with several plan GPUs runs on its first one. The plan
+node a group runs on is the node of its first GPU.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -52,14 +53,17 @@ def group_node(group: Group) -> str:
     return group.stages[0].gpus[0].split(":", 1)[0]
 
 
-def cuda_devices(plan: Plan, device_count: int) -> dict[str, str]:
-    """Local GPU placement: each group's worker uses the CUDA device numbered like its first plan GPU."""
+def cuda_devices(plan: Plan, device_count: int) -> dict[str, tuple[str, ...]]:
+    """Local GPU placement: each stage of each group uses the CUDA device numbered like its first plan GPU."""
     if device_count <= 0:
         return {}
     out = {}
     for g in plan.groups:
-        index = g.stages[0].gpus[0].rsplit(":", 1)[-1]
-        out[g.id] = f"cuda:{int(index) % device_count if index.isdigit() else 0}"
+        devs = []
+        for st in g.stages:
+            index = st.gpus[0].rsplit(":", 1)[-1]
+            devs.append(f"cuda:{int(index) % device_count if index.isdigit() else 0}")
+        out[g.id] = tuple(devs)
     return out
 
 
@@ -93,14 +97,22 @@ def check_servable(plan: Plan) -> None:
 
 
 def worker_specs(plan: Plan, model: str, *, cpu_threads: int = 1, host: str = "127.0.0.1",
-                 knobs: WorkerConfig | None = None, devices: Mapping[str, str] | None = None
+                 knobs: WorkerConfig | None = None, devices: Mapping[str, Sequence[str]] | None = None
                  ) -> list[WorkerLaunchSpec]:
-    """One launch spec per plan group (sorted by group id); `knobs` supplies non-plan worker settings."""
+    """One launch spec per plan group (sorted by group id); `knobs` supplies non-plan worker settings.
+
+    `devices[group]` names one torch device per pipeline stage (default: CPU for all); a group with several
+    stages is served as a pipeline of stage engines (see `workers.pipeline`).
+    """
     check_servable(plan)
     out = []
     for g in sorted(plan.groups, key=lambda g: g.id):
         base = knobs or WorkerConfig(group_id=g.id, role=g.phase)
         config = replace(base, group_id=g.id, role=g.phase, compression=plan.kv_transfer.compression)
+        devs = tuple((devices or {}).get(g.id, ())) or ("cpu",) * g.pp
+        if len(devs) != g.pp:
+            raise PlanError(f"groups.{g.id}: {len(devs)} devices given for {g.pp} stages")
+        stages = tuple((s.layers[0], s.layers[1], d) for s, d in zip(g.stages, devs, strict=True))
         out.append(WorkerLaunchSpec(config=config, model=model, cpu_threads=cpu_threads, host=host,
-                                    device=(devices or {}).get(g.id, "cpu")))
+                                    device=devs[0], stages=stages if g.pp > 1 else ()))
     return out

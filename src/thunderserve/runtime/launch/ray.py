@@ -73,11 +73,11 @@ class RayLauncher:
     """Starts workers as Ray actors on the nodes the plan names (see module docstring)."""
 
     def __init__(self, plan: Plan, address: str | None = None, ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
-                 num_gpus_per_worker: float = 0.0) -> None:
+                 use_gpus: bool = False) -> None:
         self.plan = plan
         self.address = address
         self.ready_timeout_s = ready_timeout_s
-        self.num_gpus_per_worker = num_gpus_per_worker
+        self.use_gpus = use_gpus  # ask Ray for one GPU per pipeline stage of each group
         self._actors: dict[str, Any] = {}
         self._pids: dict[str, int] = {}
         self.node_ids: dict[str, str] = {}  # group -> Ray node id it landed on
@@ -108,8 +108,8 @@ class RayLauncher:
                     self.stop()
                     raise LaunchError(f"no Ray node advertises resource '{name}' for group {gid} "
                                       f"(start the node with --resources '{{\"{name}\": <gpus>}}')")
-            actor = actor_cls.options(num_cpus=0, num_gpus=self.num_gpus_per_worker, resources=res,
-                                      name=None).remote()
+            num_gpus = float(self.plan.group(gid).pp) if self.use_gpus else 0.0
+            actor = actor_cls.options(num_cpus=0, num_gpus=num_gpus, resources=res).remote()
             self._actors[gid] = actor
             futures[gid] = actor.start.remote(spec, self.ready_timeout_s)
         endpoints: dict[str, WorkerEndpoint] = {}

@@ -64,8 +64,7 @@ class Deployment:
             if config.backend == "ray":
                 from thunderserve.runtime.launch.ray import RayLauncher
 
-                launcher = RayLauncher(plan, config.ray_address,
-                                       num_gpus_per_worker=1.0 if config.device == "cuda" else 0.0)
+                launcher = RayLauncher(plan, config.ray_address, use_gpus=config.device == "cuda")
             elif config.backend == "local":
                 launcher = LocalLauncher()
             else:
@@ -87,17 +86,20 @@ class Deployment:
     def worker_pids(self) -> dict[str, int]:
         return self.launcher.worker_pids()
 
-    def _devices(self) -> dict[str, str]:
-        """Per-group torch device: local CUDA devices by plan GPU index; Ray pins one GPU per actor."""
+    def _devices(self) -> dict[str, tuple[str, ...]]:
+        """Per-group, per-stage torch devices: local CUDA devices by plan GPU index; under Ray, the GPUs Ray
+        gave the actor (one per stage, numbered from 0); CPU when there is no GPU or for the fake engine."""
         if self.config.device == "cpu" or self.config.model.startswith("fake"):
             return {}
+        if self.config.backend == "ray":
+            if self.config.device != "cuda":
+                return {}
+            return {g.id: tuple(f"cuda:{i}" for i in range(g.pp)) for g in self.plan.groups}
         import torch
 
         count = torch.cuda.device_count()
-        if self.config.device == "cuda" and count == 0 and self.config.backend == "local":
+        if self.config.device == "cuda" and count == 0:
             raise LaunchError("--device cuda: no CUDA device on this machine")
-        if self.config.backend == "ray":
-            return {g.id: "cuda:0" for g in self.plan.groups} if self.config.device == "cuda" else {}
         return cuda_devices(self.plan, count)
 
     def stop(self) -> None:

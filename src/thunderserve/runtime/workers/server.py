@@ -231,15 +231,21 @@ class WorkerLaunchSpec:
     cpu_threads: int = 1  # torch intra-op threads
     host: str = "127.0.0.1"  # bind address of the worker's servers
     advertise_host: str | None = None  # address peers use to reach it (default: host)
-    device: str = "cpu"
+    device: str = "cpu"  # torch device of a single-stage group
+    stages: tuple[tuple[int, int, str], ...] = ()  # (first_layer, end_layer, device) per pipeline stage, if > 1
 
 
-def build_engine(model: str, device: str = "cpu") -> EngineProtocol:
-    """Load the engine for `model` ("fake" or "fake:<context>" selects the in-repo fake engine)."""
+def build_engine(model: str, device: str = "cpu", stages: tuple[tuple[int, int, str], ...] = ()
+                 ) -> EngineProtocol:
+    """Load the engine for `model`: one stage, or a pipeline of stage engines ("fake[:context]": the fake)."""
     if model == "fake" or model.startswith("fake:"):
         from thunderserve.runtime.fakes import FakeEngine
 
         return FakeEngine(max_context_tokens=int(model.split(":", 1)[1]) if ":" in model else 512)
+    if len(stages) > 1:
+        from thunderserve.runtime.workers.pipeline import load_pipeline
+
+        return load_pipeline(model, stages)
     from thunderserve.runtime.engine import load_engine
 
     return load_engine(model, device=device)
@@ -262,7 +268,7 @@ async def serve_worker(spec: WorkerLaunchSpec, on_ready: Callable[[dict[str, Any
     import torch
 
     torch.set_num_threads(max(1, spec.cpu_threads))
-    engine = build_engine(spec.model, spec.device)
+    engine = build_engine(spec.model, spec.device, spec.stages)
     with contextlib.suppress(Exception):  # load the tokenizer now, not on the first request (a stage may have none)
         engine.decode_text(engine.encode("warm up"))
     codec = make_codec(spec.model, str(spec.config.compression), spec.device)
