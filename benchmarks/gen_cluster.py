@@ -1,7 +1,7 @@
 """Generate realistic heterogeneous cloud clusters of N GPUs spread over zones (for the scheduler benchmark).
 
 A cluster mixes the GPU types one rents on secondary clouds (as in paper-cloud-32): 4-GPU PCIe nodes of
-RTX-3090Ti, A40, RTX-A6000 and L40S in equal proportions at secondary-cloud prices, optionally with one
+RTX-3090Ti, A40, RTX-A6000 and L40S in equal proportions at every size (secondary-cloud prices), optionally with one
 8-GPU NVLink A100-80GB node per `a100_every` GPUs. Nodes are spread round-robin-ish over zones (data centres); 40 Gbps inside a zone,
 5-10 Gbps between zones (a random pair gets 10), as in the paper's setting. Deterministic for a seed.
 
@@ -33,11 +33,11 @@ INTER_ZONE_GBPS = (5.0, 10.0)
 
 def generate_cluster(num_gpus: int, seed: int = 0, num_zones: int | None = None, a100_every: int = 0
                      ) -> ClusterSpec:
-    """A cluster of exactly `num_gpus` GPUs (multiple of 4) in `num_zones` zones (default ~1 per 12 GPUs)."""
+    """A cluster of exactly `num_gpus` GPUs (multiple of 4) in `num_zones` zones (default one per 16 GPUs)."""
     if num_gpus < 4 or num_gpus % 4:
         raise ValueError("num_gpus must be a positive multiple of 4")
     rng = random.Random(seed)
-    zones = num_zones or max(1, min(16, round(num_gpus / 12)))
+    zones = num_zones or max(1, num_gpus // 16)  # ~4 nodes per zone at every size
     zone_names = [f"z{i}" for i in range(zones)]
     nodes: list[NodeSpec] = []
     left = num_gpus
@@ -48,13 +48,16 @@ def generate_cluster(num_gpus: int, seed: int = 0, num_zones: int | None = None,
             nodes.append(NodeSpec(name=f"n{len(nodes)}", gpu=name, count=count, price_per_gpu_hour=price,
                                   zone=zone_names[len(nodes) % zones]))
             left -= count
-    types = list(NODE_TYPES)
-    weights = [t[3] for t in NODE_TYPES]
-    while left > 0:
-        name, count, price, _ = rng.choices(types, weights=weights)[0]
+    # equal shares of the four types at every size (each block of four nodes holds one of each, shuffled),
+    # so clusters of different sizes differ in scale, not in mix
+    order: list[tuple[str, int, float, float]] = []
+    while len(order) * 4 < left:
+        block = list(NODE_TYPES)
+        rng.shuffle(block)
+        order.extend(block)
+    for name, count, price, _ in order[: left // 4]:
         zone = zone_names[rng.randrange(zones)] if rng.random() < 0.3 else zone_names[len(nodes) % zones]
         nodes.append(NodeSpec(name=f"n{len(nodes)}", gpu=name, count=count, price_per_gpu_hour=price, zone=zone))
-        left -= count
     used = sorted({n.zone for n in nodes}, key=zone_names.index)
     pairs = [PairBandwidth(between=(z, z), gbps=INTRA_ZONE_GBPS) for z in used]
     for i, a in enumerate(used):

@@ -34,4 +34,5 @@ class PlanResult:
     max_rate_at_slo: float  # estimated largest request rate (req/s) meeting the SLO attainment target
     decision_time_s: float  # wall-clock seconds the planner took
     iterations: int  # tabu iterations run
-    history: tuple[float, ...]  # best objective (req/s at SLO) after each iteration
+    history: tuple[float, ...]  # best search objective (routing LP served rate, req/s) after each iteration
+    start_objective: float = 0.0  # the search objective of the bandwidth-aware starting grouping

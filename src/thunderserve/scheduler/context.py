@@ -22,33 +22,21 @@ from thunderserve.plan.model import Group, Phase, Stage
 from thunderserve.scheduler.layout import LayoutCandidate, best_layout_candidate
 from thunderserve.scheduler.queueing import ColocatedModel, DecodeModel, EdgeModel, PrefillModel, max_rate
 from thunderserve.scheduler.samples import LengthSample, length_sample
+from thunderserve.scheduler.shapes import GroupShape, LayoutSig, Shapes
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
 from thunderserve.spec.slo import SloSpec
 from thunderserve.spec.workload import WorkloadSpec
 
 Stages = tuple[Stage, ...]
+Sig = LayoutSig
 CAPACITY_REL_TOL = 3e-3  # bisection tolerance of the per-group capacities the LP and the layout ranking use
 Shape = tuple[tuple[int, int], ...]  # (node index, GPUs of that node) of a GPU set, sorted
-Sig = tuple[tuple[Shape, int], ...]  # per stage: its shape and layer count -> identical cost model
 
 
 def gpu_shape(cluster: Cluster, gpu_ids: Iterable[str]) -> Shape:
-    """GPUs of one node are interchangeable (same type, same links), so a set is priced by its shape."""
+    """The node-level footprint of a GPU set (what KV link bandwidths depend on)."""
     return tuple(sorted(Counter(cluster.by_id[g].node_index for g in gpu_ids).items()))
-
-
-def relabel(stages: Stages, cluster: Cluster, gpu_ids: Iterable[str]) -> Stages:
-    """The same layout on another GPU set of the same shape (position by position inside each node)."""
-    index = cluster.index_of
-    target: dict[int, list[str]] = {}
-    for g in sorted(gpu_ids, key=index.__getitem__):
-        target.setdefault(cluster.by_id[g].node_index, []).append(g)
-    source: dict[int, list[str]] = {}
-    for g in sorted((g for s in stages for g in s.gpus), key=index.__getitem__):
-        source.setdefault(cluster.by_id[g].node_index, []).append(g)
-    mapping = {a: b for n, src in source.items() for a, b in zip(src, target[n], strict=True)}
-    return tuple(Stage(gpus=tuple(mapping[g] for g in s.gpus), layers=s.layers) for s in stages)
 
 
 def component_target(slo: SloSpec) -> float:
@@ -66,12 +54,14 @@ class PlanningContext:
     compression: Compression = Compression.INT4
     max_pp: int = 4
     sample: LengthSample = field(init=False)
-    _layouts: dict[tuple[Shape, Phase], LayoutCandidate | None] = field(default_factory=dict, init=False, repr=False)
+    shapes: Shapes = field(init=False, repr=False)
+    _layouts: dict[tuple[GroupShape, Phase], LayoutCandidate | None] = field(default_factory=dict, init=False,
+                                                                             repr=False)
     _perf: dict[Sig, GroupPerf] = field(default_factory=dict, init=False, repr=False)
     _prefill: dict[Sig, PrefillModel] = field(default_factory=dict, init=False, repr=False)
     _decode: dict[Sig, DecodeModel] = field(default_factory=dict, init=False, repr=False)
     _colocated: dict[Sig, ColocatedModel] = field(default_factory=dict, init=False, repr=False)
-    _spt: dict[tuple[Sig, Shape], float] = field(default_factory=dict, init=False, repr=False)
+    _spt: dict[tuple[tuple[tuple[Shape, int], ...], Shape], float] = field(default_factory=dict, init=False, repr=False)
     _edges: dict[float, EdgeModel] = field(default_factory=dict, init=False, repr=False)
     _cap_prefill: dict[tuple[Sig, float], float] = field(default_factory=dict, init=False, repr=False)
     _cap_decode: dict[tuple[Sig, float], float] = field(default_factory=dict, init=False, repr=False)
@@ -84,17 +74,18 @@ class PlanningContext:
 
     def __post_init__(self) -> None:
         self.sample = length_sample(self.workload)
+        self.shapes = Shapes(self.cluster)
 
     def sig(self, stages: Stages) -> Sig:
         if stages not in self._sig:
-            self._sig[stages] = tuple((gpu_shape(self.cluster, s.gpus), s.num_layers) for s in stages)
+            self._sig[stages] = self.shapes.layout_sig(stages)
         return self._sig[stages]
 
     # ------------------------------------------------------------ layouts and models
 
     def layout(self, gpu_ids: frozenset[str], phase: Phase) -> LayoutCandidate | None:
         """Best layout of a GPU set for a phase, ranked by that phase's capacity (memoised by shape)."""
-        key = (gpu_shape(self.cluster, gpu_ids), phase)
+        key = (self.shapes.group_shape(gpu_ids), phase)
         if key not in self._layouts:
             found = best_layout_candidate(
                 sorted(gpu_ids, key=self.cluster.index_of.__getitem__), self.cluster, self.model, self.max_pp,
@@ -107,7 +98,7 @@ class PlanningContext:
             return None
         if frozenset(g for s in found.stages for g in s.gpus) == gpu_ids:
             return found
-        return LayoutCandidate(relabel(found.stages, self.cluster, gpu_ids), found.perf)
+        return LayoutCandidate(self.shapes.relabel(found.stages, gpu_ids), found.perf)
 
     def perf(self, stages: Stages) -> GroupPerf:
         sig = self.sig(stages)
@@ -139,8 +130,8 @@ class PlanningContext:
 
     def seconds_per_token(self, prefill: Stages, decode_gpus: Iterable[str]) -> float:
         """KV transfer seconds per prompt token from a prefill layout to a decode group (compressed)."""
-        dshape = gpu_shape(self.cluster, decode_gpus)
-        key = (self.sig(prefill), dshape)
+        key = (tuple((gpu_shape(self.cluster, s.gpus), s.num_layers) for s in prefill),
+               gpu_shape(self.cluster, decode_gpus))
         if key not in self._spt:
             by_id = self.cluster.by_id
             self._spt[key] = kv_seconds_per_token(

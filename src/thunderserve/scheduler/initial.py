@@ -4,7 +4,8 @@
    link bandwidth, seeded), so GPUs on fast links start together.
 2. Inside a community, nodes of one GPU type are cut into equal groups of the size that gives the most
    requests per second per GPU (a group must hold the model with room for KV; candidates: 1, 2, 4, ... GPUs
-   of a node, or 2, 3, 4 whole nodes). Leftover GPUs join the last group of their kind.
+   of a node, or 2, 3, 4 whole nodes). Leftover GPUs join the last group of their kind. Alternatively the
+   community is cut into runs of 2..max_pp whole nodes of mixed types, when that serves more in total.
 3. GPUs of types that cannot hold the model alone are pooled per community (then across the cluster) and
    cut the same way, so mixed-type groups appear only where needed.
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import networkx as nx
@@ -93,27 +95,67 @@ def best_cut(ctx: PlanningContext, gpus: Sequence[GpuRef], phases: Sequence[Phas
     return best
 
 
-def initial_groups(ctx: PlanningContext, seed: int, phases: Sequence[Phase]) -> list[GroupKey]:
-    """The starting grouping (every GPU in exactly one group; a group may be too small to be used)."""
+def _node_chunks(nodes: Sequence[list[GpuRef]], k: int, max_pp: int) -> list[list[GpuRef]]:
+    """Consecutive runs of k whole nodes; a short tail joins the last run while it stays within max_pp nodes."""
+    chunks = [[g for n in nodes[i:i + k] for g in n] for i in range(0, len(nodes), k)]
+    if len(chunks) > 1 and len(nodes) % k and len(nodes) % k + k <= max_pp:
+        tail = chunks.pop()
+        chunks[-1].extend(tail)
+    return chunks
+
+
+def _per_type_cut(ctx: PlanningContext, by_type: dict[str, list[GpuRef]], phases: Sequence[Phase]
+                  ) -> tuple[list[list[GpuRef]], list[GpuRef]]:
+    """Each GPU type of a community cut into equal groups of its best size; (groups, GPUs that fit nowhere)."""
+    groups: list[list[GpuRef]] = []
+    leftovers: list[GpuRef] = []
+    for name in sorted(by_type):
+        run = by_type[name]
+        size, _ = best_cut(ctx, run, phases)
+        if size == 0:
+            leftovers.extend(run)
+        else:
+            groups.extend(_cut(run, size))
+    return groups, leftovers
+
+
+def _total(ctx: PlanningContext, groups: Sequence[Sequence[GpuRef]], phases: Sequence[Phase]) -> float:
+    return sum(group_score(ctx, frozenset(g.id for g in grp), phases) for grp in groups)
+
+
+def initial_groups(ctx: PlanningContext, seed: int, phases: Sequence[Phase],
+                   deadline: float = float("inf")) -> list[GroupKey]:
+    """The starting grouping (every GPU in exactly one group; a group may be too small to be used).
+
+    Per bandwidth community, the better (by summed stand-alone capacity) of: each GPU type cut into equal
+    groups of its best size, or runs of k = 2..max_pp whole nodes (nodes ordered by GPU type) — larger
+    pipelines hold more KV cache per GPU, which batching turns into throughput. Past `deadline`
+    (time.monotonic) only the per-type cut is tried.
+    """
     cluster = ctx.cluster
     groups: list[list[GpuRef]] = []
     pooled: list[list[GpuRef]] = []
     for comm in node_communities(ctx, seed):
         by_type: dict[str, list[GpuRef]] = {}
+        by_node: dict[int, list[GpuRef]] = {}
         for ni in comm:
             for g in cluster.gpus:
                 if g.node_index == ni:
                     by_type.setdefault(g.spec.name, []).append(g)
-        leftovers: list[GpuRef] = []
-        for name in sorted(by_type):
-            run = by_type[name]
-            size, _ = best_cut(ctx, run, phases)
-            if size == 0:
-                leftovers.extend(run)
-            else:
-                groups.extend(_cut(run, size))
-        if leftovers:
-            pooled.append(leftovers)
+                    by_node.setdefault(ni, []).append(g)
+        typed, leftovers = _per_type_cut(ctx, by_type, phases)
+        best = (_total(ctx, typed, phases), typed, leftovers)
+        nodes = [by_node[n] for n in sorted(by_node, key=lambda n: (by_node[n][0].spec.name, n))]
+        for k in range(2, min(ctx.max_pp, len(nodes)) + 1):
+            if time.monotonic() >= deadline:
+                break
+            chunks = _node_chunks(nodes, k, ctx.max_pp)
+            total = _total(ctx, chunks, phases)
+            if total > best[0] * (1 + 1e-6):
+                best = (total, chunks, [])
+        groups.extend(best[1])
+        if best[2]:
+            pooled.append(best[2])
     rest: list[GpuRef] = []
     for pool in pooled:
         pool.sort(key=lambda g: cluster.index_of[g.id])

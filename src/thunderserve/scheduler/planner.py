@@ -38,8 +38,8 @@ def _infeasible(cluster: Cluster, model: ModelSpec) -> InfeasibleError:
         f"for KV cache")
 
 
-def _start_state(ctx: PlanningContext, config: SchedulerConfig) -> State:
-    keys = initial_groups(ctx, config.seed, config.phases)
+def _start_state(ctx: PlanningContext, config: SchedulerConfig, deadline: float = float("inf")) -> State:
+    keys = initial_groups(ctx, config.seed, config.phases, deadline)
     usable = [k for k in keys if any(ctx.layout(k, ph) is not None for ph in config.phases)]
     if not usable:
         whole = frozenset(g.id for g in ctx.cluster.gpus)
@@ -97,7 +97,7 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
     total_bytes = sum(g.spec.memory_gb * 1e9 * MEMORY_UTILIZATION for g in cluster.gpus)
     if model.weight_bytes >= total_bytes:
         raise _infeasible(cluster, model)
-    start = _start_state(ctx, config)
+    start = _start_state(ctx, config, t0 + config.time_limit_s * config.time_budget_fraction_initial)
     ev = Evaluator(ctx)
     result = tabu_search(ctx, start, config, deadline=deadline, progress=progress, evaluator=ev)
     plan = _final_plan(ctx, ev, result.state, rate_rps)
@@ -105,4 +105,4 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
         progress(1.0)
     return PlanResult(plan=plan, max_rate_at_slo=float(plan.estimate["max_rate_at_slo"]),
                       decision_time_s=time.monotonic() - t0, iterations=result.iterations,
-                      history=result.history)
+                      history=result.history, start_objective=ev.evaluate(start)[0].value_rps)
