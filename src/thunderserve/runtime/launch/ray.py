@@ -5,7 +5,8 @@ Placement convention: a Ray node that hosts plan node `<name>` advertises the cu
 asks for one unit of its node's resource per GPU it uses there. The actor runs the same `serve_worker` as a
 local process, on a thread with its own event loop; the router reaches it over TCP as usual. Workers bound
 to 0.0.0.0 advertise their node's IP. Actors are owned by the driver, so they die with it (no orphans).
-The model path must exist on every node.
+The model path must exist on every node. Without an address, a local Ray is started that advertises every
+plan node's resource (the whole plan on this machine).
 """
 
 from __future__ import annotations
@@ -80,13 +81,23 @@ class RayLauncher:
         self.use_gpus = use_gpus  # ask Ray for one GPU per pipeline stage of each group
         self._actors: dict[str, Any] = {}
         self._pids: dict[str, int] = {}
+        self._owns_ray = False  # started Ray itself (so shuts it down in stop)
         self.node_ids: dict[str, str] = {}  # group -> Ray node id it landed on
 
     def _ensure_ray(self) -> Any:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            self._owns_ray = True
+            if self.address is None:  # a local Ray started here stands for every plan node
+                nodes: dict[str, float] = {}
+                for g in self.plan.groups:
+                    for gpu in g.gpus:
+                        key = node_resource(gpu.split(":", 1)[0])
+                        nodes[key] = nodes.get(key, 0.0) + 1.0
+                ray.init(resources=nodes, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
         return ray
 
     def resources_for(self, group_id: str) -> dict[str, float]:
@@ -134,9 +145,12 @@ class RayLauncher:
         return dict(sorted(self._pids.items()))
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if not self._actors:
-            return
         import ray
+
+        if not self._actors:
+            if self._owns_ray and ray.is_initialized():
+                ray.shutdown()
+            return
 
         refs = [a.stop.remote() for a in self._actors.values()]
         try:
@@ -149,3 +163,5 @@ class RayLauncher:
             except Exception:  # noqa: BLE001
                 pass
         self._actors.clear()
+        if self._owns_ray:
+            ray.shutdown()
