@@ -69,3 +69,56 @@ def engine_greedy(engine: Any, prompt_ids: list[int], max_new_tokens: int) -> li
     while len(out) < max_new_tokens:
         out.append(int(engine.decode([DecodeInput(out[-1], kv)])[0].argmax()))
     return out
+
+
+def write_tiny_gguf(hf_dir: Path, out: Path, quantized: bool = False) -> Path:
+    """A llama.cpp-style GGUF of a tiny HF checkpoint (q/k rows permuted as llama.cpp does; F32 or Q8_0)."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    from thunderserve.runtime.engine.gguf_convert import permute_qk
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    for name, t in sorted(load_file(str(hf_dir / "model.safetensors")).items()):
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{per_layer[module]}.{kind}"
+        else:
+            gname = names[name]
+        if name.endswith("q_proj.weight"):
+            t = permute_qk(t, heads)
+        elif name.endswith("k_proj.weight"):
+            t = permute_qk(t, kv_heads)
+        arr = t.to(torch.float32).numpy()
+        if quantized and arr.ndim == 2:
+            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

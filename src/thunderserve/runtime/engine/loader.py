@@ -58,11 +58,12 @@ def tp_all_reduce(group: object | None = None) -> AllReduce:
 def load_engine(model: str | Path, *, device: str = "cpu", dtype: torch.dtype | str | None = None,
                 cache_dir: str | Path | None = None, first_layer: int = 0, end_layer: int | None = None,
                 tp_rank: int = 0, tp_size: int = 1, tp_group: object | None = None,
-                row_multiple: int = 4) -> LlamaEngine:
+                all_reduce: AllReduce | None = None, row_multiple: int = 4) -> LlamaEngine:
     """Load `model` (HF dir, .gguf, or "smollm2") for one pipeline stage [first_layer, end_layer) and TP shard.
 
     With tp_size > 1 the caller has initialised torch.distributed; `tp_group` (default: the world) holds the
-    tp_size ranks of this stage, in tp_rank order.
+    tp_size ranks of this stage, in tp_rank order. `all_reduce` replaces the torch.distributed sum (a seam:
+    tests run TP shards as threads with an in-process reduce).
     """
     path = resolve_model_dir(model, cache_dir)
     spec = LlamaSpec.from_hf_config(read_hf_config(path))
@@ -76,5 +77,5 @@ def load_engine(model: str | Path, *, device: str = "cpu", dtype: torch.dtype | 
     shape = plan.shape(spec)
     weights = load_stage_weights(SafetensorsDir(path), spec, plan, torch.device(device), config.resolved_dtype())
     text = TextCodec(path) if TextCodec.available(path) else None
-    reduce = tp_all_reduce(tp_group) if tp_size > 1 else None
+    reduce = all_reduce or (tp_all_reduce(tp_group) if tp_size > 1 else None)
     return LlamaEngine(spec, weights, shape, config, text=text, all_reduce=reduce)
