@@ -31,9 +31,10 @@ class Shapes:
         for g in cluster.gpus:
             first.setdefault(g.node_index, g)
         classes: dict[tuple[object, float], int] = {}
-        self.node_class = [classes.setdefault((first[n].spec, float(bw[n, n])), len(classes))
-                           for n in range(len(cluster.node_names))]
-        self.zone = [first[n].zone for n in range(len(cluster.node_names))]
+        nodes = range(len(cluster.node_names))  # a node may have no GPUs left (e.g. after failures)
+        self.node_class = [classes.setdefault((first[n].spec, float(bw[n, n])), len(classes)) if n in first
+                           else -1 - n for n in nodes]
+        self.zone = [first[n].zone if n in first else "" for n in nodes]
         self._node_of = {g.id: g.node_index for g in cluster.gpus}
 
     def nodes(self, gpu_ids: Iterable[str]) -> tuple[list[int], Counter[int]]:
