@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-from builders import TOY_GPU, make_cluster, make_model
 
+from builders import TOY_GPU, make_cluster, make_model
 from thunderserve.costmodel import group_perf
 from thunderserve.costmodel.calibration import (
     Calibration,
