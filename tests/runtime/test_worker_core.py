@@ -218,3 +218,18 @@ def test_import_refuses_a_cache_that_can_never_fit(reserve: int) -> None:
     else:
         core.import_kv("r", meta, payload)
         assert core.state(0).waiting_decode == 1
+
+
+def test_a_failing_prompt_fails_alone_and_bad_token_ids_are_rejected() -> None:
+    engine = FakeEngine(poison_token=ord("!"))
+    core = make_core(engine=engine)
+    for i, prompt in enumerate(["ok one", "bad!", "ok two"]):
+        core.submit(request(prompt, max_tokens=3, request_id=f"r{i}"))
+    core.submit(request(None, prompt_ids=(104, 9999), request_id="ids"))
+    events = run_until_idle(core)
+    ids_ev = next(e for e in events if e["request_id"] == "ids")
+    assert ids_ev["kind"] == "rejected" and "9999" in ids_ev["message"] and ids_ev["param"] == "prompt"
+    assert engine.prefill_calls[0] == 3  # batched first, then retried one by one
+    assert next(e for e in events if e["request_id"] == "r1" and e["kind"] == "error")
+    assert tokens(events, "r0") == engine.greedy(list(b"ok one"), 3)
+    assert tokens(events, "r2") == engine.greedy(list(b"ok two"), 3)

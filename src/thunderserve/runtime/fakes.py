@@ -39,12 +39,13 @@ class FakeEngine:
     """Deterministic EngineProtocol implementation (CPU, tiny tensors, optional per-call delay)."""
 
     def __init__(self, *, max_context_tokens: int = 512, num_layers: int = 2, step_delay_s: float = 0.0,
-                 eos_every: int = 0, logit_spread: float = 1.0) -> None:
+                 eos_every: int = 0, logit_spread: float = 1.0, poison_token: int = -1) -> None:
         self._max_context_tokens = max_context_tokens
         self.num_layers = num_layers
         self.step_delay_s = step_delay_s
         self.eos_every = eos_every
         self.logit_spread = logit_spread
+        self.poison_token = poison_token  # a prompt containing it makes prefill raise (failure isolation tests)
         self._weights_token = int.from_bytes(os.urandom(7), "big")
         self.prefill_calls: list[int] = []  # batch size of each prefill call
         self.decode_calls: list[int] = []  # batch size of each decode call
@@ -57,6 +58,10 @@ class FakeEngine:
     @property
     def max_context_tokens(self) -> int:
         return self._max_context_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        return FAKE_VOCAB
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -96,6 +101,8 @@ class FakeEngine:
         for prompt in prompts:
             if not prompt:
                 raise ValueError("empty prompt")
+            if self.poison_token in prompt:
+                raise ValueError(f"poison token {self.poison_token} in the prompt")
             out.append(PrefillResult(logits=self._logits(prompt), kv=self._kv_of(prompt)))
         return out
 

@@ -37,7 +37,13 @@ from typing import Any
 from thunderserve.plan.model import Phase
 from thunderserve.policy.batching import admit_decodes, select_prefill_batch
 from thunderserve.policy.routing import WeightedChooser
-from thunderserve.runtime.engine.base import DecodeInput, EngineProtocol, KVCache, SamplingParams
+from thunderserve.runtime.engine.base import (
+    DecodeInput,
+    EngineProtocol,
+    KVCache,
+    PrefillResult,
+    SamplingParams,
+)
 from thunderserve.runtime.workers.codec import KvCodec
 from thunderserve.runtime.workers.protocol import GenerateRequest, WorkerConfig, WorkerState
 from thunderserve.runtime.workers.sampling import TextStream, sample_token
@@ -161,6 +167,11 @@ class WorkerCore:
             elif req.prompt_ids is not None:
                 ids = [int(t) for t in req.prompt_ids]
                 param = "prompt"
+                vocab = getattr(self.engine, "vocab_size", None)
+                bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+                if bad:
+                    self._reject(rid, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+                    return
             else:
                 ids = list(self.engine.encode(req.prompt or ""))
                 param = "prompt"
@@ -277,14 +288,9 @@ class WorkerCore:
         if n == 0:
             return
         batch = [self._prefill_queue.popleft() for _ in range(n)]
-        try:
-            outs = self.engine.prefill([p.prompt_ids for p in batch])
-        except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep the worker serving
-            for p in batch:
-                self._fail(p.request_id, f"prefill failed on worker {self.config.group_id}: {exc}")
-            return
-        result.prefilled = n
-        for p, out in zip(batch, outs, strict=True):
+        done = self._prefill_isolated(batch)
+        result.prefilled = len(done)
+        for p, out in done:
             self.prefill_tokens_total += len(p.prompt_ids)
             seq = _Seq(p.request_id, out.kv, len(p.prompt_ids), p.max_tokens, p.sampling, p.seed,
                        TextStream(self.engine.decode_text, p.sampling.stop, self._eos), ignore_eos=p.ignore_eos)
@@ -303,6 +309,16 @@ class WorkerCore:
             self._kv_used += seq.prompt_tokens
             self._emit({"kind": "handoff", "request_id": seq.request_id, "to": dest, "state": "start"})
             result.handoffs.append(KvHandoff(seq.request_id, dest, seq.meta(self.config.group_id), payload))
+
+    def _prefill_isolated(self, batch: list[_Pending]) -> list[tuple[_Pending, PrefillResult]]:
+        """Prefill a batch; if it fails, retry one by one so one bad request fails alone (the worker goes on)."""
+        try:
+            return list(zip(batch, self.engine.prefill([p.prompt_ids for p in batch]), strict=True))
+        except Exception as exc:  # noqa: BLE001
+            if len(batch) == 1:
+                self._fail(batch[0].request_id, f"prefill failed on worker {self.config.group_id}: {exc}")
+                return []
+        return [pair for p in batch for pair in self._prefill_isolated([p])]
 
     def _choose_dest(self) -> str | None:
         try:
