@@ -169,10 +169,13 @@ def bench_kv(
 ) -> None:
     """KV compression on a real model: bytes, error and codec time per compression level."""
     try:
-        from thunderserve.cli_bench_kv import bench_kv as run_bench_kv  # type: ignore[import-not-found]
+        from thunderserve.cli_bench_kv import bench_kv as run_bench_kv
     except ImportError as exc:
         raise ThunderServeError(f"bench-kv needs thunderserve.cli_bench_kv: {exc}") from None
-    result = run_bench_kv(model=model, num_tokens=num_tokens)
+    try:
+        result = run_bench_kv(model=model, num_tokens=num_tokens)
+    except ValueError as exc:
+        raise ThunderServeError(f"bench-kv: {exc}") from None
     if as_json:
         print_json(result)
         return
