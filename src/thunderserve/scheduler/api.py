@@ -7,7 +7,7 @@ from typing import Any
 
 from thunderserve.costmodel.comm import Compression
 from thunderserve.errors import PlanError
-from thunderserve.plan.model import Group, Phase, Plan, Routing
+from thunderserve.plan.model import Group, KvTransfer, Phase, Plan, Routing
 from thunderserve.plan.validate import validate_plan, validate_routing, validate_structure
 from thunderserve.scheduler.config import ALL_PHASES
 from thunderserve.scheduler.context import PlanningContext
@@ -50,7 +50,7 @@ def orchestrate(groups: Sequence[Group], cluster: Cluster, model: ModelSpec, wor
         raise PlanError("groups: no groups to orchestrate")
     ctx = _ctx(compression, cluster, model, workload, slo)
     chosen, lp = orchestrate_groups(ctx, groups, fix_phases=fix_phases, phases=phases)
-    plan = Plan(model=model.name, cluster=cluster.name, kv_transfer={"compression": ctx.compression},
+    plan = Plan(model=model.name, cluster=cluster.name, kv_transfer=KvTransfer(compression=ctx.compression),
                 groups=tuple(chosen), routing=lp.routing())
     validate_plan(plan, cluster, model)
     est = plan_estimate(ctx, plan, rate_rps, extra={"lp_rate_rps": lp.value_rps})

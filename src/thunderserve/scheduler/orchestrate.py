@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from thunderserve.errors import PlanError
 from thunderserve.plan.model import Group, Phase
 from thunderserve.scheduler.config import ALL_PHASES
 from thunderserve.scheduler.context import PlanningContext
@@ -26,7 +27,7 @@ def _value(ctx: PlanningContext, groups: Sequence[Group]) -> float:
         return 0.0
     try:
         return route(ctx, groups).value_rps
-    except Exception:  # noqa: BLE001 - an unroutable assignment simply scores 0
+    except PlanError:  # an unroutable assignment (no reachable decode group) simply scores 0
         return 0.0
 
 

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 
 from thunderserve.costmodel.perf import MEMORY_UTILIZATION
-from thunderserve.errors import InfeasibleError
-from thunderserve.plan.model import Group, Phase, Plan
+from thunderserve.errors import InfeasibleError, PlanError
+from thunderserve.plan.model import Group, KvTransfer, Phase, Plan
 from thunderserve.plan.validate import validate_plan
 from thunderserve.scheduler.config import PlanResult, SchedulerConfig
 from thunderserve.scheduler.context import PlanningContext
@@ -26,6 +26,7 @@ from thunderserve.spec.model import ModelSpec
 from thunderserve.spec.slo import SloSpec
 from thunderserve.spec.workload import WorkloadSpec
 
+FINALISE_RESERVE_S = 1.0  # time kept for the final plan's routing and estimate
 PHASE_PREFIX = {Phase.PREFILL: "p", Phase.DECODE: "d", Phase.COLOCATED: "c"}
 
 
@@ -75,8 +76,12 @@ def _final_plan(ctx: PlanningContext, ev: Evaluator, state: State, rate_rps: flo
     for g in groups:
         named.append(g.model_copy(update={"id": f"{PHASE_PREFIX[g.phase]}{counters[g.phase]}"}))
         counters[g.phase] += 1
-    final_lp = route(ctx, named)
-    plan = Plan(model=ctx.model.name, cluster=ctx.cluster.name, kv_transfer={"compression": ctx.compression},
+    try:
+        final_lp = route(ctx, named)
+    except PlanError as exc:
+        raise InfeasibleError(f"no deployment can serve requests on cluster {ctx.cluster.name} with phases "
+                              f"{', '.join(p.value for p in sorted({g.phase for g in named}))}: {exc}") from None
+    plan = Plan(model=ctx.model.name, cluster=ctx.cluster.name, kv_transfer=KvTransfer(compression=ctx.compression),
                 groups=tuple(named), routing=final_lp.routing())
     validate_plan(plan, ctx.cluster, ctx.model)
     est = plan_estimate(ctx, plan, rate_rps, extra={"lp_rate_rps": final_lp.value_rps})
@@ -92,7 +97,8 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
     rate). Raises InfeasibleError when the model cannot fit on the whole cluster.
     """
     t0 = time.monotonic()
-    deadline = t0 + config.time_limit_s
+    # the search stops early enough for the final routing and estimate to fit in the time limit
+    deadline = t0 + config.time_limit_s - min(FINALISE_RESERVE_S, 0.1 * config.time_limit_s)
     ctx = PlanningContext(cluster, model, workload, slo, config.kv_compression, config.max_pp)
     total_bytes = sum(g.spec.memory_gb * 1e9 * MEMORY_UTILIZATION for g in cluster.gpus)
     if model.weight_bytes >= total_bytes:

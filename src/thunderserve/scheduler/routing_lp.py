@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linprog
@@ -61,10 +62,13 @@ class LpResult:
 
 def _linprog_max(c_max: np.ndarray, a_csc: csc_matrix, b_ub: np.ndarray, upper: np.ndarray) -> np.ndarray:
     """argmax c·x s.t. A x <= b, 0 <= x <= upper, by HiGHS (highspy's core; scipy's linprog as fallback)."""
+    hc: Any = None
     try:
-        from highspy import _core as hc  # the bindings without the console banner of highspy.Highs
+        from highspy import _core  # the bindings without the console banner of highspy.Highs
+
+        hc = _core
     except ImportError:  # pragma: no cover - older highspy layouts
-        hc = None
+        pass
     if hc is not None and hasattr(hc, "_Highs") and hasattr(hc, "HighsLp"):
         h = hc._Highs()
         h.setOptionValue("output_flag", False)

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from thunderserve.plan.model import Stage
-from thunderserve.spec.cluster import Cluster
+from thunderserve.spec.cluster import Cluster, GpuRef
 
 GroupShape = tuple[tuple[tuple[int, int], ...], tuple[float, ...], tuple[bool, ...]]
 StageDesc = tuple[tuple[tuple[int, int], ...], int]  # ((node position, GPUs), ...), layers
@@ -27,7 +27,7 @@ class Shapes:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         bw = cluster.node_bandwidth_bytes_s
-        first = {}
+        first: dict[int, GpuRef] = {}
         for g in cluster.gpus:
             first.setdefault(g.node_index, g)
         classes: dict[tuple[object, float], int] = {}

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from thunderserve.errors import PlanError
 from thunderserve.plan.model import Group, Phase
 from thunderserve.scheduler.config import SchedulerConfig
 from thunderserve.scheduler.context import PlanningContext
@@ -96,8 +97,11 @@ class Evaluator:
         has_decode = any(g.phase is Phase.DECODE for g in groups)
         usable = [g for g in groups if g.phase is not Phase.PREFILL or has_decode]
         if any(g.takes_requests for g in usable):
-            lp = route(self.ctx, usable)
-            if lp.slo_feasible:
+            try:
+                lp = route(self.ctx, usable)
+            except PlanError:  # nothing can be routed (e.g. no decode group reachable): serves nothing
+                lp = None
+            if lp is not None and lp.slo_feasible:
                 value = lp.value_rps
                 busy = set(lp.entry_rps) | {d for dests in lp.kv_rps.values() for d in dests}
                 price = self.ctx.cluster.by_id
@@ -229,6 +233,7 @@ def tabu_search(ctx: PlanningContext, start: State, config: SchedulerConfig, *, 
     it = 0
     t0 = time.monotonic()
     total = max(deadline - t0, 1e-9)
+    done = 0.0
     while it < config.max_iterations and since < config.patience and time.monotonic() < deadline:
         it += 1
         chosen: tuple[Score, Move] | None = None
@@ -261,7 +266,8 @@ def tabu_search(ctx: PlanningContext, start: State, config: SchedulerConfig, *, 
         else:
             since += 1
         history.append(best_score.value_rps)
-        if progress is not None:
-            progress(min(1.0, max(it / config.max_iterations, since / max(config.patience, 1),
-                                  (time.monotonic() - t0) / total)))
+        if progress is not None:  # monotone: the furthest any stopping rule has got
+            done = max(done, min(1.0, max(it / config.max_iterations, since / max(config.patience, 1),
+                                          (time.monotonic() - t0) / total)))
+            progress(done)
     return SearchResult(best, best_score, it, tuple(history), ev.evaluations)
