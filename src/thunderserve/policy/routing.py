@@ -1,7 +1,8 @@
 """Routing choice: which group gets the next request / KV cache, following the plan's shares.
 
 Smooth weighted round-robin (the algorithm nginx uses): deterministic, spreads picks evenly in time, and
-over any window of n picks each target's count is within 1 of n x share. The simulator and the runtime
+after n picks each target's count stays close to n x share (within 1 in practice;
+the tests check a bound of 2, which holds for any shares). The simulator and the runtime
 both use it, so the sequence of choices is the same in virtual and real time.
 """
 
