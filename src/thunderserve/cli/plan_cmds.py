@@ -121,6 +121,9 @@ def print_plan_summary(plan: Plan, cluster: Cluster, to_stderr: bool = False,
     con.print(plan_table(plan, cluster))
     for line in estimate_lines(plan.estimate):
         con.print(line, soft_wrap=True, highlight=False)
+    if not plan.estimate.get("max_rate_at_slo"):
+        con.print("warning: no request rate meets the SLO on this cluster; loosen --slo (or --ttft-ms/--tpot-ms)",
+                  soft_wrap=True, highlight=False)
     if result is not None:
         con.print(f"search: {result.iterations} tabu iterations in {result.decision_time_s:.1f} s", highlight=False)
 

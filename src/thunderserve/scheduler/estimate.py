@@ -57,6 +57,7 @@ from thunderserve.scheduler.context import PlanningContext
 from thunderserve.scheduler.queueing import max_rate
 
 Q_TTFT = 0.9  # quantile reported as ttft_p90_s
+VANISHING_RATE_RPS = 1e-6  # "no load", for describing a plan whose max rate at the SLO is 0
 
 
 def _require_routing(plan: Plan) -> None:
@@ -192,16 +193,17 @@ def plan_estimate(ctx: PlanningContext, plan: Plan, rate_rps: float | None = Non
     """The `plan.estimate` dict (JSON-safe): max rate, attainment and latencies at `rate_rps` (default: the
     max rate), cost. Latencies are None when the plan cannot serve that rate at all."""
     mr = max_rate_at_slo(ctx, plan) if max_rate_rps is None else max_rate_rps
-    at = rate_rps if rate_rps is not None else mr
+    # at the max rate by default; a plan that meets the SLO at no rate is described at a vanishing load
+    at = rate_rps if rate_rps is not None else max(mr, VANISHING_RATE_RPS)
     cost = plan_cost_per_hour(ctx, plan)
     est: dict[str, Any] = {
         "max_rate_at_slo": float(mr),
         "rate_rps": float(at),
-        "slo_attainment": float(attainment(ctx, plan, at)) if at > 0 else 1.0,
+        "slo_attainment": float(attainment(ctx, plan, at)),
         "cost_per_hour": cost,
         "rate_per_dollar": float(mr / cost) if cost > 0 else 0.0,
-        "ttft_p90_s": _num(ttft_quantile_s(ctx, plan, at)) if at > 0 else None,
-        "tpot_mean_s": _num(tpot_mean_s(ctx, plan, at)) if at > 0 else None,
+        "ttft_p90_s": _num(ttft_quantile_s(ctx, plan, at)),
+        "tpot_mean_s": _num(tpot_mean_s(ctx, plan, at)),
         "ttft_target_s": ctx.slo.ttft_s,
         "tpot_target_s": ctx.slo.tpot_s,
         "attainment_target": ctx.slo.attainment_target,

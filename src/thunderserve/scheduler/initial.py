@@ -85,13 +85,21 @@ def _unit_sizes(gpus: Sequence[GpuRef]) -> list[int]:
 
 
 def best_cut(ctx: PlanningContext, gpus: Sequence[GpuRef], phases: Sequence[Phase]) -> tuple[int, float]:
-    """(unit size, score per GPU) of the best equal cut of a homogeneous run of GPUs; (0, 0) if none fits."""
+    """(unit size, score per GPU) of the best equal cut of a run of GPUs; (0, 0) if no unit holds the model.
+
+    When no unit can meet the SLO at all (every score 0), the smallest unit that holds the model is used.
+    """
     best = (0, 0.0)
+    smallest_feasible = 0
     for size in _unit_sizes(gpus):
         key = frozenset(g.id for g in gpus[:size])
+        if not smallest_feasible and any(ctx.layout(key, ph) is not None for ph in phases):
+            smallest_feasible = size
         s = group_score(ctx, key, phases) / size
         if s > best[1] * (1 + 1e-9):
             best = (size, s)
+    if best[0] == 0 and smallest_feasible:
+        return smallest_feasible, 0.0
     return best
 
 

@@ -21,7 +21,7 @@ from thunderserve.scheduler import (
     solve_routing,
 )
 from thunderserve.sim import LoadConfig, SimConfig, max_rate_at_slo
-from thunderserve.spec import load_model
+from thunderserve.spec import SloSpec, load_model
 
 LLAMA7 = load_model("llama-2-7b")
 L = LLAMA7.num_layers
@@ -104,6 +104,17 @@ def test_model_that_cannot_fit_is_infeasible_with_a_clear_message() -> None:
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith("model llama-2-7b (13.5 GB of weights) cannot fit on cluster test (2 GPUs")
+
+
+def test_an_unmeetable_slo_still_gives_a_valid_plan_with_rate_zero() -> None:
+    c = cluster((("a", "FAST", 2), ("b", "SLOW", 2)), default_gbps=25)
+    impossible = SloSpec(ttft_ms=1.0, tpot_ms=0.5, attainment_target=0.9)
+    result = plan_deployment(c, LLAMA7, WL, impossible, SchedulerConfig(time_limit_s=10, max_iterations=30))
+    validate_plan(result.plan, c, LLAMA7)
+    est = result.plan.estimate
+    assert est["max_rate_at_slo"] == 0.0 and result.max_rate_at_slo == 0.0
+    assert est["slo_attainment"] < 0.9
+    json.dumps(est, allow_nan=False)
 
 
 def test_estimate_at_an_overloaded_rate_has_null_latencies() -> None:
