@@ -288,14 +288,17 @@ class _PrefillSim:
         now = sim.loop.now_s
         touched: dict[int, _DecodeSim] = {}
         freed = 0
-        assert self.chooser is not None
         for r in rids:
             sim.first_token(r, now)
             if req.output[r] == 1:
                 freed += req.prompt[r]
                 sim.finish(r, now)
                 continue
-            dst = self.dest[self.chooser.choose()]
+            dst = sim.route_kv(self, r)
+            if dst is None:  # no decode group can take it (only in a changing deployment): start over
+                freed += req.prompt[r]
+                sim.requeue(r)
+                continue
             req.decode[r] = dst.idx
             req.src[r] = self
             dst.pending.append(r)
@@ -473,6 +476,16 @@ class _Replay:
                 src.dest[dst_id] = dst
                 dst.links[src.idx] = _Link(self, src, dst, rate)
         self.entry_chooser = WeightedChooser(routing.entry)
+
+    # -- hooks a changing deployment overrides (see sim.dynamic) -------------------------------------------
+    def route_kv(self, src: _PrefillSim, r: int) -> _DecodeSim | None:
+        """The decode group that takes request r's KV cache from prefill group `src` (None: none can)."""
+        assert src.chooser is not None
+        return src.dest[src.chooser.choose()]
+
+    def requeue(self, r: int) -> None:
+        """Send request r back to the entry router (its KV is gone); a fixed plan never needs it."""
+        raise RuntimeError(f"request {r} has no decode group in a fixed plan")
 
     # -- per-request records -------------------------------------------------------------------------
     def first_token(self, r: int, now: float) -> None:
