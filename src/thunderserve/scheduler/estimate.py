@@ -13,9 +13,9 @@ server occupancy S_i is its FLOP share of the bottleneck time of a loaded batch 
 mean prompts within the budget); Pollaczek-Khinchine: ρ = λE[S], E[W] = λE[S²]/(2(1-ρ)), and
 P(W > t) ≈ ρ·exp(-t·ρ/E[W]) (exact for M/M/1). TTFT_i = W + L_i with L_i its pipeline latency, alone when
 idle and inside the loaded batch as ρ -> 1 (linear in ρ). The prompt's KV stays in the prefill group until
-its transfer ends (pull model): tokens held ~ compound Poisson, mean λ·E[p·(L + sojourn)] and variance
-λ·E[p²·(L + sojourn)]; the group is not blocked with probability Φ((KV tokens - mean)/sd), which multiplies
-the TTFT probability. Prompts larger than the group's KV memory never run (P = 0).
+its transfer ends (pull model), i.e. through the decode group's admission wait and the link sojourn: tokens
+held ~ compound Poisson, mean λ·E[p·hold] and variance λ·E[p²·hold]; the group is not blocked with
+probability Φ((KV tokens - mean)/sd), which multiplies the TTFT probability. Prompts larger than the group's KV memory never run (P = 0).
 
 KV link p→d (λ_pd = λ_p·share): the (compressed) KV of prompt p_i needs K_i = 30 µs + p_i·(seconds per token
 from costmodel.kv_seconds_per_token) at full speed; the link is processor sharing, so the transfer takes
@@ -38,6 +38,13 @@ an M/G/1 server with S_i = p_i·τ_full/(B - N); the fraction of time spent in p
 decodes see TPOT(N) = 1/(u/τ_full + (1-u)/τ_dec) and N solves N = λ_c·E[o-1]·TPOT(N). TTFT_i = W + S_i;
 TPOT as for decode groups with TPOT(N) in place of τ(N) (requests being prefilled also hold reservations).
 
+Arrival variability: routing is smooth weighted round-robin (`policy.routing`), so a group with share s of a
+Poisson stream sees gaps of ~1/s inter-arrival times, c_a² ≈ s; a prefill group's departures have
+c_d² ≈ ρ²c_s² + (1-ρ²)c_a² (Whitt) and a decode group's arrivals are the rate-weighted shares of those. Queue
+waits use Kingman's factor (c_a² + c_s²)/(1 + c_s²) on the Pollaczek-Khinchine wait, admission waits
+(c_a² + 1)/2 (Allen-Cunneen), the running-batch spread scales by c_a², and chunked-prefill busy periods
+shrink like the waits. Capacities for the routing LP assume Poisson arrivals (c_a² = 1, conservative).
+
 Attainment at λ = Σ over entry groups and KV links of (share × mean over sampled requests of
 P(TTFT ok)·P(TPOT ok)), TTFT and TPOT treated as independent. The max rate at the SLO is found by
 bisection on λ (attainment falls with λ). One evaluation is a few numpy passes over 512 samples per group.
@@ -54,7 +61,7 @@ import numpy as np
 from thunderserve.errors import PlanError
 from thunderserve.plan.model import Phase, Plan
 from thunderserve.scheduler.context import PlanningContext
-from thunderserve.scheduler.queueing import max_rate
+from thunderserve.scheduler.queueing import departure_scv, max_rate, split_scv
 
 Q_TTFT = 0.9  # quantile reported as ttft_p90_s
 VANISHING_RATE_RPS = 1e-6  # "no load", for describing a plan whose max rate at the SLO is 0
@@ -73,23 +80,37 @@ def _ok_fn(ctx: PlanningContext, plan: Plan, rate_rps: float, ttft_s: float, wit
     groups = {g.id: g for g in plan.groups}
     entry = plan.routing.entry
     kv = plan.routing.kv
-    # per KV link: rate and per-sample sojourn; per decode group: total rate and sequences in transfer
+    # per KV link: rate and per-sample sojourn; per decode group: total rate, mean link sojourn and the c² of
+    # its arrivals (round-robin shares of prefill departures); entry streams are shares of a Poisson stream
     links: dict[tuple[str, str], tuple[float, np.ndarray]] = {}
     decode_rate: dict[str, float] = {}
     in_transfer: dict[str, float] = {}
+    decode_scv: dict[str, float] = {}
     sample = ctx.sample
+    has = sample.decode_steps > 0
     for p, share in sorted(entry.items()):
         if groups[p].phase is not Phase.PREFILL:
             continue
+        pm = ctx.prefill_model(groups[p].stages)
+        lam_p = rate_rps * share
+        out_scv = departure_scv(lam_p * pm.mean_service_s, pm.service_scv, split_scv(share))
         for d, s in sorted(kv.get(p, {}).items()):
-            lam = rate_rps * share * s
+            lam = lam_p * s
             edge = ctx.edge(ctx.seconds_per_token(groups[p].stages, groups[d].gpus))
             soj = edge.sojourn_s(lam)
             links[(p, d)] = (lam, soj)
             decode_rate[d] = decode_rate.get(d, 0.0) + lam
-            has = sample.decode_steps > 0
             moved = float(soj[has].mean()) if has.any() else 0.0
             in_transfer[d] = in_transfer.get(d, 0.0) + lam * moved  # rate-weighted, normalised below
+            decode_scv[d] = decode_scv.get(d, 0.0) + lam * split_scv(s, out_scv)
+    # a prefill group holds a prompt's KV until its transfer ends, which starts once the decode group
+    # admits the request: the admission wait lengthens the hold
+    admit_wait: dict[str, float] = {}
+    for d, lam_d in sorted(decode_rate.items()):
+        dm = ctx.decode_model(groups[d].stages)
+        p_wait, wait_mean = dm.admission(lam_d, in_transfer[d] / lam_d if lam_d > 0 else 0.0,
+                                         decode_scv[d] / lam_d if lam_d > 0 else 1.0)
+        admit_wait[d] = p_wait * wait_mean if p_wait > 0 else 0.0
     parts: list[tuple[float, np.ndarray]] = []
     for gid, share in sorted(entry.items()):
         if share <= 0:
@@ -99,17 +120,19 @@ def _ok_fn(ctx: PlanningContext, plan: Plan, rate_rps: float, ttft_s: float, wit
         if g.phase is Phase.COLOCATED:
             cm = ctx.colocated_model(g.stages)
             tpot_target = ctx.slo.tpot_s if with_tpot else math.inf
-            parts.append((share, cm.ok(lam, ttft_s, tpot_target)))
+            parts.append((share, cm.ok(lam, ttft_s, tpot_target, split_scv(share))))
             continue
         pm = ctx.prefill_model(g.stages)
         dests = sorted((d, s) for d, s in kv.get(gid, {}).items() if s > 0)
-        hold = pm.kv_hold_ok(lam, [(s, links[(gid, d)][1]) for d, s in dests])
-        ttft = pm.ttft_ok(lam, ttft_s) * hold
+        hold = pm.kv_hold_ok(lam, [(s, links[(gid, d)][1] + admit_wait[d]) for d, s in dests])
+        ttft = pm.ttft_ok(lam, ttft_s, split_scv(share)) * hold
         for d, s in dests:
             if with_tpot:
                 dm = ctx.decode_model(groups[d].stages)
-                mean_delay = in_transfer[d] / decode_rate[d] if decode_rate[d] > 0 else 0.0
-                ok = ttft * dm.ok(decode_rate[d], links[(gid, d)][1], mean_delay)
+                lam_d = decode_rate[d]
+                mean_delay = in_transfer[d] / lam_d if lam_d > 0 else 0.0
+                scv = decode_scv[d] / lam_d if lam_d > 0 else 1.0
+                ok = ttft * dm.ok(lam_d, links[(gid, d)][1], mean_delay, scv)
             else:
                 ok = ttft
             parts.append((share * s, ok))

@@ -32,24 +32,45 @@ _EPS = 1e-12
 # ---------------------------------------------------------------- queue formulas
 
 
-def mg1(rate_rps: float, mean_s: float, second_moment_s2: float) -> tuple[float, float]:
-    """(utilisation ρ, mean wait of a request that waits at all) of an M/G/1 FIFO queue.
+def mg1(rate_rps: float, mean_s: float, second_moment_s2: float, arrival_scv: float = 1.0) -> tuple[float, float]:
+    """(utilisation ρ, mean wait of a request that waits at all) of a G/G/1 FIFO queue.
 
-    Pollaczek-Khinchine: E[W] = λE[S²] / (2(1-ρ)); P(W > 0) = ρ, so the wait of a waiting request has mean
-    E[W]/ρ = E[S²] / (2E[S](1-ρ)). Returns (ρ, inf) when ρ >= 1 (unstable).
+    Pollaczek-Khinchine for Poisson arrivals: E[W] = λE[S²] / (2(1-ρ)); with arrivals of squared coefficient
+    of variation c_a² (smoother than Poisson when < 1: a round-robin share of a Poisson stream), Kingman's
+    correction E[W] x (c_a² + c_s²)/(1 + c_s²). P(W > 0) is taken as ρ, so a waiting request waits E[W]/ρ on
+    average. Returns (ρ, inf) when ρ >= 1 (unstable).
     """
     rho = rate_rps * mean_s
     if rho >= 1.0:
         return rho, float("inf")
     if mean_s <= 0:
         return 0.0, 0.0
-    return rho, second_moment_s2 / (2.0 * mean_s * (1.0 - rho))
+    busy = second_moment_s2 / (2.0 * mean_s * (1.0 - rho))
+    if arrival_scv != 1.0:
+        cs2 = max(second_moment_s2 / (mean_s * mean_s) - 1.0, 0.0)
+        busy *= (arrival_scv + cs2) / (1.0 + cs2)
+    return rho, busy
 
 
-def admission_wait(rate_rps: float, mean_hold_s: float, slots: float) -> tuple[float, float]:
+def split_scv(share: float, scv: float = 1.0) -> float:
+    """c² of the stream a target gets from smooth weighted round-robin (`policy.routing.WeightedChooser`)
+    over a stream of squared coefficient of variation `scv`: every ~1/share-th item, so gaps add up ~1/share
+    inter-arrival times and c² shrinks by the share."""
+    return max(min(share, 1.0), 0.0) * scv
+
+
+def departure_scv(rho: float, service_scv: float, arrival_scv: float) -> float:
+    """Whitt's approximation of the departures' c² of a single-server queue: ρ²c_s² + (1 - ρ²)c_a²."""
+    r = min(max(rho, 0.0), 1.0)
+    return r * r * service_scv + (1.0 - r * r) * arrival_scv
+
+
+def admission_wait(rate_rps: float, mean_hold_s: float, slots: float, arrival_scv: float = 1.0
+                   ) -> tuple[float, float]:
     """(P(wait), mean wait of a waiting request) to get one of `slots` reservations (KV memory / batch
-    slots), each held `mean_hold_s` on average: M/M/c with c = floor(slots), Erlang C; (1, inf) if
-    overloaded. Models head-of-line blocking when a group's KV memory fits only a few requests."""
+    slots), each held `mean_hold_s` on average: M/M/c with c = floor(slots), Erlang C, the wait scaled by
+    (c_a² + 1)/2 for non-Poisson arrivals (Allen-Cunneen); (1, inf) if overloaded. Models head-of-line
+    blocking when a group's KV memory fits only a few requests."""
     c = int(max(math.floor(slots), 0))
     a = rate_rps * mean_hold_s
     if a <= 0:
@@ -60,7 +81,7 @@ def admission_wait(rate_rps: float, mean_hold_s: float, slots: float) -> tuple[f
     for k in range(1, c + 1):
         b = a * b / (k + a * b)
     p_wait = c * b / (c - a * (1.0 - b))
-    return float(min(max(p_wait, 0.0), 1.0)), mean_hold_s / (c - a)
+    return float(min(max(p_wait, 0.0), 1.0)), mean_hold_s / (c - a) * (arrival_scv + 1.0) / 2.0
 
 
 def wait_exceeds(t_s: np.ndarray, rho: float, busy_mean_s: float) -> np.ndarray:
@@ -197,9 +218,13 @@ class PrefillModel:
         rho = min(rate_rps * self.mean_service_s, 1.0)
         return self.latency_alone_s + rho * (self.latency_batch_s - self.latency_alone_s)
 
-    def ttft_ok(self, rate_rps: float, ttft_s: float) -> np.ndarray:
+    @property
+    def service_scv(self) -> float:
+        return max(self.second_moment_s2 / max(self.mean_service_s, _EPS) ** 2 - 1.0, 0.0)
+
+    def ttft_ok(self, rate_rps: float, ttft_s: float, arrival_scv: float = 1.0) -> np.ndarray:
         """P(TTFT <= target) per sampled request: TTFT = queue wait + prefill latency."""
-        rho, m = mg1(rate_rps, self.mean_service_s, self.second_moment_s2)
+        rho, m = mg1(rate_rps, self.mean_service_s, self.second_moment_s2, arrival_scv)
         return self.fits * (1.0 - wait_exceeds(ttft_s - self.latency_s(rate_rps), rho, m))
 
     def kv_hold_ok(self, rate_rps: float, holds: list[tuple[float, np.ndarray]]) -> float:
@@ -301,7 +326,17 @@ class DecodeModel:
         nbar = self.mean_batch(rate_rps)
         return interp(self.step_s, max(nbar, 1.0)) if np.isfinite(nbar) else float("inf")
 
-    def ok(self, rate_rps: float, delay_s: np.ndarray | float = 0.0, mean_delay_s: float = 0.0) -> np.ndarray:
+    def admission(self, rate_rps: float, mean_delay_s: float = 0.0, arrival_scv: float = 1.0
+                  ) -> tuple[float, float]:
+        """(P(wait), mean wait when waiting) for a KV reservation and a batch slot (Erlang C over N_cap
+        slots, each held for the link sojourn plus the decode steps)."""
+        hold = _admission_hold_s(self, rate_rps, mean_delay_s)
+        if not np.isfinite(hold):
+            return 1.0, float("inf")
+        return admission_wait(rate_rps * float(self.has_decode.mean()), hold, self.n_cap, arrival_scv)
+
+    def ok(self, rate_rps: float, delay_s: np.ndarray | float = 0.0, mean_delay_s: float = 0.0,
+           arrival_scv: float = 1.0) -> np.ndarray:
         """P(mean TPOT <= target) per sampled request arriving over one KV link.
 
         TPOT_i = τ(N) + (admission wait + delay_i + τ/2)/m_i: admission (a KV reservation and a batch slot,
@@ -320,13 +355,18 @@ class DecodeModel:
         n_grid = np.arange(self.step_s.size, dtype=float)
         n_t = np.interp(budget, self.step_s[1:], n_grid[1:], left=-np.inf, right=float(self.max_batch))
         n_t = np.where(budget >= self.step_s[1], np.maximum(n_t, 1.0), -np.inf)
-        hold = mean_delay_s + self.mean_steps * tau / max(float(self.has_decode.mean()), _EPS)
-        p_wait, wait_mean = admission_wait(rate_rps * float(self.has_decode.mean()), hold, self.n_cap)
+        p_wait, wait_mean = self.admission(rate_rps, mean_delay_s, arrival_scv)
         with np.errstate(invalid="ignore"):
             slack = m * (self.tpot_target_s - tau) - delay - 0.5 * tau
         admitted = 1.0 - wait_exceeds(slack, p_wait, wait_mean)
-        return self.fits * np.where(self.has_decode, admitted, 1.0) * _batch_ok(nbar, n_t, self.var_factor,
-                                                                                 self.has_decode)
+        return self.fits * np.where(self.has_decode, admitted, 1.0) * _batch_ok(
+            nbar, n_t, self.var_factor * arrival_scv, self.has_decode)
+
+
+def _admission_hold_s(model: DecodeModel, rate_rps: float, mean_delay_s: float) -> float:
+    nbar = model.mean_batch(rate_rps)
+    tau = interp(model.step_s, max(nbar, 1.0)) if np.isfinite(nbar) else float("inf")
+    return mean_delay_s + model.mean_steps * tau / max(float(model.has_decode.mean()), _EPS)
 
 
 def _batch_ok(nbar: float, limit: np.ndarray | float, var_factor: np.ndarray, has_decode: np.ndarray
@@ -417,7 +457,7 @@ class ColocatedModel:
         nbar, _, tpot = self._state(rate_rps)
         return interp(tpot, max(nbar, 1.0)) if np.isfinite(nbar) else float("inf")
 
-    def ok(self, rate_rps: float, ttft_s: float, tpot_target_s: float) -> np.ndarray:
+    def ok(self, rate_rps: float, ttft_s: float, tpot_target_s: float, arrival_scv: float = 1.0) -> np.ndarray:
         """P(TTFT and TPOT both met) per sampled request.
 
         TPOT: decode steps are long (τ_full) while the prefill server is busy and short (τ_dec) while it is
@@ -434,16 +474,16 @@ class ColocatedModel:
         per_token = interp(self.full_step_s / self.chunk_tokens, nbar)
         service = self.prompt_tokens * per_token
         mean_s = self.mean_prompt_tokens * per_token
-        rho, m = mg1(rate_rps, mean_s, self.mean_sq_prompt_tokens * per_token ** 2)
+        rho, m = mg1(rate_rps, mean_s, self.mean_sq_prompt_tokens * per_token ** 2, arrival_scv)
         if not np.isfinite(m):
             return np.zeros(self.prompt_tokens.size)
         hold = rho * m + mean_s + self.mean_steps * interp(tpot, max(nbar, 1.0))
-        p_wait, wait_mean = admission_wait(rate_rps, hold, self.n_cap)
+        p_wait, wait_mean = admission_wait(rate_rps, hold, self.n_cap, arrival_scv)
         ttft = 1.0 - two_waits_exceed(ttft_s - service, rho, m, p_wait, wait_mean)
-        return self.fits * ttft * (1.0 - self._tpot_miss(rate_rps, nbar, rho, per_token, tpot_target_s))
+        return self.fits * ttft * (1.0 - self._tpot_miss(rate_rps, nbar, rho, per_token, tpot_target_s, arrival_scv))
 
-    def _tpot_miss(self, rate_rps: float, nbar: float, rho: float, per_token_s: float, target_s: float
-                   ) -> np.ndarray:
+    def _tpot_miss(self, rate_rps: float, nbar: float, rho: float, per_token_s: float, target_s: float,
+                   arrival_scv: float = 1.0) -> np.ndarray:
         tau_f = interp(self.full_step_s, nbar)
         tau_d = interp(self.decode_only_step_s, max(nbar, 1.0))
         if tau_d > target_s:
@@ -455,6 +495,10 @@ class ColocatedModel:
         mean_s = self.mean_prompt_tokens * per_token_s
         busy_mean = mean_s / max(1.0 - rho, _EPS)
         residual_mean = self.mean_sq_prompt_tokens * per_token_s ** 2 / (2.0 * mean_s * max(1.0 - rho, _EPS) ** 2)
+        cs2 = max(self.mean_sq_prompt_tokens / self.mean_prompt_tokens ** 2 - 1.0, 0.0)
+        smooth = (arrival_scv + cs2) / (1.0 + cs2)  # smoother arrivals: shorter busy periods (Kingman)
+        residual_mean *= smooth
+        busy_mean *= smooth
         corr = 1.0 / (1.0 / busy_mean + rate_rps)
         x = corr / window
         var = 2.0 * rho * (1.0 - rho) * x * (1.0 - x * (1.0 - np.exp(-1.0 / x)))
