@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +19,9 @@ from thunderserve.costmodel.comm import Compression
 from thunderserve.costmodel.kv import kv_seconds_per_token
 from thunderserve.costmodel.perf import GroupPerf, group_perf
 from thunderserve.plan.model import Group, Phase, Stage
+from thunderserve.policy.batching import DEFAULT_CHUNK_TOKEN_BUDGET, DEFAULT_MAX_BATCH_SIZE
 from thunderserve.scheduler.layout import LayoutCandidate, best_layout_candidate
+from thunderserve.scheduler.perfvec import decode_step_s, mixed_step_s, prefill_times_s
 from thunderserve.scheduler.queueing import ColocatedModel, DecodeModel, EdgeModel, PrefillModel, max_rate
 from thunderserve.scheduler.samples import LengthSample, length_sample
 from thunderserve.scheduler.shapes import GroupShape, LayoutSig, Shapes
@@ -63,9 +65,9 @@ class PlanningContext:
     _colocated: dict[Sig, ColocatedModel] = field(default_factory=dict, init=False, repr=False)
     _spt: dict[tuple[tuple[tuple[Shape, int], ...], Shape], float] = field(default_factory=dict, init=False, repr=False)
     _edges: dict[float, EdgeModel] = field(default_factory=dict, init=False, repr=False)
-    _cap_prefill: dict[tuple[Sig, float], float] = field(default_factory=dict, init=False, repr=False)
-    _cap_decode: dict[tuple[Sig, float], float] = field(default_factory=dict, init=False, repr=False)
-    _cap_colocated: dict[Sig, float] = field(default_factory=dict, init=False, repr=False)
+    _cap_prefill: dict[tuple[Sig, float, float], float] = field(default_factory=dict, init=False, repr=False)
+    _cap_decode: dict[tuple[Sig, float, float], float] = field(default_factory=dict, init=False, repr=False)
+    _cap_colocated: dict[tuple[Sig, float], float] = field(default_factory=dict, init=False, repr=False)
     _cap_standalone: dict[tuple[Sig, Phase], float] = field(default_factory=dict, init=False, repr=False)
     _sig: dict[Stages, Sig] = field(default_factory=dict, init=False, repr=False)
     _layout_memo: dict[object, object] = field(default_factory=dict, init=False, repr=False)
@@ -89,7 +91,8 @@ class PlanningContext:
         if key not in self._layouts:
             found = best_layout_candidate(
                 sorted(gpu_ids, key=self.cluster.index_of.__getitem__), self.cluster, self.model, self.max_pp,
-                phase, score=lambda perf, st: self._standalone(perf, st, phase), memo=self._layout_memo)
+                phase, score=lambda perf, st: self._standalone(perf, st, phase), proxy=self._proxy(phase),
+                memo=self._layout_memo)
             self._layouts[key] = found
             if found is not None:
                 self._perf.setdefault(self.sig(found.stages), found.perf)
@@ -99,6 +102,43 @@ class PlanningContext:
         if frozenset(g for s in found.stages for g in s.gpus) == gpu_ids:
             return found
         return LayoutCandidate(self.shapes.relabel(found.stages, gpu_ids), found.perf)
+
+    def _proxy(self, phase: Phase) -> Callable[[GroupPerf], float]:
+        """Workload-aware throughput proxies that pre-rank layouts before the exact capacity is computed.
+
+        prefill: prompts per second through the bottleneck stage, 0 if the p90 prompt alone misses the TTFT;
+        decode: tokens per second at the batch the KV memory holds; colocated: requests per second when a
+        step carries that batch plus a prefill chunk (the slower of prefill and decode progress), 0 if the
+        p90 prompt's chunks alone miss the TTFT.
+        """
+        smp = self.sample
+        ep, em = smp.mean_prompt_tokens, max(smp.mean_decode_steps, 1e-9)
+        ptw, cbar, reserve = smp.token_weighted_prompt_tokens, smp.decode_context_tokens, smp.decode_reserve_tokens
+        p90 = float(np.quantile(smp.prompt_tokens, 0.9))
+        ttft = self.slo.ttft_s
+
+        def batch(perf: GroupPerf) -> float:
+            return float(min(DEFAULT_MAX_BATCH_SIZE, max(perf.kv_capacity_tokens / max(reserve, 1.0), 1.0)))
+
+        def prefill(perf: GroupPerf) -> float:
+            lat, bottleneck = prefill_times_s(perf, np.array([ep, p90]), np.array([ep * ptw, p90 * p90]), 1.0)
+            return 0.0 if lat[1] > ttft else float(1.0 / bottleneck[0])
+
+        def decode(perf: GroupPerf) -> float:
+            n = batch(perf)
+            return n / float(decode_step_s(perf, n, n * cbar))
+
+        def colocated(perf: GroupPerf) -> float:
+            chunk = float(DEFAULT_CHUNK_TOKEN_BUDGET)
+            n = min(batch(perf), chunk / 2)
+            c = chunk - n
+            step = float(mixed_step_s(perf, n, n * cbar, c, c * ptw, 0.0, c / ep, 1.0 + c / ep))
+            alone = float(mixed_step_s(perf, 0.0, 0.0, chunk, chunk * ptw, 0.0, chunk / ep, 1.0 + chunk / ep))
+            if math.ceil(p90 / chunk) * alone > ttft:
+                return 0.0
+            return 1.0 / (step * max(ep / c, em / n))
+
+        return {Phase.PREFILL: prefill, Phase.DECODE: decode, Phase.COLOCATED: colocated}[phase]
 
     def perf(self, stages: Stages) -> GroupPerf:
         sig = self.sig(stages)
@@ -163,10 +203,10 @@ class PlanningContext:
         """Capacity of a layout in isolation (KV over an ideal link), used to rank layouts."""
         return self._standalone(self.perf(stages), stages, phase)
 
-    def prefill_capacity(self, prefill: Stages, seconds_per_token: float) -> float:
+    def prefill_capacity(self, prefill: Stages, seconds_per_token: float, arrival_scv: float = 1.0) -> float:
         """Rate a prefill group takes at its share of the SLO (TTFT, and KV memory held until the transfer
-        ends) when all its KV crosses a link of this rate."""
-        key = (self.sig(prefill), _rate_key(seconds_per_token))
+        ends) when all its KV crosses a link of this rate and its arrivals have this c²."""
+        key = (self.sig(prefill), _rate_key(seconds_per_token), arrival_scv)
         if key not in self._cap_prefill:
             if not self.edge_usable(seconds_per_token):
                 self._cap_prefill[key] = 0.0
@@ -177,16 +217,16 @@ class PlanningContext:
 
                 def att(r: float) -> float:
                     hold = pm.kv_hold_ok(r, [(1.0, edge.sojourn_s(r))])
-                    return hold * float(pm.ttft_ok(r, ttft).mean())
+                    return hold * float(pm.ttft_ok(r, ttft, arrival_scv).mean())
 
                 self._cap_prefill[key] = max_rate(att, component_target(self.slo), pm.guess_capacity_rps(),
                                                   CAPACITY_REL_TOL)
         return self._cap_prefill[key]
 
-    def decode_capacity(self, stages: Stages, seconds_per_token: float = 0.0) -> float:
+    def decode_capacity(self, stages: Stages, seconds_per_token: float = 0.0, arrival_scv: float = 1.0) -> float:
         """Rate a decode group takes at its share of the SLO (TPOT including the KV link's sojourn, KV
-        memory and batch slots) when all its requests arrive over a link of this rate."""
-        key = (self.sig(stages), _rate_key(seconds_per_token))
+        memory and batch slots) when all its requests arrive over a link of this rate, with this c²."""
+        key = (self.sig(stages), _rate_key(seconds_per_token), arrival_scv)
         if key not in self._cap_decode:
             if not self.edge_usable(seconds_per_token):
                 self._cap_decode[key] = 0.0
@@ -197,20 +237,20 @@ class PlanningContext:
                 def att(r: float) -> float:
                     soj = edge.sojourn_s(r)
                     mean_soj = float(soj[dm.has_decode].mean()) if dm.has_decode.any() else 0.0
-                    return float(dm.ok(r, soj, mean_soj).mean())
+                    return float(dm.ok(r, soj, mean_soj, arrival_scv).mean())
 
                 self._cap_decode[key] = max_rate(att, component_target(self.slo), dm.guess_capacity_rps(),
                                                  CAPACITY_REL_TOL)
         return self._cap_decode[key]
 
-    def colocated_capacity(self, stages: Stages) -> float:
-        sig = self.sig(stages)
-        if sig not in self._cap_colocated:
+    def colocated_capacity(self, stages: Stages, arrival_scv: float = 1.0) -> float:
+        key = (self.sig(stages), arrival_scv)
+        if key not in self._cap_colocated:
             cm = self.colocated_model(stages)
-            self._cap_colocated[sig] = max_rate(
-                lambda r: float(cm.ok(r, self.slo.ttft_s, self.slo.tpot_s).mean()), self.slo.attainment_target,
-                cm.guess_capacity_rps(), CAPACITY_REL_TOL)
-        return self._cap_colocated[sig]
+            self._cap_colocated[key] = max_rate(
+                lambda r: float(cm.ok(r, self.slo.ttft_s, self.slo.tpot_s, arrival_scv).mean()),
+                self.slo.attainment_target, cm.guess_capacity_rps(), CAPACITY_REL_TOL)
+        return self._cap_colocated[key]
 
     def group_capacity(self, group: Group) -> float:
         """Stand-alone capacity of a plan group in its phase (disaggregated phases: over an ideal KV link)."""
@@ -219,6 +259,13 @@ class PlanningContext:
         if group.phase is Phase.DECODE:
             return self.decode_capacity(group.stages, 0.0)
         return self.colocated_capacity(group.stages)
+
+
+def scv_bucket(share: float) -> float:
+    """The arrival c² a round-robin share gives (c² ≈ share), rounded to a power of two for caching."""
+    if share >= 0.75:
+        return 1.0
+    return 2.0 ** -min(round(-math.log2(max(share, 1e-9))), 6)
 
 
 def _rate_key(seconds_per_token: float) -> float:

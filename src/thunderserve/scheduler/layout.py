@@ -38,7 +38,7 @@ REF_PROMPT_TOKENS = 1024.0  # proxy prefill batch: one prompt of this length
 REF_RESERVE_TOKENS = 1536.0  # proxy decode: KV reserved per running sequence
 REF_DECODE_CONTEXT = 1024.0  # proxy decode: mean context per running sequence
 MAX_REF_BATCH = 256
-PROXY_TOP_K = 2  # candidates the (expensive) caller score looks at
+PROXY_TOP_K = 4  # candidates the (expensive) caller score looks at
 
 
 @dataclass(frozen=True)
@@ -325,27 +325,32 @@ def proxy_score(perf: GroupPerf, phase: Phase | None) -> float:
     return float(n / decode_step_s(perf, n, n * REF_DECODE_CONTEXT))
 
 
+Proxy = Callable[[GroupPerf], float]
+Score = Callable[[GroupPerf, tuple[Stage, ...]], float]
+
+
 def best_group_layout(gpu_ids: Sequence[str], cluster: Cluster, model: ModelSpec, max_pp: int = 4,
-                      phase: Phase | None = None, *,
-                      score: Callable[[GroupPerf, tuple[Stage, ...]], float] | None = None,
+                      phase: Phase | None = None, *, score: Score | None = None, proxy: Proxy | None = None,
                       memo: dict[object, object] | None = None) -> tuple[Stage, ...] | None:
     """The best layout of these GPUs for `phase` (None: decode-like proxy), or None if the model cannot fit.
 
-    Candidates are ranked by `proxy_score`; when `score` is given (e.g. the group's queueing capacity for
-    the workload and SLO) the top few by proxy are re-ranked by it. Ties keep the first (deterministic).
+    Candidates are ranked by `proxy` (default `proxy_score`, workload-free); when `score` is given (e.g. the
+    group's queueing capacity for the workload and SLO) the top few by proxy are re-ranked by it. Ties keep
+    the first (deterministic).
     """
-    found = _best(gpu_ids, cluster, model, max_pp, phase, score, memo)
+    found = _best(gpu_ids, cluster, model, max_pp, phase, score, proxy, memo)
     return None if found is None else found.stages
 
 
 def _best(gpu_ids: Sequence[str], cluster: Cluster, model: ModelSpec, max_pp: int, phase: Phase | None,
-          score: Callable[[GroupPerf, tuple[Stage, ...]], float] | None,
-          memo: dict[object, object] | None = None) -> LayoutCandidate | None:
+          score: Score | None, proxy: Proxy | None = None, memo: dict[object, object] | None = None
+          ) -> LayoutCandidate | None:
     gpus = [cluster.by_id[g] for g in gpu_ids]
     cands = layout_candidates(gpus, cluster, model, max_pp, phase, memo)
     if not cands:
         return None
-    ranked = sorted(range(len(cands)), key=lambda i: (-proxy_score(cands[i].perf, phase), i))
+    rank = proxy or (lambda perf: proxy_score(perf, phase))
+    ranked = sorted(range(len(cands)), key=lambda i: (-rank(cands[i].perf), i))
     if score is None:
         return cands[ranked[0]]
     top = ranked[:PROXY_TOP_K]
@@ -354,8 +359,7 @@ def _best(gpu_ids: Sequence[str], cluster: Cluster, model: ModelSpec, max_pp: in
 
 
 def best_layout_candidate(gpu_ids: Sequence[str], cluster: Cluster, model: ModelSpec, max_pp: int = 4,
-                          phase: Phase | None = None, *,
-                          score: Callable[[GroupPerf, tuple[Stage, ...]], float] | None = None,
+                          phase: Phase | None = None, *, score: Score | None = None, proxy: Proxy | None = None,
                           memo: dict[object, object] | None = None) -> LayoutCandidate | None:
     """`best_group_layout` returning the stages with their `GroupPerf`."""
-    return _best(gpu_ids, cluster, model, max_pp, phase, score, memo)
+    return _best(gpu_ids, cluster, model, max_pp, phase, score, proxy, memo)

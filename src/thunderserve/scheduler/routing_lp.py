@@ -12,6 +12,7 @@ Every capacity is a rate (req/s) at which that group alone meets its share of th
 held until the transfer ends), D[p,d] is d's rate when all its requests arrive over that link (TPOT includes
 the transfer's sojourn on the processor-sharing link). So each KV edge is priced by its link's bandwidth, and
 an edge whose transfer alone would blow the TTFT budget gets no capacity and no variable. Solved by HiGHS.
+Capacities account for the arrival variability round-robin routing leaves (second pass, see `route`).
 Routing shares are the normalised flows. When no flow meets the SLO at all, the same LP runs on stability
 (throughput) capacities so the plan still routes sensibly.
 """
@@ -29,7 +30,7 @@ from scipy.sparse import csc_matrix
 
 from thunderserve.errors import PlanError
 from thunderserve.plan.model import Group, Phase, Routing
-from thunderserve.scheduler.context import PlanningContext
+from thunderserve.scheduler.context import PlanningContext, scv_bucket
 
 EDGE_COST_WEIGHT = 1e-3  # ε: tie-break toward faster KV links, small against one request/s
 MIN_SHARE = 1e-9  # flows below this fraction of the total are dropped
@@ -140,19 +141,42 @@ def _solve(prefill: Sequence[Group], decode: Sequence[Group], colocated: Sequenc
     return float(sum(entry.values())), entry, kv
 
 
+def _capacities(ctx: PlanningContext, prefill: Sequence[Group], decode: Sequence[Group],
+                colocated: Sequence[Group], spt: dict[tuple[int, int], float], scv: dict[str, float]
+                ) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float], list[float]]:
+    pcaps = {k: ctx.prefill_capacity(prefill[k[0]].stages, v, scv.get(prefill[k[0]].id, 1.0))
+             for k, v in spt.items()}
+    dcaps = {k: ctx.decode_capacity(decode[k[1]].stages, v, scv.get(decode[k[1]].id, 1.0)) if pcaps[k] > 0
+             else 0.0 for k, v in spt.items()}
+    ccaps = [ctx.colocated_capacity(g.stages, scv.get(g.id, 1.0)) for g in colocated]
+    return pcaps, dcaps, ccaps
+
+
 def route(ctx: PlanningContext, groups: Sequence[Group]) -> LpResult:
-    """Solve the routing LP for these groups (layouts and phases fixed)."""
+    """Solve the routing LP for these groups (layouts and phases fixed).
+
+    Two passes: capacities for Poisson arrivals give first shares; since round-robin routing hands a group
+    with share s a stream of c² ≈ s (`estimate`), capacities are recomputed for those arrival c² (rounded
+    to powers of two) and the LP solved again.
+    """
     prefill = [g for g in groups if g.phase is Phase.PREFILL]
     decode = [g for g in groups if g.phase is Phase.DECODE]
     colocated = [g for g in groups if g.phase is Phase.COLOCATED]
     spt = {(pi, di): ctx.seconds_per_token(p.stages, d.gpus)
            for pi, p in enumerate(prefill) for di, d in enumerate(decode)}
     cost = {k: ctx.edge(v).mean_s / ctx.slo.ttft_s if math.isfinite(v) else math.inf for k, v in spt.items()}
-    pcaps = {k: ctx.prefill_capacity(prefill[k[0]].stages, v) for k, v in spt.items()}
-    dcaps = {k: ctx.decode_capacity(decode[k[1]].stages, v) if pcaps[k] > 0 else 0.0 for k, v in spt.items()}
-    ccaps = [ctx.colocated_capacity(g.stages) for g in colocated]
+    pcaps, dcaps, ccaps = _capacities(ctx, prefill, decode, colocated, spt, {})
     value, entry, kv = _solve(prefill, decode, colocated, pcaps, dcaps, cost, ccaps)
     if value > 0:
+        inflow: dict[str, float] = {}
+        for dests in kv.values():
+            for d, f in dests.items():
+                inflow[d] = inflow.get(d, 0.0) + f
+        scv = {g: scv_bucket(f / value) for g, f in list(entry.items()) + list(inflow.items())}
+        pcaps, dcaps, ccaps = _capacities(ctx, prefill, decode, colocated, spt, scv)
+        value2, entry2, kv2 = _solve(prefill, decode, colocated, pcaps, dcaps, cost, ccaps)
+        if value2 > 0:
+            return LpResult(value2, entry2, kv2, True)
         return LpResult(value, entry, kv, True)
     # No flow meets the SLO: route by stability capacities so the plan is still well formed.
     pcaps = {k: (ctx.prefill_model(prefill[k[0]].stages).guess_capacity_rps() if math.isfinite(v) else 0.0)
