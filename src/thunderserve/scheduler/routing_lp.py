@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,10 @@ class LpResult:
     entry_rps: dict[str, float]
     kv_rps: dict[str, dict[str, float]]
     slo_feasible: bool
+    # the capacities (req/s) the LP used: per (prefill, decode) link for each side, per colocated group
+    prefill_caps: dict[tuple[str, str], float] = field(default_factory=dict)
+    decode_caps: dict[tuple[str, str], float] = field(default_factory=dict)
+    colocated_caps: dict[str, float] = field(default_factory=dict)
 
     def routing(self) -> Routing:
         total = sum(self.entry_rps.values())
@@ -152,6 +156,14 @@ def _capacities(ctx: PlanningContext, prefill: Sequence[Group], decode: Sequence
     return pcaps, dcaps, ccaps
 
 
+def _named(prefill: Sequence[Group], decode: Sequence[Group], colocated: Sequence[Group],
+           pcaps: dict[tuple[int, int], float], dcaps: dict[tuple[int, int], float], ccaps: Sequence[float]
+           ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float], dict[str, float]]:
+    return ({(prefill[a].id, decode[b].id): v for (a, b), v in pcaps.items()},
+            {(prefill[a].id, decode[b].id): v for (a, b), v in dcaps.items()},
+            {g.id: v for g, v in zip(colocated, ccaps, strict=True)})
+
+
 def route(ctx: PlanningContext, groups: Sequence[Group]) -> LpResult:
     """Solve the routing LP for these groups (layouts and phases fixed).
 
@@ -176,8 +188,9 @@ def route(ctx: PlanningContext, groups: Sequence[Group]) -> LpResult:
         pcaps, dcaps, ccaps = _capacities(ctx, prefill, decode, colocated, spt, scv)
         value2, entry2, kv2 = _solve(prefill, decode, colocated, pcaps, dcaps, cost, ccaps)
         if value2 > 0:
-            return LpResult(value2, entry2, kv2, True)
-        return LpResult(value, entry, kv, True)
+            return LpResult(value2, entry2, kv2, True, *_named(prefill, decode, colocated, pcaps, dcaps, ccaps))
+        pcaps, dcaps, ccaps = _capacities(ctx, prefill, decode, colocated, spt, {})
+        return LpResult(value, entry, kv, True, *_named(prefill, decode, colocated, pcaps, dcaps, ccaps))
     # No flow meets the SLO: route by stability capacities so the plan is still well formed.
     pcaps = {k: (ctx.prefill_model(prefill[k[0]].stages).guess_capacity_rps() if math.isfinite(v) else 0.0)
              for k, v in spt.items()}
