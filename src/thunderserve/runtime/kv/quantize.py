@@ -1,29 +1,39 @@
-"""Group-wise KV-cache quantisation for transfer: none (exact), int8 (symmetric), int4 (asymmetric, packed).
+"""Group-wise KV-cache quantisation for transfer: none (exact), int8 and int4 (asymmetric; int4 packed).
 
-Groups are `group_size` consecutive elements along head_dim (default `costmodel.comm.KV_GROUP_SIZE` = 64, so
-the bytes match what the cost model charges). A head_dim that is not a multiple of the group size is padded
-at the end by repeating its last element (which changes no group's min/max) and cut back on dequantisation.
+Groups are `group_size` consecutive elements along head_dim (default `costmodel.comm.KV_GROUP_SIZE` = 64). A
+head_dim that is not a multiple of the group size is padded at the end by repeating its last element (which
+changes no group's min/max) and cut back on dequantisation.
 
-* int8, symmetric: per group an fp16 scale s = absmax / 127 (rounded *up* to fp16); q = round(x / s) in
-  [-127, 127]; x' = q * s.
-* int4, asymmetric: per group an fp16 zero point z = min (rounded *down* to fp16) and an fp16 scale
-  s = (max - z) / 15 (rounded up); q = round((x - z) / s) in [0, 15], two values per byte (even index in the
-  low nibble); x' = q * s + z.
+Rotation (default on, when the group size is a power of two): each group is multiplied by the orthonormal
+Hadamard matrix H (H = H^T, H H = I) before quantising and by H again after dequantising. Keys carry a few
+outlier channels; the rotation spreads them over the group, so the grid is no longer stretched by one channel.
+On SmolLM2-135M this is what makes int8 greedy-identical to the uncompressed cache (see `cli_bench_kv`). It
+costs no bytes (H is fixed) and is recorded in the header.
 
-Rounding the parameters outwards keeps every group inside the quantisation grid, so each element's error is at
-most s / 2 of its group (plus float32 arithmetic noise, and the rounding to the cache dtype on the way back).
-A constant group gets s = 0 (int4: z holds the value; exact whenever the value is an fp16 number). When a
-cache holds values outside the fp16 range, the scales and zero points are kept in float32 instead.
+Per group, with y the (rotated) group and L the top level (255 for int8, 15 for int4):
+    zero point z = min(y) rounded *down* to fp16, scale s = (max(y) - z) / L rounded *up* to fp16,
+    q = round((y - z) / s) in [0, L] (uint8; int4 packs two per byte, even index in the low nibble),
+    y' = q * s + z.
+Rounding the parameters outwards keeps every group inside the grid, so each element of y is off by at most s / 2
+(plus float32 noise and the final rounding to the cache dtype). Without rotation that is the bound on the cache
+itself; with rotation it holds in the rotated coordinates, and a group's L2 error is at most sqrt(g) * s / 2 in
+both. A constant group (unrotated) or an all-zero group gets s = 0 and comes back exactly (z holds the value,
+exact when it is an fp16 number). When values exceed the fp16 range, scales and zero points are kept in float32.
 
-Wire format (`to_bytes`, little-endian, no pickle): a 28-byte header
-    magic b"TSKV", version u8, compression u8, cache dtype u8, parameter dtype u8,
-    group_size u32, first_layer u32, layers u32, kv_heads u32, tokens u32, head_dim u32
+Bytes per group of 64 values: int8 64 + 4, int4 32 + 4 (fp16 scale + zero point) vs 128 in fp16, i.e.
+1.88x and 3.56x smaller. (The cost model's int8 ratio assumes a scale only, 64 + 2 bytes: 3% optimistic.)
+
+Wire format (`to_bytes`, little-endian, no pickle): a 36-byte header
+    magic b"TSKV", version u8, compression u8, cache dtype u8, parameter dtype u8, flags u8 (bit 0: rotated),
+    3 pad bytes, group_size u32, first_layer u32, layers u32, kv_heads u32, tokens u32, head_dim u32
 then keys' data, scales, zero points and values' data, scales, zero points as raw arrays whose sizes follow
 from the header (absent parts take no bytes).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import struct
 import time
 from dataclasses import dataclass
@@ -36,9 +46,11 @@ from thunderserve.runtime.engine.base import KVCache
 
 MAGIC = b"TSKV"
 VERSION = 1
-_HEADER = struct.Struct("<4sBBBBIIIIII")
-HEADER_BYTES = _HEADER.size  # 28
+_HEADER = struct.Struct("<4sBBBBB3xIIIIII")
+HEADER_BYTES = _HEADER.size  # 36
+_FLAG_ROTATED = 1
 COMPRESSIONS = ("none", "int8", "int4")
+_LEVELS = {"int8": 255, "int4": 15}
 _DTYPES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _DTYPE_OF = {v: k for k, v in _DTYPES.items()}
 _FP16_MAX = 65504.0
@@ -48,9 +60,9 @@ _FP16_MAX = 65504.0
 class QuantizedTensor:
     """One of keys/values, quantised. N = layers * kv_heads * tokens rows, G groups per row of g elements."""
 
-    data: torch.Tensor  # none: the tensor itself [L, H, T, D]; int8: int8 [N, G, g]; int4: uint8 [N, G, g/2]
+    data: torch.Tensor  # none: the tensor itself [L, H, T, D]; int8: uint8 [N, G, g]; int4: uint8 [N, G, g/2]
     scale: torch.Tensor | None = None  # [N, G] per-group scale (fp16, or fp32 out of fp16 range); not for none
-    zero: torch.Tensor | None = None  # [N, G] per-group zero point, int4 only: x ~ q * scale + zero
+    zero: torch.Tensor | None = None  # [N, G] per-group zero point: y ~ q * scale + zero
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
@@ -67,6 +79,7 @@ class QuantizedKV:
     group_size: int  # elements per group actually used (<= the requested size when head_dim is smaller)
     keys: QuantizedTensor
     values: QuantizedTensor
+    rotated: bool = False  # groups were multiplied by the Hadamard matrix before quantising
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -88,6 +101,17 @@ def effective_group_size(head_dim: int, group_size: int) -> int:
     return min(group_size, head_dim + head_dim % 2)
 
 
+@functools.lru_cache(maxsize=16)
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of size n (a power of two), float32; symmetric, H @ H = I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
 def _round_to(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
     """x rounded to `dtype`, towards +inf (up) or -inf (down) where the nearest value would go the other way."""
     r = x.to(dtype)
@@ -100,62 +124,68 @@ def _round_to(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
     return r
 
 
-def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
-    """[L, H, T, D] -> float32 [N, G, g], padding D by repeating its last element."""
+def rotated_groups(x: torch.Tensor, g: int, rotate: bool) -> torch.Tensor:
+    """[L, H, T, D] -> float32 [N, G, g] groups (D padded by repeating its last element), rotated if asked."""
     d = x.shape[-1]
     rows = x.reshape(-1, d).to(torch.float32)
     pad = -d % g
     if pad:
         rows = torch.cat([rows, rows[:, -1:].expand(-1, pad)], dim=1)
-    return rows.reshape(rows.shape[0], (d + pad) // g, g)
+    groups = rows.reshape(rows.shape[0], (d + pad) // g, g)
+    return groups @ hadamard(g).to(groups.device) if rotate else groups
 
 
-def _quantize_tensor(x: torch.Tensor, compression: str, g: int, param_dtype: torch.dtype) -> QuantizedTensor:
+def _quantize_tensor(x: torch.Tensor, compression: str, g: int, param_dtype: torch.dtype, rotate: bool
+                     ) -> QuantizedTensor:
     if compression == "none":
         return QuantizedTensor(data=x.contiguous())
-    xg = _groups(x, g)
-    # a zero scale means the whole group sits on the grid's origin (x - zero == 0), so dividing by 1 gives q = 0
-    if compression == "int8":
-        scale = _round_to(torch.maximum(xg.amax(-1), -xg.amin(-1)) / 127.0, param_dtype, up=True)
-        sf = scale.to(torch.float32)
-        q = (xg / torch.where(sf > 0, sf, 1.0)[..., None]).round_().clamp_(-127, 127)
-        return QuantizedTensor(data=q.to(torch.int8), scale=scale)
-    zero = _round_to(xg.amin(-1), param_dtype, up=False)
+    y = rotated_groups(x, g, rotate)
+    zero = _round_to(y.amin(-1), param_dtype, up=False)
     zf = zero.to(torch.float32)
-    scale = _round_to((xg.amax(-1) - zf) / 15.0, param_dtype, up=True)
+    scale = _round_to((y.amax(-1) - zf) / _LEVELS[compression], param_dtype, up=True)
     sf = scale.to(torch.float32)
-    q = (xg - zf[..., None]).div_(torch.where(sf > 0, sf, 1.0)[..., None]).round_().clamp_(0, 15).to(torch.uint8)
-    packed = q[..., 0::2] | (q[..., 1::2] << 4)
-    return QuantizedTensor(data=packed, scale=scale, zero=zero)
+    # a zero scale means the group sits on its zero point (y - z == 0), so dividing by 1 gives q = 0
+    q = (y - zf[..., None]).div_(torch.where(sf > 0, sf, 1.0)[..., None]).round_()
+    q = q.clamp_(0, _LEVELS[compression]).to(torch.uint8)
+    if compression == "int4":
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return QuantizedTensor(data=q, scale=scale, zero=zero)
+
+
+def dequantize_groups(t: QuantizedTensor, compression: str) -> torch.Tensor:
+    """The grid values q * s + z, float32 [N, G, g], in the quantised (rotated, if so) coordinates."""
+    assert t.scale is not None and t.zero is not None
+    q = t.data
+    if compression == "int4":
+        q = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(*q.shape[:-1], 2 * q.shape[-1])
+    return q.to(torch.float32) * t.scale.to(torch.float32)[..., None] + t.zero.to(torch.float32)[..., None]
 
 
 def _dequantize_tensor(t: QuantizedTensor, compression: str, shape: tuple[int, int, int, int],
-                       dtype: torch.dtype) -> torch.Tensor:
+                       dtype: torch.dtype, rotated: bool) -> torch.Tensor:
     if compression == "none":
         return t.data.to(dtype).reshape(shape)
-    assert t.scale is not None
-    sf = t.scale.to(torch.float32)[..., None]
-    if compression == "int8":
-        xg = t.data.to(torch.float32) * sf
-    else:
-        assert t.zero is not None
-        q = torch.stack([t.data & 0xF, t.data >> 4], dim=-1).reshape(*t.data.shape[:-1], 2 * t.data.shape[-1])
-        xg = q.to(torch.float32) * sf + t.zero.to(torch.float32)[..., None]
+    y = dequantize_groups(t, compression)
+    if rotated:
+        y = y @ hadamard(y.shape[-1]).to(y.device)
     d = shape[-1]
-    return xg.reshape(xg.shape[0], xg.shape[1] * xg.shape[2])[:, :d].to(dtype).reshape(shape)
+    return y.reshape(y.shape[0], y.shape[1] * y.shape[2])[:, :d].to(dtype).reshape(shape)
 
 
-def _param_dtype(kv: KVCache, compression: str) -> torch.dtype:
+def _param_dtype(kv: KVCache, compression: str, g: int, rotate: bool) -> torch.dtype:
     """fp16 when every scale and zero point fits it (it nearly always does), else float32."""
     if compression == "none" or kv.keys.numel() == 0:
         return torch.float16
-    absmax = max(float(kv.keys.abs().max()), float(kv.values.abs().max()))
-    limit = _FP16_MAX / 2 if compression == "int4" else _FP16_MAX
-    return torch.float16 if absmax < limit else torch.float32
+    absmax = max(float(kv.keys.abs().max()), float(kv.values.abs().max())) * (math.sqrt(g) if rotate else 1.0)
+    return torch.float16 if absmax < _FP16_MAX / 2 else torch.float32
 
 
-def quantize_kv(kv: KVCache, compression: str | Enum, group_size: int = KV_GROUP_SIZE) -> QuantizedKV:
-    """Quantise a cache's keys and values (vectorised; see the module docstring for the formats)."""
+def quantize_kv(kv: KVCache, compression: str | Enum, group_size: int = KV_GROUP_SIZE,
+                rotate: bool = True) -> QuantizedKV:
+    """Quantise a cache's keys and values (vectorised; see the module docstring for the formats).
+
+    `rotate` applies the Hadamard rotation when the group size is a power of two (ignored otherwise).
+    """
     name = _compression_name(compression)
     if kv.keys.dim() != 4 or kv.keys.shape != kv.values.shape:
         raise ValueError(f"keys/values must share one [layers, kv_heads, tokens, head_dim] shape, got "
@@ -164,17 +194,18 @@ def quantize_kv(kv: KVCache, compression: str | Enum, group_size: int = KV_GROUP
         raise ValueError(f"unsupported KV dtype {kv.keys.dtype} / {kv.values.dtype}")
     shape = tuple(int(n) for n in kv.keys.shape)
     g = effective_group_size(shape[3], group_size)
-    pdt = _param_dtype(kv, name)
-    qk = _quantize_tensor(kv.keys.detach(), name, g, pdt)
-    qv = _quantize_tensor(kv.values.detach(), name, g, pdt)
+    rot = rotate and name != "none" and g & (g - 1) == 0
+    pdt = _param_dtype(kv, name, g, rot)
+    qk = _quantize_tensor(kv.keys.detach(), name, g, pdt, rot)
+    qv = _quantize_tensor(kv.values.detach(), name, g, pdt, rot)
     return QuantizedKV(compression=name, shape=shape, dtype=kv.keys.dtype,  # type: ignore[arg-type]
-                       first_layer=int(kv.first_layer), group_size=g, keys=qk, values=qv)
+                       first_layer=int(kv.first_layer), group_size=g, keys=qk, values=qv, rotated=rot)
 
 
 def dequantize_kv(q: QuantizedKV, device: torch.device | str | None = None) -> KVCache:
     """The cache back, in its original dtype (on `device`, default where the quantised data is)."""
-    keys = _dequantize_tensor(q.keys, q.compression, q.shape, q.dtype)
-    values = _dequantize_tensor(q.values, q.compression, q.shape, q.dtype)
+    keys = _dequantize_tensor(q.keys, q.compression, q.shape, q.dtype, q.rotated)
+    values = _dequantize_tensor(q.values, q.compression, q.shape, q.dtype, q.rotated)
     if device is not None:
         keys, values = keys.to(device), values.to(device)
     return KVCache(keys=keys, values=values, first_layer=q.first_layer)
@@ -188,9 +219,8 @@ def _layout(compression: str, shape: tuple[int, int, int, int], g: int, pdt: tor
         return [(dtype, shape), (pdt, ()), (pdt, ())]
     n = shape[0] * shape[1] * shape[2]
     groups = -(-shape[3] // g) if shape[3] else 0
-    if compression == "int8":
-        return [(torch.int8, (n, groups, g)), (pdt, (n, groups)), (pdt, ())]
-    return [(torch.uint8, (n, groups, g // 2)), (pdt, (n, groups)), (pdt, (n, groups))]
+    per_group = g if compression == "int8" else g // 2
+    return [(torch.uint8, (n, groups, per_group)), (pdt, (n, groups)), (pdt, (n, groups))]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -215,7 +245,8 @@ def to_bytes(q: QuantizedKV) -> bytes:
     """The self-describing binary payload (header + raw arrays; see the module docstring)."""
     L, H, T, D = q.shape
     head = _HEADER.pack(MAGIC, VERSION, COMPRESSIONS.index(q.compression), _DTYPES[q.dtype],
-                        _DTYPES[q.param_dtype], q.group_size, q.first_layer, L, H, T, D)
+                        _DTYPES[q.param_dtype], _FLAG_ROTATED if q.rotated else 0, q.group_size, q.first_layer,
+                        L, H, T, D)
     parts = [head]
     for t in (q.keys, q.values):
         parts += [_raw(t.data), b"" if t.scale is None else _raw(t.scale), b"" if t.zero is None else _raw(t.zero)]
@@ -227,15 +258,18 @@ def from_bytes(payload: bytes | bytearray | memoryview) -> QuantizedKV:
     buf = bytearray(payload)
     if len(buf) < _HEADER.size:
         raise ValueError(f"KV payload of {len(buf)} bytes is shorter than its header")
-    magic, version, comp, dt, pdt, g, first, L, H, T, D = _HEADER.unpack_from(buf)
+    magic, version, comp, dt, pdt, flags, g, first, L, H, T, D = _HEADER.unpack_from(buf)
     if magic != MAGIC:
         raise ValueError(f"not a KV payload (magic {magic!r})")
     if version != VERSION:
         raise ValueError(f"KV payload version {version} is not supported (expected {VERSION})")
-    if comp >= len(COMPRESSIONS) or dt not in _DTYPE_OF or pdt not in _DTYPE_OF:
+    if comp >= len(COMPRESSIONS) or dt not in _DTYPE_OF or pdt not in _DTYPE_OF or flags & ~_FLAG_ROTATED:
         raise ValueError("corrupt KV payload header (unknown compression or dtype code)")
     compression, dtype, param_dtype = COMPRESSIONS[comp], _DTYPE_OF[dt], _DTYPE_OF[pdt]
     shape = (L, H, T, D)
+    rotated = bool(flags & _FLAG_ROTATED)
+    if g < 2 or g % 2 or (rotated and g & (g - 1)):
+        raise ValueError(f"corrupt KV payload header (group size {g})")
     layout = _layout(compression, shape, g, param_dtype, dtype)
     expected = _HEADER.size + 2 * sum(_numel(s) * torch.empty(0, dtype=t).element_size() for t, s in layout)
     if len(buf) != expected:
@@ -255,19 +289,20 @@ def from_bytes(payload: bytes | bytearray | memoryview) -> QuantizedKV:
     kd, ks, kz, vd, vs, vz = tensors
     assert kd is not None and vd is not None
     return QuantizedKV(compression=compression, shape=shape, dtype=dtype, first_layer=first, group_size=g,
-                       keys=QuantizedTensor(kd, ks, kz), values=QuantizedTensor(vd, vs, vz))
+                       keys=QuantizedTensor(kd, ks, kz), values=QuantizedTensor(vd, vs, vz), rotated=rotated)
 
 
 # ----- codecs (the profiler's and the benchmark's view) ---------------------------------------------------------
 class KvQuantCodec:
     """KVCache <-> bytes at one compression level (quantize + to_bytes; from_bytes + dequantize)."""
 
-    def __init__(self, compression: str | Enum, group_size: int = KV_GROUP_SIZE) -> None:
+    def __init__(self, compression: str | Enum, group_size: int = KV_GROUP_SIZE, rotate: bool = True) -> None:
         self.compression = _compression_name(compression)
         self.group_size = group_size
+        self.rotate = rotate
 
     def encode(self, kv: KVCache) -> bytes:
-        return to_bytes(quantize_kv(kv, self.compression, self.group_size))
+        return to_bytes(quantize_kv(kv, self.compression, self.group_size, self.rotate))
 
     def decode(self, data: bytes) -> KVCache:
         return dequantize_kv(from_bytes(data))
