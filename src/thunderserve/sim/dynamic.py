@@ -75,8 +75,16 @@ class _Life:
 
 class _DynPrefill(_PrefillSim, _Life):
     def _decide(self, arg: object) -> None:
-        if not self.dead:
-            super()._decide(arg)
+        if self.dead:
+            return
+        if self.state is GroupState.LOADING:  # work queues until the group serves
+            self.deciding = False
+            return
+        super()._decide(arg)
+
+    def on_active(self) -> None:
+        if self.queue and not self.deciding:
+            self._wake()
 
     def _batch_done(self, rids: list[int]) -> None:
         if not self.dead:
@@ -103,8 +111,11 @@ class _DynPrefill(_PrefillSim, _Life):
 
 class _DynDecode(_DecodeSim, _Life):
     def try_admit(self) -> None:
-        if not self.dead:
+        if not self.dead and self.state is not GroupState.LOADING:
             super().try_admit()
+
+    def on_active(self) -> None:
+        self.try_admit()
 
     def transfer_done(self, r: int) -> None:
         sim = self.sim
@@ -133,8 +144,14 @@ class _DynDecode(_DecodeSim, _Life):
 
 
 class _DynColocated(_ColocatedSim, _Life):
+    def on_active(self) -> None:
+        self.kv_grew()
+
     def _step_start(self, arg: object) -> None:
         if self.dead:
+            return
+        if self.state is GroupState.LOADING:  # work queues until the group serves
+            self.stepping = False
             return
         if self.successor is not None and not self.prefilling:
             _hand_over(self)
@@ -229,6 +246,9 @@ class DynamicReplay(_Replay):
         self._version = 0
         self._excl: dict[int, tuple[int, list[str]]] = {}
         self._timers: dict[Any, tuple[GroupTimer, int]] = {}
+        # Groups loading weights (or waiting out a flip) get their share of new work, which queues there
+        # until they serve (True), or the router spreads it over the serving groups (False).
+        self.route_to_loading = True
         self.on_arrival: Callable[[int, float], None] | None = None
         self.on_finish: Callable[[int, float], None] | None = None
         self.on_state: Callable[[str, str, float], None] | None = None  # (group id, state, time)
@@ -266,11 +286,12 @@ class DynamicReplay(_Replay):
     # -- routing ---------------------------------------------------------------------------------------
     def _refresh(self) -> None:
         """Recompute which group ids the router may pick, then hand held requests out."""
+        routable = (GroupState.ACTIVE, GroupState.LOADING) if self.route_to_loading else (GroupState.ACTIVE,)
         self.kv_ok = {gid for gid, o in self.objects.items()
-                      if isinstance(o, _DynDecode) and o.state is GroupState.ACTIVE}
+                      if isinstance(o, _DynDecode) and o.state in routable}
         ok: set[str] = set()
         for gid, o in self.objects.items():
-            if o.state is not GroupState.ACTIVE:
+            if o.state not in routable:
                 continue
             if isinstance(o, _DynPrefill):
                 if o.chooser is None or not any(k in self.kv_ok for k in o.chooser.shares):
@@ -396,6 +417,7 @@ class DynamicReplay(_Replay):
             return
         self._set_state(obj, GroupState.ACTIVE)
         self._refresh()
+        obj.on_active()
 
     def fail_gpus(self, gpu_ids: Iterable[str]) -> list[str]:
         """GPUs stop: every group object using one stops silently (the router learns at `sweep`)."""

@@ -94,13 +94,11 @@ class _Controller:
         self.known_failed: set[str] = set()
         self.fail_time: dict[str, float] = {}
         self.tracker = HeartbeatTracker(config.heartbeat_timeout_s)
-        self.monitor = WorkloadMonitor(config.monitor_window_s)
+        self.monitor = WorkloadMonitor(config.monitor_window_s)  # feeds the shift trigger
+        self.recent = WorkloadMonitor(config.plan_window_s)  # the workload a shift re-plan targets
         baseline = WorkloadEstimate(rate_rps, workload.mean_prompt_tokens, workload.mean_output_tokens, 0, 0)
-        self.trigger = ShiftTrigger(baseline=baseline, attainment_target=slo.attainment_target,
-                                    enter_drift=config.enter_drift, exit_drift=config.exit_drift,
-                                    hold_s=config.hold_s,
-                                    cooldown_s=config.full_cooldown_s if policy is ReschedPolicy.FULL
-                                    else config.light_cooldown_s)
+        self.trigger = self._new_trigger(baseline)
+        self.watch_from_s = config.watch_after_s  # the trigger ignores estimates before this time
         self.queue: deque[_Pending] = deque()
         self.deciding = False
         self.records: list[_Record] = []
@@ -112,24 +110,40 @@ class _Controller:
         replay.on_finish = self._on_finish
         replay.on_state = self._on_state
 
+    def _new_trigger(self, baseline: WorkloadEstimate) -> ShiftTrigger:
+        cfg = self.config
+        cooldown = cfg.full_cooldown_s if self.policy is ReschedPolicy.FULL else cfg.light_cooldown_s
+        return ShiftTrigger(baseline=baseline, attainment_target=self.slo.attainment_target,
+                            enter_drift=cfg.enter_drift, exit_drift=cfg.exit_drift, hold_s=cfg.hold_s,
+                            cooldown_s=cooldown)
+
+    def _settle(self) -> None:
+        """After a disruption (requests lost and retried, a restart) completions are skewed for a while:
+        the trigger starts afresh (same baseline) once `watch_after_s` has passed."""
+        self.watch_from_s = max(self.watch_from_s, self.loop.now_s + self.config.watch_after_s)
+        self.trigger = self._new_trigger(self.trigger.baseline)
+
     def note(self, kind: str, detail: str) -> None:
         self.log.append(LogEntry(self.loop.now_s, kind, detail))
 
     # -- observations ------------------------------------------------------------------------------------
     def _on_arrival(self, r: int, now: float) -> None:
         self.monitor.observe_arrival(now, self.replay.req.prompt[r])
+        self.recent.observe_arrival(now, self.replay.req.prompt[r])
 
     def _on_finish(self, r: int, now: float) -> None:
         self.monitor.observe_completion(now, self.replay.req.output[r])
+        self.recent.observe_completion(now, self.replay.req.output[r])
 
     def _on_state(self, gid: str, state: str, now: float) -> None:
-        if state == "active" and now > 0:
-            self.note("ready", f"group {gid} serves as {self.replay.objects[gid].group.phase.value}")
-            for rec in self.records:
-                if gid in rec.waiting_for:
-                    rec.waiting_for.discard(gid)
-                    if not rec.waiting_for:
-                        rec.ready_s = now
+        if state != "active" or now <= 0:
+            return
+        self.note("ready", f"group {gid} serves as {self.replay.objects[gid].group.phase.value}")
+        for rec in self.records:
+            if gid in rec.waiting_for:
+                rec.waiting_for.discard(gid)
+                if not rec.waiting_for:
+                    rec.ready_s = now
 
     # -- timed events -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,16 +187,16 @@ class _Controller:
             self._failure_detected(dead)
         estimate = self.monitor.estimate(now)
         # Arrivals ending is the end of the experiment, not a workload shift: the trigger stops with them.
-        watching = self.policy is not ReschedPolicy.NONE and \
-            self.config.watch_after_s <= now <= self.last_arrival_s
+        watching = self.policy is not ReschedPolicy.NONE and self.watch_from_s <= now <= self.last_arrival_s
         if watching and self.trigger.update(now, estimate):
-            observed = self.monitor.as_workload(now, name="observed")
-            assert estimate is not None and observed is not None
+            observed = self.recent.as_workload(now, name="observed") or self.monitor.as_workload(now, "observed")
+            seen = self.recent.estimate(now) or estimate
+            assert seen is not None and observed is not None
             event_s = self.last_shift_s if self.shift_pending else now
             self.shift_pending = False
             self.detections.append(Detection(
-                "shift", event_s, now, f"mean prompt {estimate.mean_prompt_tokens:.0f}, "
-                f"mean output {estimate.mean_output_tokens:.0f} tokens, {estimate.rate_rps:.2f} req/s"))
+                "shift", event_s, now, f"mean prompt {seen.mean_prompt_tokens:.0f}, "
+                f"mean output {seen.mean_output_tokens:.0f} tokens, {seen.rate_rps:.2f} req/s"))
             self.note("detect", f"workload shift ({self.detections[-1].detail})")
             self._request(_Pending("workload shift", event_s, now, workload=observed))
         if self._keep_ticking(now):
@@ -205,6 +219,7 @@ class _Controller:
         self.detections.append(Detection("fail", first, now, f"{len(gpus)} GPU(s) of {', '.join(nodes)}"))
         self.note("detect", f"heartbeat timeout: {', '.join(gpus)}; router excludes their groups, "
                   f"{lost} request(s) start over, {moved} re-routed")
+        self._settle()
         if self.policy is not ReschedPolicy.NONE and set(gpus) & set(self.plan.gpus):
             self._request(_Pending("fail:" + ",".join(nodes), first, now))
 
@@ -253,6 +268,7 @@ class _Controller:
             rec.lost = lost
             apply_s = rec.result.apply_time_s
             replay.install(new, ready_at_s=now + apply_s)
+            self._settle()
             rec.waiting_for = {g.id for g in new.groups}
             self.note("apply", f"restart: every group stops for {apply_s:.1f} s (reload + start); "
                       f"{lost} in-flight request(s) start over")
@@ -272,7 +288,8 @@ class _Controller:
                 rec.waiting_for.add(group.id)
                 self.note("apply", f"{ch.kind} {ch.group}: {ch.detail} (>= {ch.apply_time_s:.1f} s)")
             replay.set_routing(new)
-            self.note("apply", "new routing shares for new requests")
+            self.note("apply", "new routing shares for new requests (a loading or flipping group's share "
+                      "queues there until it serves)")
         if not rec.waiting_for:
             rec.ready_s = now
         self.plan = new
@@ -301,6 +318,7 @@ def run_policy(plan: Plan, cluster: Cluster, model: ModelSpec, slo: SloSpec, wor
     """Simulate the stream against `plan` with the timed `events`, rescheduling by `policy`."""
     req = _Requests(stream.arrival_s, stream.prompt_tokens, stream.output_tokens)
     replay = DynamicReplay(cluster, model, req, sim_config)
+    replay.route_to_loading = config.route_to_loading
     last = float(stream.arrival_s[-1]) if stream.arrival_s.size else 0.0
     ctl = _Controller(replay, policy, plan, cluster, model, slo, workload, stream.rate_rps, events, resolved,
                       config, last)
@@ -316,6 +334,7 @@ def run_policy(plan: Plan, cluster: Cluster, model: ModelSpec, slo: SloSpec, wor
     return PolicyRun(
         policy=str(policy), arrival_s=stream.arrival_s, first_token_s=first, finish_s=finish,
         prompt_tokens=np.asarray(req.prompt, dtype=np.int64), output_tokens=np.asarray(req.output, dtype=np.int64),
-        retries=np.asarray(replay.retries, dtype=np.int64), detections=tuple(ctl.detections),
+        retries=np.asarray(replay.retries, dtype=np.int64), entry_group=np.asarray(req.entry, dtype=np.int64),
+        group_ids=tuple(replay.incarnations), detections=tuple(ctl.detections),
         replans=ctl.records_out(), log=tuple(ctl.log), end_s=replay.loop.now_s,
         events=replay.loop.events_processed, wall_s=wall, extra=extra)

@@ -39,7 +39,11 @@ class TimelineConfig:
 
     tick_s: float = 1.0  # controller period: heartbeats, monitor estimate, trigger update
     heartbeat_timeout_s: float = 3.0  # a GPU silent this long is declared dead
-    monitor_window_s: float = 30.0  # WorkloadMonitor sliding window (also the workload a shift re-plans for)
+    # Two WorkloadMonitors see every arrival and completion: the trigger's (a longer window, so that a few
+    # very long outputs do not look like a shift) and the re-plan's (a shorter one: after a shift it holds
+    # mostly the new mix when the trigger fires).
+    monitor_window_s: float = 60.0
+    plan_window_s: float = 30.0
     enter_drift: float = ENTER_DRIFT  # ShiftTrigger thresholds (see resched.trigger)
     exit_drift: float = EXIT_DRIFT
     hold_s: float = HOLD_S
@@ -53,6 +57,10 @@ class TimelineConfig:
     light_decision_s: float | None = None  # lightweight decision time; None = measured wall-clock seconds
     full_decision_s: float | None = None  # full search decision time; None = measured wall-clock seconds
     flip_drain_s: float = FLIP_DRAIN_S  # least time a flipped group drains before its new role starts
+    # A group loading weights or waiting out a flip keeps its share of new requests, which queue there
+    # until it serves (True); False: the router spreads them over the serving groups (which, with share
+    # routing, can leave a small group a backlog it never drains).
+    route_to_loading: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # the full re-plan's search
     drain_limit_s: float = 3600.0  # after the last arrival, stop waiting for requests nobody can serve
 
@@ -136,6 +144,8 @@ class PolicyRun:
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     retries: np.ndarray  # times each request started over after losing its KV
+    entry_group: np.ndarray | None = None  # last entry group object per request (index into group_ids)
+    group_ids: tuple[str, ...] = ()  # plan group id of each group object (one per incarnation)
     detections: tuple[Detection, ...] = ()
     replans: tuple[ReplanRecord, ...] = ()
     log: tuple[LogEntry, ...] = ()
