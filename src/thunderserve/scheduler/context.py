@@ -32,7 +32,7 @@ from thunderserve.spec.workload import WorkloadSpec
 
 Stages = tuple[Stage, ...]
 Sig = LayoutSig
-CAPACITY_REL_TOL = 3e-3  # bisection tolerance of the per-group capacities the LP and the layout ranking use
+CAPACITY_REL_TOL = 5e-3  # bisection tolerance of the per-group capacities the LP and the layout ranking use
 Shape = tuple[tuple[int, int], ...]  # (node index, GPUs of that node) of a GPU set, sorted
 
 

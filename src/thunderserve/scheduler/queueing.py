@@ -330,10 +330,21 @@ class DecodeModel:
                   ) -> tuple[float, float]:
         """(P(wait), mean wait when waiting) for a KV reservation and a batch slot (Erlang C over N_cap
         slots, each held for the link sojourn plus the decode steps)."""
-        hold = _admission_hold_s(self, rate_rps, mean_delay_s)
-        if not np.isfinite(hold):
+        return self._admission(rate_rps, self.mean_batch(rate_rps), mean_delay_s, arrival_scv)
+
+    def _admission(self, rate_rps: float, nbar: float, mean_delay_s: float, arrival_scv: float
+                   ) -> tuple[float, float]:
+        if not np.isfinite(nbar):
             return 1.0, float("inf")
-        return admission_wait(rate_rps * float(self.has_decode.mean()), hold, self.n_cap, arrival_scv)
+        tau = interp(self.step_s, max(nbar, 1.0))
+        decoding = self.decoding_fraction
+        hold = mean_delay_s + self.mean_steps * tau / max(decoding, _EPS)
+        return admission_wait(rate_rps * decoding, hold, self.n_cap, arrival_scv)
+
+    @property
+    def decoding_fraction(self) -> float:
+        """Fraction of requests with decode steps (o > 1); the others end at their prefill."""
+        return float(np.count_nonzero(self.has_decode)) / max(self.has_decode.size, 1)
 
     def ok(self, rate_rps: float, delay_s: np.ndarray | float = 0.0, mean_delay_s: float = 0.0,
            arrival_scv: float = 1.0) -> np.ndarray:
@@ -355,18 +366,12 @@ class DecodeModel:
         n_grid = np.arange(self.step_s.size, dtype=float)
         n_t = np.interp(budget, self.step_s[1:], n_grid[1:], left=-np.inf, right=float(self.max_batch))
         n_t = np.where(budget >= self.step_s[1], np.maximum(n_t, 1.0), -np.inf)
-        p_wait, wait_mean = self.admission(rate_rps, mean_delay_s, arrival_scv)
+        p_wait, wait_mean = self._admission(rate_rps, nbar, mean_delay_s, arrival_scv)
         with np.errstate(invalid="ignore"):
             slack = m * (self.tpot_target_s - tau) - delay - 0.5 * tau
         admitted = 1.0 - wait_exceeds(slack, p_wait, wait_mean)
         return self.fits * np.where(self.has_decode, admitted, 1.0) * _batch_ok(
             nbar, n_t, self.var_factor * arrival_scv, self.has_decode)
-
-
-def _admission_hold_s(model: DecodeModel, rate_rps: float, mean_delay_s: float) -> float:
-    nbar = model.mean_batch(rate_rps)
-    tau = interp(model.step_s, max(nbar, 1.0)) if np.isfinite(nbar) else float("inf")
-    return mean_delay_s + model.mean_steps * tau / max(float(model.has_decode.mean()), _EPS)
 
 
 def _batch_ok(nbar: float, limit: np.ndarray | float, var_factor: np.ndarray, has_decode: np.ndarray
