@@ -67,9 +67,33 @@ def simulate_cmd(
     ttft_ms: float | None = TtftOpt,
     tpot_ms: float | None = TpotOpt,
     attainment: float = AttainOpt,
+    event: list[str] | None = typer.Option(
+        None, "--event", help="Timed event T:fail:NODE[:I] | T:workload:NAME|CSV | T:add:NODE.yaml (repeatable); "
+        "simulates the rescheduling policies side by side (needs --rate)"),
+    timeline: Path | None = typer.Option(None, "--timeline", help="With --event: write the attainment-over-time "
+                                         "plot to this PNG"),
+    policies: str = typer.Option("none,lightweight,full", "--policies",
+                                 help="With --event: rescheduling policies to compare"),
+    bucket: float = typer.Option(30.0, "--bucket", help="With --event: attainment bucket width (s of arrivals)"),
+    decision_time: str = typer.Option("measured", "--decision-time",
+                                      help="With --event: 'measured' (wall-clock of each re-plan) or a fixed "
+                                      "number of seconds for the lightweight decision (the full search then "
+                                      "takes --time-limit)"),
+    time_limit: float = typer.Option(10.0, "--time-limit",
+                                     help="With --event: time limit of the full re-plan search (and of the fresh "
+                                     "reference plan), s"),
+    heartbeat_timeout: float = typer.Option(3.0, "--heartbeat-timeout",
+                                            help="With --event: a GPU silent this long is declared dead (s)"),
+    no_reference: bool = typer.Option(False, "--no-reference",
+                                      help="With --event: skip the fresh full plan for the final state"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Simulate a plan: max rate at the SLO (bisection) and the metrics at --rate (or at that maximum)."""
+    """Simulate a plan: max rate at the SLO (bisection) and the metrics at --rate (or at that maximum).
+
+    With --event: replay timed failures / workload shifts / additions at --rate and compare rescheduling
+    policies (none, lightweight, full) on the same request stream: attainment over time, detection, decision
+    and apply times, and the event log.
+    """
     from thunderserve.report.compare import finite_json, system_entry
     from thunderserve.sim.metrics import max_rate_at_slo, poisson_stream, trace_stream
     from thunderserve.sim.replay import simulate
@@ -78,6 +102,13 @@ def simulate_cmd(
     _positive("--duration", duration)
     if warmup < 0:
         raise SpecError("must be >= 0", field="--warmup")
+    if event:
+        _simulate_timeline(cluster, model, workload, plan, rate, trace, duration, warmup, seed, prefill_first, slo,
+                           ttft_ms, tpot_ms, attainment, event, timeline, policies, bucket, decision_time,
+                           time_limit, heartbeat_timeout, not no_reference, as_json)
+        return
+    if timeline is not None:
+        raise SpecError("--timeline needs at least one --event", field="--timeline")
     if rate is not None and trace is not None:
         raise SpecError("give either --rate or --trace, not both", field="--rate")
     if no_search and rate is None and trace is None:
@@ -133,6 +164,80 @@ def simulate_cmd(
         v = entry.get(key)
         table.add_row(key, "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
     out.print(table)
+
+
+def _simulate_timeline(cluster: str, model: str, workload: str, plan: Path, rate: float | None, trace: Path | None,
+                       duration: float, warmup: float, seed: int, prefill_first: bool, slo: float | None,
+                       ttft_ms: float | None, tpot_ms: float | None, attainment: float, events: list[str],
+                       timeline: Path | None, policies: str, bucket: float, decision_time: str, time_limit: float,
+                       heartbeat_timeout: float, reference: bool, as_json: bool) -> None:
+    """`simulate --event ...`: the rescheduling policies side by side (see `sim.timeline`)."""
+    import dataclasses
+
+    from thunderserve.report.compare import finite_json
+    from thunderserve.report.timeline import (
+        checks_table,
+        log_table,
+        plot_timeline,
+        timeline_checks,
+        timeline_table,
+    )
+    from thunderserve.resched.events import parse_event
+    from thunderserve.scheduler import SchedulerConfig
+    from thunderserve.sim.timeline import ReschedPolicy, TimelineConfig, run_timeline
+
+    if trace is not None:
+        raise SpecError("--event replays Poisson arrivals at --rate; it does not take --trace", field="--trace")
+    if rate is None:
+        raise SpecError("--event needs --rate (the arrival rate for the whole run)", field="--rate")
+    _positive("--bucket", bucket)
+    _positive("--time-limit", time_limit)
+    _positive("--heartbeat-timeout", heartbeat_timeout)
+    names = [x.strip() for x in policies.split(",") if x.strip()]
+    valid = {str(p) for p in ReschedPolicy}
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise SpecError(f"unknown policy '{bad[0] if bad else ''}' (choose from {', '.join(sorted(valid))})",
+                        field="--policies")
+    light_s: float | None = None
+    full_s: float | None = None
+    if decision_time != "measured":
+        try:
+            light_s = float(decision_time)
+        except ValueError:
+            raise SpecError(f"expected 'measured' or seconds, got '{decision_time}'", field="--decision-time") from None
+        if light_s < 0:
+            raise SpecError("must be >= 0", field="--decision-time")
+        full_s = time_limit
+    parsed = [parse_event(e, timed=True) for e in events]
+    inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
+    the_plan = load_plan(plan)
+    policy = ColocatedPolicy.PREFILL_FIRST if prefill_first else ColocatedPolicy.CHUNKED
+    sim_cfg = SimConfig(colocated_policy=policy, warmup_s=warmup)
+    sched = SchedulerConfig(time_limit_s=time_limit, seed=seed, kv_compression=the_plan.kv_transfer.compression)
+    cfg = dataclasses.replace(TimelineConfig(), heartbeat_timeout_s=heartbeat_timeout, light_decision_s=light_s,
+                              full_decision_s=full_s, scheduler=sched)
+    with _progress() as bar:
+        task = bar.add_task("timeline", total=None)
+        result = run_timeline(the_plan, inputs.cluster, inputs.model, inputs.slo, inputs.workload, parsed, rate,
+                              duration, seed=seed, policies=[ReschedPolicy(n) for n in names], config=cfg,
+                              sim_config=sim_cfg, bucket_s=bucket, reference=reference,
+                              progress=lambda what: bar.update(task, description=what))
+    doc = result.to_dict()
+    doc.update({"model": inputs.model.name, "cluster": inputs.cluster.name,
+                "decision_time": decision_time, "plan_groups": len(the_plan.groups)})
+    checks = timeline_checks(doc)
+    doc["checks"] = checks
+    doc = finite_json(doc)
+    if timeline is not None:
+        plot_timeline(doc, timeline, checks)
+    if as_json:
+        print_json(doc)
+        return
+    out.print(timeline_table(doc))
+    out.print(log_table(doc, tuple(n for n in names if n != "none")))
+    if checks:
+        out.print(checks_table(checks))
 
 
 def compare_cmd(
