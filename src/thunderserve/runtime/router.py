@@ -8,15 +8,24 @@ the rest from a decode worker over another connection), then exactly one termina
 
 Every request is tracked at the workers that hold it (the entry worker, then also the decode group named
 by a `handoff` start, then only that group once the hand-off is done). When a worker is lost (its
-connection drops, or no heartbeat for `heartbeat_timeout_s`) every request it holds fails at once with an
-error naming the worker, and prefill workers are told to stop sending KV caches there; nothing hangs.
-Retrying such requests elsewhere is left to the re-scheduling layer.
+connection drops, or no heartbeat for `heartbeat_timeout_s`) the other workers are told to stop sending KV
+caches there, and every request it held is retried (up to `max_retries` times; 0 fails it at once with an
+error naming the worker); nothing hangs.
+
+Retries deliver exactly once: a retry is a new attempt (worker-side id `<id>~r<n>`, so late events of the
+old attempt are ignored) submitted to a live entry group with the output already delivered
+(`resume_token_ids`, `resume_text_chars`): the worker prefills prompt + those tokens and continues at the next
+output index with the same sampling steps, so a greedy or seeded stream continues as if nothing happened.
+Any token whose index was already delivered is dropped. A request fails only when no live worker can take
+it over or after `max_retries` retries. A KV transfer failure (`kv_transfer_failed`) or a submit that raced
+with a role flip (`not_accepting`) is retried the same way; other worker errors fail the request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -29,6 +38,7 @@ from thunderserve.runtime.kv.transport import FrameConnection, TransportError
 from thunderserve.runtime.workers.protocol import GenerateRequest, WorkerState
 
 log = logging.getLogger("thunderserve.router")
+RETRYABLE_ERRORS = frozenset({"kv_transfer_failed", "not_accepting"})  # worker error codes another worker fixes
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class RouterConfig:
     request_timeout_s: float | None = None  # fail requests older than this (None: no limit)
     max_pending_requests: int = 10_000  # beyond this, new requests get 503 (overload)
     monitor_interval_s: float = 0.2
+    max_retries: int = 0  # re-submissions of a request whose worker died (0: fail it at once)
 
 
 # ---- what the API layer receives ----------------------------------------------------------------
@@ -85,6 +96,7 @@ class RequestRecord:
     finish_s: float
     prompt_tokens: int
     completion_tokens: int
+    retries: int = 0  # times it was re-submitted after a worker failure
 
     @property
     def ttft_s(self) -> float | None:
@@ -126,14 +138,20 @@ class RequestHandle:
 @dataclass
 class _Track:
     handle: RequestHandle
+    request: GenerateRequest  # as the client sent it (retries derive from it)
     entry_group: str
     arrival_s: float
+    attempt_id: str  # the request id the workers know the current attempt by
     locations: set[str] = field(default_factory=set)
-    next_index: int = 0
+    next_index: int = 0  # output index of the next token to deliver (= tokens delivered)
     pending: dict[int, dict[str, Any]] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_s: float | None = None
+    accepted: bool = False
+    delivered_ids: list[int] = field(default_factory=list)
+    delivered_chars: int = 0
+    retries: int = 0
 
 
 @dataclass
@@ -152,6 +170,8 @@ class WorkerInfo:
     down_reason: str = ""
     heartbeat_age_s: float = 0.0
     state: WorkerState | None = None
+    in_plan: bool = True  # False once a re-plan removed its group
+    weights_loads: int = 1  # weight loads seen: 1 at start, +1 whenever the reported weights_token changes
 
 
 class _Link:
@@ -170,6 +190,8 @@ class _Link:
         self.last_heartbeat_s = now
         self.state: WorkerState | None = None
         self.reader: asyncio.Task[None] | None = None
+        self.weights_loads = 1
+        self.in_plan = True
 
 
 class Router:
@@ -185,7 +207,9 @@ class Router:
         self._addresses = dict(sorted(addresses.items()))
         self._entry = WeightedChooser(plan.routing.entry)
         self._links: dict[str, _Link] = {}
-        self._requests: dict[str, _Track] = {}
+        self._requests: dict[str, _Track] = {}  # by client request id
+        self._attempts: dict[str, str] = {}  # worker-side attempt id -> client request id
+        self.retries_total = 0
         self._monitor: asyncio.Task[None] | None = None
         self._observers: list[Callable[[RequestRecord], None]] = []
         self._closed = False
@@ -256,8 +280,9 @@ class Router:
         except LookupError:
             handle._put(Failed(503, "no live worker can take requests", code="no_worker"))
             return handle
-        track = _Track(handle, group, now, {group})
+        track = _Track(handle, req, group, now, req.request_id, {group})
         self._requests[req.request_id] = track
+        self._attempts[req.request_id] = req.request_id
         await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
         return handle
 
@@ -285,11 +310,41 @@ class Router:
                 await self._send(link, {"type": "set_routing", "kv_shares": routing.kv.get(gid, {})})
         self.plan = self.plan.model_copy(update={"routing": routing})
 
+    async def remove_group(self, group_id: str, drain_timeout_s: float = 0.0) -> None:
+        """Take a group out of the deployment: wait (up to `drain_timeout_s`) for the requests it holds to
+        finish, then shut its worker down; what it still holds is retried elsewhere. Idempotent."""
+        link = self._links.get(group_id)
+        if link is None or not link.in_plan:
+            return
+        if len(self.plan.groups) == 1 and self.plan.groups[0].id == group_id:
+            raise ValueError(f"cannot remove group '{group_id}': it is the last group of the plan")
+        deadline = self.clock() + drain_timeout_s
+        while link.alive and self._held_at(group_id) and self.clock() < deadline:
+            await asyncio.sleep(0.05)
+        link.in_plan = False
+        if link.alive:
+            await self._send(link, {"type": "shutdown"})
+            await self._mark_down(link, "removed from the plan by re-scheduling")
+        self._entry.update({g: v for g, v in self._entry.shares.items() if g != group_id})
+        routing = self.plan.routing or Routing()
+        kept = Routing(entry={g: v for g, v in routing.entry.items() if g != group_id},
+                       kv={src: {d: v for d, v in dests.items() if d != group_id}
+                           for src, dests in routing.kv.items() if src != group_id})
+        self.plan = self.plan.model_copy(update={
+            "groups": tuple(g for g in self.plan.groups if g.id != group_id), "routing": kept})
+
+    def set_estimate(self, estimate: Mapping[str, Any]) -> None:
+        """Record the planner's estimate for the plan now running (shown by /admin/plan)."""
+        self.plan = self.plan.model_copy(update={"estimate": dict(estimate)})
+
+    def _held_at(self, group_id: str) -> bool:
+        return any(group_id in t.locations for t in self._requests.values())
+
     def workers(self) -> list[WorkerInfo]:
         now = self.clock()
-        return [WorkerInfo(g, str(lk.role), lk.alive, lk.pid, lk.host, lk.port, lk.kv_port,
-                           lk.state.weights_token if lk.state is not None else lk.weights_token,
-                           lk.max_context_tokens, lk.down_reason, now - lk.last_heartbeat_s, lk.state)
+        return [WorkerInfo(g, str(lk.role), lk.alive, lk.pid, lk.host, lk.port, lk.kv_port, lk.weights_token,
+                           lk.max_context_tokens, lk.down_reason, now - lk.last_heartbeat_s, lk.state,
+                           lk.in_plan, lk.weights_loads)
                 for g, lk in sorted(self._links.items())]
 
     @property
@@ -314,6 +369,9 @@ class Router:
                 if kind == "heartbeat":
                     link.last_heartbeat_s = self.clock()
                     link.state = WorkerState.from_dict(h["state"])
+                    if link.state.weights_token != link.weights_token:  # the weights were (re)loaded
+                        link.weights_loads += 1
+                        link.weights_token = link.state.weights_token
                 elif kind == "events":
                     link.last_heartbeat_s = self.clock()
                     for ev in h["events"]:
@@ -327,14 +385,15 @@ class Router:
             return
         link.alive = False
         link.down_reason = reason
-        log.error("worker %s (pid %d) is down: %s", link.group_id, link.pid, reason)
+        if link.in_plan:
+            log.error("worker %s (pid %d) is down: %s", link.group_id, link.pid, reason)
         msg = f"worker '{link.group_id}' (pid {link.pid}) is down: {reason}"
-        for track in [t for t in self._requests.values() if link.group_id in t.locations]:
-            await self._end(track, Failed(503, msg, code="worker_failed"), "failed")
         down = sorted(g for g, lk in self._links.items() if not lk.alive)
-        for other in self._links.values():
+        for other in list(self._links.values()):  # first, so that no retry's KV is shipped to it
             if other.alive:
                 await self._send(other, {"type": "set_routing", "down": down})
+        for track in [t for t in self._requests.values() if link.group_id in t.locations]:
+            await self._retry(track, msg)
         if link.reader is not None and link.reader is not asyncio.current_task():
             link.reader.cancel()
         await link.conn.close()
@@ -355,44 +414,101 @@ class Router:
 
     # ---- events ------------------------------------------------------------------------------------------
     async def _on_event(self, link: _Link, ev: dict[str, Any]) -> None:
-        track = self._requests.get(str(ev.get("request_id")))
-        if track is None:
-            return  # late event of a request that already ended
+        attempt = str(ev.get("request_id"))
+        cid = self._attempts.get(attempt)
+        track = self._requests.get(cid) if cid is not None else None
         kind = ev.get("kind")
+        if track is None:  # late event of a request (or an attempt) that already ended
+            if (kind == "output" and not ev.get("finish_reason")) or \
+                    (kind == "handoff" and ev.get("state") == "start"):
+                await self._send(link, {"type": "cancel", "request_id": attempt})  # an orphan: stop it
+            return
         if kind == "accepted":
-            track.prompt_tokens = int(ev["prompt_tokens"])
-            track.handle._put(Accepted(track.prompt_tokens, int(ev["max_tokens"])))
+            if not track.accepted:  # a retry's accepted is not news to the client
+                track.accepted = True
+                track.prompt_tokens = int(ev["prompt_tokens"])
+                track.handle._put(Accepted(track.prompt_tokens, int(ev["max_tokens"])))
         elif kind == "rejected":
-            await self._end(track, Failed(400, str(ev["message"]), "invalid_request_error", ev.get("param"),
-                                          ev.get("code")), "rejected")
+            if track.retries:  # the client's request was fine; the worker refused to take it over
+                await self._end(track, Failed(503, str(ev["message"]), code="retry_rejected"), "failed")
+            else:
+                await self._end(track, Failed(400, str(ev["message"]), "invalid_request_error", ev.get("param"),
+                                              ev.get("code")), "rejected")
         elif kind == "error":
-            await self._end(track, Failed(503, str(ev["message"]), code="worker_error"), "failed")
+            if ev.get("code") in RETRYABLE_ERRORS:
+                await self._retry(track, str(ev["message"]))
+            else:
+                await self._end(track, Failed(503, str(ev["message"]), code="worker_error"), "failed")
         elif kind == "handoff":
             dest = str(ev["to"])
             if ev.get("state") == "start":
                 dest_link = self._links.get(dest)
                 if dest_link is None or not dest_link.alive:
                     reason = dest_link.down_reason if dest_link is not None else "unknown group"
-                    await self._end(track, Failed(503, f"decode worker '{dest}' is down: {reason}",
-                                                  code="worker_failed"), "failed")
+                    await self._retry(track, f"decode worker '{dest}' is down: {reason}")
                     return
                 track.locations.add(dest)
             else:
                 track.locations.discard(link.group_id)
         elif kind == "output":
-            track.pending[int(ev["index"])] = ev
+            index = int(ev["index"])
+            if index < track.next_index:
+                return  # already delivered (exactly once)
+            track.pending[index] = ev
             while track.next_index in track.pending:
                 out = track.pending.pop(track.next_index)
                 ids = tuple(int(t) for t in out["token_ids"])
+                text = str(out["text"])
                 track.next_index += len(ids)
                 track.completion_tokens += len(ids)
+                track.delivered_ids.extend(ids)
+                track.delivered_chars += len(text)
                 if track.first_token_s is None:
                     track.first_token_s = self.clock()
-                track.handle._put(Delta(str(out["text"]), ids, int(out["index"])))
+                track.handle._put(Delta(text, ids, int(out["index"])))
                 if out.get("finish_reason"):
                     await self._end(track, Finished(str(out["finish_reason"]), track.prompt_tokens,
                                                     track.completion_tokens), "finished")
                     return
+
+    async def _retry(self, track: _Track, reason: str) -> None:
+        """The current attempt is lost: cancel its leftovers and re-submit what is left to a live entry
+        group, resuming after the output already delivered; fail only when that is impossible."""
+        if track.handle.done:
+            return
+        old, held = track.attempt_id, sorted(track.locations)
+        self._attempts.pop(old, None)  # detach first: a failure while cancelling must not retry it twice
+        track.locations = set()
+        track.pending.clear()
+        for g in held:
+            link = self._links.get(g)
+            if link is not None and link.alive:
+                await self._send(link, {"type": "cancel", "request_id": old})
+        if track.handle.done:
+            return
+        if track.retries >= self.config.max_retries:
+            suffix = f" (gave up after {track.retries} retries)" if track.retries else ""
+            self._terminal(track, Failed(503, reason + suffix, code="worker_failed"), "failed")
+            return
+        live = set(self.entry_groups())
+        try:
+            group = self._entry.choose(exclude=[g for g in self._entry.shares if g not in live])
+        except LookupError:
+            self._terminal(track, Failed(503, f"{reason}; no live worker can take the request over",
+                                         code="worker_failed"), "failed")
+            return
+        track.retries += 1
+        self.retries_total += 1
+        rid = track.handle.request_id
+        track.attempt_id = f"{rid}~r{track.retries}"
+        track.locations = {group}
+        self._attempts[track.attempt_id] = rid
+        log.warning("request %s: %s; retry %d on %s after %d delivered tokens", rid, reason, track.retries,
+                    group, len(track.delivered_ids))
+        req = dataclasses.replace(track.request, request_id=track.attempt_id,
+                                  resume_token_ids=tuple(track.delivered_ids),
+                                  resume_text_chars=track.delivered_chars)
+        await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
 
     async def _end(self, track: _Track, event: RouterEvent | None, outcome: str) -> None:
         """Terminal transition (exactly once per request); failures cancel leftovers at live workers."""
@@ -403,17 +519,19 @@ class Router:
             for g in sorted(track.locations):
                 link = self._links.get(g)
                 if link is not None and link.alive:
-                    await self._send(link, {"type": "cancel", "request_id": track.handle.request_id})
+                    await self._send(link, {"type": "cancel", "request_id": track.attempt_id})
 
     def _terminal(self, track: _Track, event: RouterEvent | None, outcome: str) -> None:
         if track.handle.done:
             return
         track.handle.done = True
         self._requests.pop(track.handle.request_id, None)
+        self._attempts.pop(track.attempt_id, None)
         if event is not None:
             track.handle._put(event)
         record = RequestRecord(track.handle.request_id, track.entry_group, outcome, track.arrival_s,
-                               track.first_token_s, self.clock(), track.prompt_tokens, track.completion_tokens)
+                               track.first_token_s, self.clock(), track.prompt_tokens, track.completion_tokens,
+                               track.retries)
         for fn in self._observers:
             try:
                 fn(record)

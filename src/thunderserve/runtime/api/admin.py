@@ -1,20 +1,37 @@
 """The admin hook: live deployment state and controls behind `/admin/*` (same API key as /v1).
 
 `AdminState` is what admin endpoints talk to: the router (workers, current plan, role flips, routing
-updates) and, when there is one, the launcher-side deployment. A later feature adds endpoints without
-touching the app factory: it appends a FastAPI `APIRouter` to `AdminState.routes` before `create_app`
-(e.g. `/admin/plan`, `/admin/replan`), and its handlers reach this object via `request.app.state.admin`.
+updates), the launcher-side deployment when there is one, and the re-scheduling controller when it runs.
+A later feature adds endpoints without touching the app factory: it appends a FastAPI `APIRouter` to
+`AdminState.routes` before `create_app`; its handlers reach this object via `request.app.state.admin`.
+
+Endpoints (all JSON):
+    GET  /admin/workers   every worker: group, role, pid, health ("ok" | "down" | "removed"), weights_token,
+                          weights_loads (1 = loaded once; a reload would raise it), latest heartbeat state
+    GET  /admin/plan      the plan running now (phases and routing reflect live changes; the planner's
+                          estimate is the target's)
+    POST /admin/replan    {"event": "fail:NODE[:I]" | "workload:NAME|CSV" | "add:NODE.yaml"} re-plans as if
+                          the event had been detected; {"plan": {...}} reconciles toward that plan.
+                          Returns {"plan": running plan, "target", "cause", "path", "decision_time_s",
+                          "changes", "actions": [{kind, group, status, reason, detail}]}
+    GET  /admin/resched   the controller's decisions so far, GPUs it considers lost, request retries
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import APIRouter, Request
 
-from thunderserve.plan.model import Phase, Plan, Routing
+from thunderserve.errors import ThunderServeError
+from thunderserve.plan.model import Phase, Plan, Routing, plan_from_dict
+from thunderserve.runtime.api.protocol import ApiError
 from thunderserve.runtime.router import Router
+
+if TYPE_CHECKING:
+    from thunderserve.resched.controller import ControlRecord, ReschedController
 
 
 class DeploymentHandle(Protocol):
@@ -24,9 +41,11 @@ class DeploymentHandle(Protocol):
 
 
 class AdminState:
-    def __init__(self, router: Router, deployment: DeploymentHandle | None = None) -> None:
+    def __init__(self, router: Router, deployment: DeploymentHandle | None = None,
+                 controller: ReschedController | None = None) -> None:
         self.router = router
         self.deployment = deployment
+        self.controller = controller
         self.routes: list[APIRouter] = [admin_routes()]
 
     @property
@@ -39,6 +58,7 @@ class AdminState:
         for w in self.router.workers():
             d = asdict(w)
             d["state"] = w.state.to_dict() if w.state is not None else None
+            d["health"] = "removed" if not w.in_plan else ("ok" if w.alive else "down")
             out.append(d)
         return out
 
@@ -48,14 +68,68 @@ class AdminState:
     async def update_routing(self, routing: Routing) -> None:
         await self.router.update_routing(routing)
 
+    async def replan(self, body: Any) -> dict[str, Any]:
+        """POST /admin/replan: an event or an explicit plan through the controller."""
+        from thunderserve.resched.events import parse_event
+        from thunderserve.runtime.launch.base import check_servable
+
+        if self.controller is None:
+            raise ApiError(503, "re-scheduling is not enabled on this server", "server_error",
+                           code="resched_disabled")
+        if not isinstance(body, dict) or len({"event", "plan"} & set(body)) != 1 or set(body) - {"event", "plan"}:
+            raise ApiError(400, 'body must be {"event": "fail:NODE[:I]" | "workload:NAME|CSV" | "add:NODE.yaml"} '
+                                'or {"plan": {...}}', param="event", code="invalid_value")
+        try:
+            if "event" in body:
+                if not isinstance(body["event"], str):
+                    raise ApiError(400, "event: expected a string like fail:NODE[:I]", param="event")
+                record = await self.controller.replan_event(parse_event(body["event"]))
+            else:
+                plan = plan_from_dict(body["plan"], "plan")
+                check_servable(plan)
+                record = await self.controller.replan_to(plan)
+        except ThunderServeError as exc:
+            raise ApiError(400, str(exc), param="event" if "event" in body else "plan") from None
+        return self._record_body(record)
+
+    def _record_body(self, record: ControlRecord) -> dict[str, Any]:
+        d = record.to_dict()
+        return {"plan": self.plan.to_dict(), **d}
+
+    def resched_status(self) -> dict[str, Any]:
+        c = self.controller
+        return {"enabled": c is not None, "retries_total": self.router.retries_total,
+                "lost_gpus": sorted(c.lost_gpus) if c is not None else [],
+                "target": c.target.to_dict() if c is not None else None,
+                "history": [r.to_dict() for r in c.history] if c is not None else []}
+
 
 def admin_routes() -> APIRouter:
-    """Read-only admin endpoints every deployment has."""
+    """Admin endpoints every deployment has (re-planning answers 503 without a controller)."""
     r = APIRouter()
 
     @r.get("/admin/workers")
     async def workers(request: Request) -> dict[str, Any]:
         admin: AdminState = request.app.state.admin
         return {"object": "list", "data": admin.workers()}
+
+    @r.get("/admin/plan")
+    async def plan(request: Request) -> dict[str, Any]:
+        admin: AdminState = request.app.state.admin
+        return admin.plan.to_dict()
+
+    @r.post("/admin/replan")
+    async def replan(request: Request) -> dict[str, Any]:
+        admin: AdminState = request.app.state.admin
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        return await admin.replan(body)
+
+    @r.get("/admin/resched")
+    async def resched(request: Request) -> dict[str, Any]:
+        admin: AdminState = request.app.state.admin
+        return admin.resched_status()
 
     return r

@@ -4,8 +4,12 @@ Rollout of a plan (the order `serve` follows):
     1. check the plan is servable and build one launch spec per group
     2. start workers (local processes or Ray actors); each loads the model once and reports its ports
     3. start uvicorn; its lifespan connects the router to every worker and configures roles/routing
-    4. serve; SIGINT/SIGTERM make uvicorn leave the lifespan: the router fails in-flight requests
-       ("shutting down"), tells workers to shut down, and the launcher reaps them (SIGTERM, then SIGKILL)
+    4. serve, with the re-scheduling controller running in the same loop (unless `resched` is off): a
+       worker that dies has its requests retried elsewhere by the router, and the controller re-plans
+       without its GPUs and reconciles (see `resched.controller`); /admin/replan asks for the same by hand
+    5. SIGINT/SIGTERM make uvicorn leave the lifespan: the controller stops, the router fails in-flight
+       requests ("shutting down"), tells workers to shut down, and the launcher reaps them (SIGTERM, then
+       SIGKILL)
 """
 
 from __future__ import annotations
@@ -21,13 +25,21 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from thunderserve.costmodel.reference import slo_from_scale
+from thunderserve.errors import ThunderServeError
 from thunderserve.plan.model import Plan
+from thunderserve.resched.actuator import RouterActuator
+from thunderserve.resched.controller import ReplanContext, ReschedController
 from thunderserve.runtime.api.admin import AdminState
 from thunderserve.runtime.api.app import ApiConfig, create_app
 from thunderserve.runtime.launch.base import Launcher, LaunchError, WorkerEndpoint, cuda_devices, worker_specs
+from thunderserve.runtime.launch.demo import LOCAL_DEVICE
 from thunderserve.runtime.launch.local import LocalLauncher
 from thunderserve.runtime.router import Router, RouterConfig
 from thunderserve.runtime.workers.protocol import DEFAULT_KV_CAPACITY_TOKENS, WorkerConfig
+from thunderserve.spec.cluster import Cluster, ClusterSpec, builtin_clusters, load_cluster, resolve_cluster
+from thunderserve.spec.slo import DEFAULT_SLO_SCALE
+from thunderserve.spec.workload import load_workload
 
 log = logging.getLogger("thunderserve.serve")
 
@@ -46,6 +58,11 @@ class ServeConfig:
     heartbeat_timeout_s: float = 15.0
     log_level: str = "warning"
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", or "cuda"
+    max_retries: int = 3  # re-submissions of a request whose worker died (0: fail it)
+    resched: bool = True  # run the re-scheduling controller (failures, workload shifts, /admin/replan)
+    cluster: str | None = None  # cluster the plan runs on, for re-planning (default: the plan's own if
+    #                             built in, else one LOCAL-CPU device per plan GPU id)
+    resched_workload: str = "conversation"  # planned for until enough requests were observed
 
 
 def served_names(plan: Plan, model: str) -> tuple[str, tuple[str, ...]]:
@@ -80,7 +97,8 @@ class Deployment:
                              host=self.config.worker_host, knobs=knobs, devices=self._devices())
         self.endpoints = self.launcher.start(specs)
         self.router = Router(self.plan, {g: (e.host, e.control_port) for g, e in self.endpoints.items()},
-                             RouterConfig(heartbeat_timeout_s=self.config.heartbeat_timeout_s))
+                             RouterConfig(heartbeat_timeout_s=self.config.heartbeat_timeout_s,
+                                          max_retries=self.config.max_retries))
         return self.endpoints
 
     def worker_pids(self) -> dict[str, int]:
@@ -111,19 +129,61 @@ def build_app(dep: Deployment) -> FastAPI:
     if dep.router is None:
         raise RuntimeError("start the workers before building the app")
     router = dep.router
+    controller = make_controller(dep.plan, dep.config, router) if dep.config.resched else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await router.start()
+        if controller is not None:
+            controller.start()
         try:
             yield
         finally:
+            if controller is not None:
+                await controller.stop()
             await router.close(shutdown_workers=True)
             await asyncio.to_thread(dep.stop)
 
     name, aliases = served_names(dep.plan, dep.config.model)
-    return create_app(router, ApiConfig(name, dep.config.api_key, aliases), admin=AdminState(router, dep),
-                      lifespan=lifespan)
+    return create_app(router, ApiConfig(name, dep.config.api_key, aliases),
+                      admin=AdminState(router, dep, controller), lifespan=lifespan)
+
+
+def resched_cluster(plan: Plan, ref: str | None = None) -> Cluster:
+    """The cluster to re-plan on: `ref`, the plan's cluster when built in, else one node per plan node with
+    one LOCAL-CPU device per GPU index used (this machine, as the demo describes it)."""
+    if ref is not None:
+        return load_cluster(ref)
+    if plan.cluster in builtin_clusters():
+        return load_cluster(plan.cluster)
+    counts: dict[str, int] = {}
+    for gpu in plan.gpus:
+        node, _, index = gpu.rpartition(":")
+        if not node or not index.isdigit():
+            raise ValueError(f"GPU id '{gpu}' is not NODE:INDEX; give the cluster to re-plan on")
+        counts[node] = max(counts.get(node, 0), int(index) + 1)
+    spec = ClusterSpec.model_validate({"name": plan.cluster, "gpu_types": [LOCAL_DEVICE],
+                                       "nodes": [{"name": n, "gpu": LOCAL_DEVICE["name"], "count": c}
+                                                 for n, c in sorted(counts.items())]})
+    return resolve_cluster(spec, plan.cluster)
+
+
+def make_controller(plan: Plan, config: ServeConfig, router: Router) -> ReschedController | None:
+    """The re-scheduling controller over `router`, observing its requests; None (logged) when the facts a
+    re-plan needs (model architecture, cluster) cannot be had - serving goes on without it."""
+    from thunderserve.cli.serve_cmds import model_spec_for
+
+    try:
+        model = model_spec_for(config.model).model_copy(update={"name": plan.model})
+        workload = load_workload(config.resched_workload)
+        context = ReplanContext(cluster=resched_cluster(plan, config.cluster), model=model,
+                                slo=slo_from_scale(model, workload, DEFAULT_SLO_SCALE), workload=workload)
+    except (ThunderServeError, ValueError) as exc:
+        log.warning("re-scheduling disabled: %s", exc)
+        return None
+    controller = ReschedController(RouterActuator(router), plan, context, clock=router.clock)
+    router.add_observer(controller.observe)
+    return controller
 
 
 def serve(plan: Plan, config: ServeConfig, launcher: Launcher | None = None) -> None:

@@ -59,6 +59,8 @@ class _Pending:
     sampling: SamplingParams
     seed: int
     ignore_eos: bool = False
+    resumed: tuple[int, ...] = ()  # a retry: output tokens already delivered (the tail of prompt_ids)
+    resume_chars: int = 0  # a retry: output characters already delivered
 
 
 @dataclass
@@ -154,7 +156,7 @@ class WorkerCore:
         """Validate and tokenise a new request; queue it for prefill (emits accepted/rejected/error)."""
         rid = req.request_id
         if self.role is Phase.DECODE:
-            self._emit({"kind": "error", "request_id": rid,
+            self._emit({"kind": "error", "request_id": rid, "code": "not_accepting",
                         "message": f"worker {self.config.group_id} is in decode role and takes no new requests"})
             return
         try:
@@ -194,8 +196,14 @@ class WorkerCore:
             self._reject(rid, f"request needs {len(ids) + max_tokens} KV tokens; this deployment holds at most "
                               f"{self.config.kv_capacity_tokens} per worker", "max_tokens", "kv_capacity_exceeded")
             return
+        resumed = tuple(int(t) for t in req.resume_token_ids)
+        if len(resumed) >= max_tokens:
+            self._reject(rid, f"resume_token_ids: {len(resumed)} tokens already delivered of max_tokens="
+                              f"{max_tokens}; nothing left to generate", "max_tokens")
+            return
         self._emit({"kind": "accepted", "request_id": rid, "prompt_tokens": len(ids), "max_tokens": max_tokens})
-        self._prefill_queue.append(_Pending(rid, ids, max_tokens, req.sampling, req.seed, req.ignore_eos))
+        self._prefill_queue.append(_Pending(rid, ids + list(resumed), max_tokens, req.sampling, req.seed,
+                                            req.ignore_eos, resumed, req.resume_text_chars))
 
     def import_kv(self, request_id: str, meta: Mapping[str, Any], payload: bytes) -> None:
         """Take over a prefilled request from another worker; raises (-> negative ack) if it cannot."""
@@ -236,7 +244,7 @@ class WorkerCore:
         if ok:
             self._emit({"kind": "handoff", "request_id": request_id, "to": dest_group, "state": "done"})
         else:
-            self._emit({"kind": "error", "request_id": request_id,
+            self._emit({"kind": "error", "request_id": request_id, "code": "kv_transfer_failed",
                         "message": f"KV transfer from {self.config.group_id} to {dest_group} failed: {error}"})
 
     # ---- compute ----------------------------------------------------------------------------------
@@ -292,8 +300,11 @@ class WorkerCore:
         result.prefilled = len(done)
         for p, out in done:
             self.prefill_tokens_total += len(p.prompt_ids)
-            seq = _Seq(p.request_id, out.kv, len(p.prompt_ids), p.max_tokens, p.sampling, p.seed,
-                       TextStream(self.engine.decode_text, p.sampling.stop, self._eos), ignore_eos=p.ignore_eos)
+            k = len(p.resumed)  # a retry continues after the delivered tokens: same steps, same text state
+            text = TextStream(self.engine.decode_text, p.sampling.stop, self._eos,
+                              [t for t in p.resumed if t not in self._eos], p.resume_chars)
+            seq = _Seq(p.request_id, out.kv, len(p.prompt_ids) - k, p.max_tokens, p.sampling, p.seed, text,
+                       last_token=p.resumed[-1] if k else -1, num_generated=k, ignore_eos=p.ignore_eos)
             if self._advance(seq, out.logits):
                 continue
             dest = self._choose_dest() if self.role is Phase.PREFILL else None

@@ -19,7 +19,14 @@ Request events (dicts, "kind" first):
     rejected  {request_id, message, param, code}     the request is invalid (client error, HTTP 400)
     output    {request_id, index, token_ids, text, finish_reason}   index = position of token_ids[0]
     handoff   {request_id, to, state: start|done}    KV cache on its way to / held by decode group `to`
-    error     {request_id, message}                  the runtime failed the request (HTTP 503)
+    error     {request_id, message, code?}           the runtime failed the request (HTTP 503); code
+                                                     "kv_transfer_failed" / "not_accepting": another
+                                                     worker may take it over (the router retries those)
+
+A retry (the router re-submits a request whose worker died) carries `resume_token_ids` (the output tokens the
+client already has) and `resume_text_chars` (the characters of output text it already has): the worker
+prefills prompt + those tokens and continues at output index len(resume_token_ids), with the same sampling
+step numbers and text state as the first attempt, so a greedy or seeded run continues identically.
 """
 
 from __future__ import annotations
@@ -73,6 +80,8 @@ class GenerateRequest:
     max_tokens: int | None = None  # None: up to the end of the context window
     arrival_s: float = 0.0  # client-side arrival time (diagnostics)
     ignore_eos: bool = False  # keep generating past EOS up to max_tokens (benchmarks)
+    resume_token_ids: tuple[int, ...] = ()  # retry: output tokens already delivered (continue after them)
+    resume_text_chars: int = 0  # retry: characters of output text already delivered
 
     def to_dict(self) -> dict[str, Any]:
         s = self.sampling
@@ -80,6 +89,7 @@ class GenerateRequest:
                 "prompt_ids": list(self.prompt_ids) if self.prompt_ids is not None else None,
                 "messages": [dict(m) for m in self.messages] if self.messages is not None else None,
                 "max_tokens": self.max_tokens, "arrival_s": self.arrival_s, "ignore_eos": self.ignore_eos,
+                "resume_token_ids": list(self.resume_token_ids), "resume_text_chars": self.resume_text_chars,
                 "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
                              "seed": s.seed, "stop": list(s.stop)}}
 
@@ -91,6 +101,8 @@ class GenerateRequest:
                    messages=tuple(d["messages"]) if d.get("messages") is not None else None,
                    max_tokens=d.get("max_tokens"), arrival_s=float(d.get("arrival_s", 0.0)),
                    ignore_eos=bool(d.get("ignore_eos", False)),
+                   resume_token_ids=tuple(int(t) for t in d.get("resume_token_ids") or ()),
+                   resume_text_chars=int(d.get("resume_text_chars", 0)),
                    sampling=SamplingParams(max_tokens=int(s["max_tokens"]), temperature=float(s["temperature"]),
                                            top_p=float(s["top_p"]), seed=s.get("seed"),
                                            stop=tuple(s.get("stop", ()))))
