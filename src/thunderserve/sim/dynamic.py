@@ -60,6 +60,9 @@ class _Life:
     dead: bool  # stopped (failed GPUs or a restart): its scheduled events are ignored
     successor: _DynGroup | None  # a flip is due: hand the running decode batch to it at a step boundary
     kv_heir: _DynGroup | None  # a flipped prefill group's successor: gets KV memory back as it is released
+    pred: _DynGroup | None  # loading: the object still running on the same GPUs (draining), if any
+    ready_at_s: float  # loading: earliest time it may serve
+    polled: bool  # a drain poll runs (or ran) for it
 
     def _init_life(self, group: Group) -> None:
         self.group = group
@@ -67,6 +70,9 @@ class _Life:
         self.dead = False
         self.successor = None
         self.kv_heir = None
+        self.pred = None
+        self.ready_at_s = 0.0
+        self.polled = False
 
     @property
     def gid(self) -> str:
@@ -180,7 +186,7 @@ def _hand_over(old: _DynDecode | _DynColocated) -> None:
     """A flip between decode and colocated keeps the running decode batch (same GPUs, same KV cache): at a
     step boundary, once no KV transfer into it (decode) or prompt prefill in it (colocated) is unfinished."""
     new = old.successor
-    assert isinstance(new, _DynDecode | _DynColocated)
+    assert isinstance(new, _DynDecode | _DynColocated) and new.state is GroupState.LOADING
     sim = old.sim
     assert isinstance(sim, DynamicReplay)
     old.successor = None
@@ -508,26 +514,71 @@ class DynamicReplay(_Replay):
             into the old group / no prompt prefill in it is unfinished;
           prefill -> decode/colocated: once no prefill batch runs; KV the old role still holds (waiting to
             be transferred) is memory the new role gets back as it leaves;
-          decode/colocated -> prefill: once every running sequence finished (a full drain)."""
-        old = self.objects.get(group.id)
-        new = self._make(group)
-        self.objects[group.id] = new
-        ready_at = self.loop.now_s + drain_s
-        if old is None or old.dead:
+          decode/colocated -> prefill: once every running sequence finished (a full drain).
+        Flipping a group whose previous flip is still pending replaces that pending role: the new one waits
+        for what the GPUs still run."""
+        old, ready_at = self._replace(group, drain_s)
+        new = self.objects[group.id]
+        if old is None:
             self._ready_after(new, ready_at)
             return
+        self._stop_new_work(old)
         if isinstance(old, _DynPrefill) and not isinstance(new, _DynPrefill):
-            self._drain(old, lambda: None)
+            if not old.polled:
+                self._poll_drain(old, lambda: None)
             self.loop.schedule(ready_at, PRIORITY_DECIDE, lambda _: self._inherit_kv(old, new), None)
         elif not isinstance(old, _DynPrefill) and not isinstance(new, _DynPrefill):
-            self._drain(old, lambda: None, poll=False)
             self.loop.schedule(ready_at, PRIORITY_DECIDE, lambda _: self._due(old, new), None)
         else:
-            self._drain(old, lambda: self._ready_after(new, ready_at))
+            self._poll_drain(old, lambda: self._ready_after(new, ready_at))
+
+    def load(self, group: Group, load_s: float) -> None:
+        """`group` (a new layout) starts loading its weights; it is ready after `load_s` (and after the old
+        object of its id, if alive, drained)."""
+        old, ready_at = self._replace(group, load_s)
+        new = self.objects[group.id]
+        if old is None:
+            self._ready_after(new, ready_at)
+            return
+        self._stop_new_work(old)
+        self._poll_drain(old, lambda: self._ready_after(new, ready_at))
+
+    def _replace(self, group: Group, delay_s: float) -> tuple[_DynGroup | None, float]:
+        """Make `group`'s new object (loading); return the object still running on its GPUs (None: none)
+        and the earliest time the new one may serve."""
+        old = self.objects.get(group.id)
+        ready_at = self.loop.now_s + delay_s
+        if old is not None and not old.dead and old.state is GroupState.LOADING:
+            # It never served: it gives way, its queued work goes back; its wait becomes the new one's.
+            self._take_back(old)
+            self._set_state(old, GroupState.GONE)
+            ready_at = max(ready_at, old.ready_at_s)
+            old = old.pred
+        if old is not None and (old.dead or old.state is GroupState.GONE):
+            old = None
+        new = self._make(group)
+        new.pred = old
+        new.ready_at_s = ready_at
+        self.objects[group.id] = new
+        if old is not None:
+            old.successor = None  # a hand-over due to the replaced role is off; the caller decides anew
+        return old, ready_at
+
+    def drop(self, gid: str) -> None:
+        """Group `gid` leaves the plan: it drains and goes."""
+        old = self.objects.pop(gid, None)
+        if old is not None and not old.dead:
+            if old.state is GroupState.LOADING:
+                self._take_back(old)
+                self._set_state(old, GroupState.GONE)
+            else:
+                self._stop_new_work(old)
+                self._poll_drain(old, lambda: None)
+        self._refresh()
 
     def _due(self, old: _DynGroup, new: _DynGroup) -> None:
         assert isinstance(old, _DynDecode | _DynColocated)
-        if old.dead or new.dead:
+        if old.dead or new.dead or new.state is not GroupState.LOADING or old.state is GroupState.GONE:
             return
         old.successor = new
         if not old.stepping:  # idle: decide now (as an arrival would wake it)
@@ -535,7 +586,7 @@ class DynamicReplay(_Replay):
             old._step_start(None)
 
     def _inherit_kv(self, old: _DynPrefill, new: _DynGroup) -> None:
-        if old.dead or new.dead:
+        if old.dead or new.dead or new.state is not GroupState.LOADING:
             return
         if old.computing():
             self.loop.schedule(self.loop.now_s + DRAIN_POLL_S, PRIORITY_DECIDE,
@@ -546,31 +597,18 @@ class DynamicReplay(_Replay):
             old.kv_heir = new
         self._activate(new)
 
-    def load(self, group: Group, load_s: float) -> None:
-        """`group` (a new layout) starts loading its weights; it is ready after `load_s` (and after the old
-        object of its id, if alive, drained)."""
-        old = self.objects.get(group.id)
-        new = self._make(group)
-        self.objects[group.id] = new
-        ready_at = self.loop.now_s + load_s
-        if old is not None and not old.dead:
-            self._drain(old, lambda: self._ready_after(new, ready_at))
-        else:
-            self._ready_after(new, ready_at)
-
-    def drop(self, gid: str) -> None:
-        """Group `gid` leaves the plan: it drains and goes."""
-        old = self.objects.pop(gid, None)
-        if old is not None and not old.dead:
-            self._drain(old, lambda: None)
-        self._refresh()
-
     def _ready_after(self, obj: _DynGroup, at_s: float) -> None:
         self.loop.schedule(max(at_s, self.loop.now_s), PRIORITY_DECIDE, lambda _: self._activate(obj), None)
 
-    def _drain(self, obj: _DynGroup, then: Callable[[], None], poll: bool = True) -> None:
-        self._set_state(obj, GroupState.DRAINING)
-        self._refresh()
+    def _stop_new_work(self, obj: _DynGroup) -> None:
+        """The group stops taking work of its role (idempotent): draining, its unstarted requests go back."""
+        if obj.state is not GroupState.DRAINING:
+            self._set_state(obj, GroupState.DRAINING)
+            self._refresh()
+        self._take_back(obj)
+
+    def _take_back(self, obj: _DynGroup) -> None:
+        """Requests queued at the group but not started: back to the router (decode: to another decode group)."""
         if isinstance(obj, _DynPrefill):
             back = list(obj.queue)
             obj.queue.clear()
@@ -587,14 +625,14 @@ class DynamicReplay(_Replay):
             lost: list[int] = []
             self._reroute(back, lost)
             self._start_over(lost)
-        if poll:
-            self._poll_drain(obj, then)
 
     def _poll_drain(self, obj: _DynGroup, then: Callable[[], None]) -> None:
+        obj.polled = True
         if obj.dead:
             return
         if obj.drained():
-            self._set_state(obj, GroupState.GONE)
+            if obj.state is not GroupState.GONE:
+                self._set_state(obj, GroupState.GONE)
             then()
             return
         self.loop.schedule(self.loop.now_s + DRAIN_POLL_S, PRIORITY_DECIDE,

@@ -67,6 +67,7 @@ class _Record:
     decision_start_s: float
     decision_time_s: float
     result: ReplanResult
+    decision_wall_s: float = float("nan")
     applied_s: float = float("nan")
     waiting_for: set[str] = field(default_factory=set)
     ready_s: float = float("nan")
@@ -250,7 +251,7 @@ class _Controller:
         decision_s = wall if fixed is None else fixed
         self.workload = workload
         now = self.loop.now_s
-        rec = _Record(pending, str(self.policy), now, decision_s, result)
+        rec = _Record(pending, str(self.policy), now, decision_s, result, decision_wall_s=wall)
         self.records.append(rec)
         self.deciding = True
         self.note("decide", f"{self.policy} re-plan for {pending.cause}: {decision_s:.2f} s "
@@ -304,7 +305,8 @@ class _Controller:
             p = rec.pending
             out.append(ReplanRecord(
                 cause=p.cause, path=rec.path, event_s=p.event_s, detected_s=p.detected_s,
-                decision_time_s=rec.decision_time_s, applied_s=rec.applied_s, ready_s=rec.ready_s,
+                decision_time_s=rec.decision_time_s, decision_wall_s=rec.decision_wall_s,
+                applied_s=rec.applied_s, ready_s=rec.ready_s,
                 changes=tuple(f"{c.kind} {c.group or '-'}: {c.detail}" for c in rec.result.changes),
                 requests_restarted=rec.lost, estimated_max_rate_rps=rec.result.max_rate_at_slo,
                 plan=rec.result.plan.to_dict()))

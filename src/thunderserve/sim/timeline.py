@@ -203,33 +203,43 @@ def final_state(cluster: Cluster, workload: WorkloadSpec, events: Sequence[Resch
 
 def fresh_reference(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
                     stream: RequestStream, from_s: float, scheduler: SchedulerConfig = SchedulerConfig(),
-                    sim_config: SimConfig = SimConfig()) -> tuple[PolicyRun, float]:
-    """Plan from scratch for (cluster, workload) and serve the stream's requests arriving from `from_s` on
-    with it, starting empty at `from_s`. Returns the run (absolute times) and the plan's estimated max rate."""
-    from thunderserve.scheduler import plan_deployment
+                    sim_config: SimConfig = SimConfig(), plan: Plan | None = None) -> tuple[PolicyRun, float]:
+    """Plan from scratch for (cluster, workload) (or take `plan`) and serve the stream's requests arriving
+    from `from_s` on with it, starting empty at `from_s`. Returns the run (absolute times) and the plan's
+    estimated max rate."""
+    from thunderserve.scheduler import estimate_max_rate, plan_deployment
 
-    result = plan_deployment(cluster, model, workload, slo, scheduler)
+    if plan is None:
+        result = plan_deployment(cluster, model, workload, slo, scheduler)
+        plan, est = result.plan, result.max_rate_at_slo
+    else:
+        validate_plan(plan, cluster, model)
+        est = estimate_max_rate(plan, cluster, model, workload, slo)
     sel = stream.arrival_s >= from_s
     arrival = stream.arrival_s[sel] - from_s
-    sim = simulate(result.plan, cluster, model, arrival, stream.prompt_tokens[sel], stream.output_tokens[sel],
+    sim = simulate(plan, cluster, model, arrival, stream.prompt_tokens[sel], stream.output_tokens[sel],
                    SimConfig(batching=sim_config.batching, colocated_policy=sim_config.colocated_policy,
                              warmup_s=0.0))
     run = PolicyRun(policy="fresh", arrival_s=arrival + from_s, first_token_s=sim.first_token_s + from_s,
                     finish_s=sim.finish_s + from_s, prompt_tokens=sim.prompt_tokens,
                     output_tokens=sim.output_tokens, retries=np.zeros(arrival.size, dtype=np.int64),
                     end_s=sim.end_s + from_s, events=sim.events, wall_s=sim.wall_s,
-                    extra={"plan": result.plan.to_dict()})
-    return run, result.max_rate_at_slo
+                    extra={"plan": plan.to_dict()})
+    return run, est
 
 
 def run_timeline(plan: Plan, cluster: Cluster, model: ModelSpec, slo: SloSpec, workload: WorkloadSpec,
                  events: Sequence[ReschedEvent], rate_rps: float, duration_s: float, *, seed: int = 0,
                  policies: Sequence[ReschedPolicy] = ALL_POLICIES, config: TimelineConfig = TimelineConfig(),
                  sim_config: SimConfig = SimConfig(), bucket_s: float = DEFAULT_BUCKET_S,
-                 final_window_s: float = DEFAULT_FINAL_WINDOW_S, reference: bool = False,
+                 final_window_s: float = DEFAULT_FINAL_WINDOW_S, reference: bool | Plan = False,
                  resolve: Callable[[str], WorkloadSpec] = load_workload,
                  progress: Callable[[str], None] | None = None) -> TimelineResult:
-    """Simulate `plan` under the timed `events` once per policy, on one request stream (see module doc)."""
+    """Simulate `plan` under the timed `events` once per policy, on one request stream (see module doc).
+
+    `reference`: True plans a fresh full plan for the final state (cluster and workload after every event)
+    and serves the requests from the last event on with it; a Plan is used as that fresh plan as given.
+    """
     validate_plan(plan, cluster, model)
     timed = sorted(events, key=lambda e: e.at_s if e.at_s is not None else -1.0)
     for ev in timed:
@@ -264,7 +274,7 @@ def run_timeline(plan: Plan, cluster: Cluster, model: ModelSpec, slo: SloSpec, w
             progress("fresh full plan for the final state")
         last = max(e.at_s or 0.0 for e in timed)
         ref_run, ref_rate = fresh_reference(live, model, final_wl, slo, stream, last, config.scheduler,
-                                            sim_config)
+                                            sim_config, plan=reference if isinstance(reference, Plan) else None)
     return TimelineResult(stream=stream, slo=slo, events=tuple(timed), runs=runs, bucket_s=bucket_s,
                           warmup_s=sim_config.warmup_s, final_window_s=final_window_s, reference=ref_run,
                           reference_max_rate_rps=ref_rate)

@@ -52,7 +52,7 @@ class TimelineConfig:
     watch_after_s: float = 120.0
     # Quiet time after a shift re-plan. A lightweight re-plan costs seconds and no reload, so it may refine
     # its decision as the window fills with the new mix; a full one restarts everything, so it waits longer.
-    light_cooldown_s: float = 10.0
+    light_cooldown_s: float = 60.0
     full_cooldown_s: float = COOLDOWN_S
     light_decision_s: float | None = None  # lightweight decision time; None = measured wall-clock seconds
     full_decision_s: float | None = None  # full search decision time; None = measured wall-clock seconds
@@ -110,6 +110,7 @@ class ReplanRecord:
     event_s: float
     detected_s: float
     decision_time_s: float  # measured or fixed, see TimelineConfig
+    decision_wall_s: float  # what the re-plan call took on this machine (= decision_time_s when measured)
     applied_s: float  # decision done: new routing (lightweight) or restart begins (full)
     ready_s: float  # every flipped / loaded / restarted group serves (NaN: never)
     changes: tuple[str, ...]
@@ -128,6 +129,7 @@ class ReplanRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"cause": self.cause, "path": self.path, "event_s": self.event_s, "detected_s": self.detected_s,
                 "detection_delay_s": self.detection_delay_s, "decision_time_s": self.decision_time_s,
+                "decision_wall_s": self.decision_wall_s,
                 "applied_s": self.applied_s, "ready_s": self.ready_s, "apply_time_s": self.apply_time_s,
                 "changes": list(self.changes), "requests_restarted": self.requests_restarted,
                 "estimated_max_rate_rps": self.estimated_max_rate_rps}
