@@ -166,7 +166,7 @@ def test_kill_a_decode_worker_mid_stream(model_dir: Path, tmp_path: Path) -> Non
         assert {g: w["role"] for g, w in before.items()} == {"p0": "prefill", "p1": "prefill", "d0": "decode",
                                                              "d1": "decode"}
 
-        async def kill_when_decoding(streams: list[Stream]) -> tuple[str, int, int, int] | None:
+        async def kill_when_decoding(streams: list[Stream]) -> tuple[str, int, int, int, float] | None:
             """kill -9 a decode worker as soon as decoding is under way (the busiest by its last heartbeat)."""
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 120
@@ -181,15 +181,16 @@ def test_kill_a_decode_worker_mid_stream(model_dir: Path, tmp_path: Path) -> Non
                     victim = max(sorted(running), key=lambda g: running[g])
                     pid = next(w["pid"] for w in workers if w["group_id"] == victim)
                     os.kill(pid, signal.SIGKILL)
+                    killed_s = time.monotonic()  # system-wide clock: comparable with the server's
                     unfinished = sum(1 for s in streams if not s.done)
-                    return victim, pid, sum(len(s.token_ids) for s in streams), unfinished
+                    return victim, pid, sum(len(s.token_ids) for s in streams), unfinished, killed_s
             return None
 
         t0 = time.monotonic()
         streams, killed = asyncio.run(run_streams(srv.url, bodies, kill_when_decoding))
         chaos_s = time.monotonic() - t0
         assert killed is not None, "the streams ended before a decode worker could be killed"
-        victim, pid, delivered_at_kill, unfinished_at_kill = killed
+        victim, pid, delivered_at_kill, unfinished_at_kill, killed_s = killed
         assert 0 < delivered_at_kill < sum(b["max_tokens"] for b in bodies) and unfinished_at_kill > 0
         assert_exact(streams, bodies, reference)  # nothing lost, nothing twice, same tokens as without the kill
         status = srv.get("/admin/resched")
@@ -207,6 +208,8 @@ def test_kill_a_decode_worker_mid_stream(model_dir: Path, tmp_path: Path) -> Non
         status = srv.get("/admin/resched")
         first = status["history"][0]
         assert first["cause"] == f"fail:{victim}" and first["path"] == "lightweight"
+        react_s = first["decided_at_s"] - killed_s
+        assert 0 <= react_s < 15.0  # detected (connection loss) and decided within a few controller ticks
         assert any(a["kind"] == "drop" and a["group"] == victim and a["status"] == "applied"
                    for a in first["actions"])
         after = srv.workers()
@@ -219,7 +222,8 @@ def test_kill_a_decode_worker_mid_stream(model_dir: Path, tmp_path: Path) -> Non
         again, _ = asyncio.run(run_streams(srv.url, bodies[:8]))  # the new plan serves
         assert_exact(again, bodies[:8], reference[:8])
         print(f"\nchaos: killed {victim} (pid {pid}) after {delivered_at_kill} tokens, {unfinished_at_kill} streams "
-              f"unfinished; 40 streams in {chaos_s:.1f} s; "
+              f"unfinished; 40 streams in {chaos_s:.1f} s; kill -> decision {react_s:.2f} s, re-plan "
+              f"{first['decision_time_s'] * 1e3:.0f} ms; "
               f"{status['retries_total']} retries; new plan {[(g['id'], g['phase']) for g in plan['groups']]}")
 
         pids = [w["pid"] for w in after.values()]

@@ -149,7 +149,9 @@ async def test_admin_errors_are_clear() -> None:
                 ({"event": "workload:nope"}, 400, "no such file or workload preset"),
                 ({"plan": {"format": "x"}}, 400, "unsupported plan format"),
                 ({"plan": {**router.plan.to_dict(), "routing": None}}, 400, "routing: missing"),
-                ({"event": "fail:n0", "plan": {}}, 400, "body must be")]
+                ({"event": "fail:n0", "plan": {}}, 400, "body must be"),
+                ({"plan": {**router.plan.to_dict(), "kv_transfer": {"compression": "int4"}}}, 400, "KV compression"),
+                ({"plan": {**router.plan.to_dict(), "model": "other"}}, 400, "this server runs 'toy'")]
             for body, status, text in cases:
                 r = await http.post("/admin/replan", json=body)
                 assert r.status_code == status and text in r.json()["error"]["message"], (body, r.text)

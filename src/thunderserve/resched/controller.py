@@ -12,7 +12,8 @@ Controller lifecycle (one per API server, started and stopped by its lifespan):
               it runs in a thread, so serving goes on. If it fails, `survivor_plan` keeps the surviving
               groups and renormalises their routing, so a dead group always leaves the routing
     reconcile `reconcile()` moves the deployment to the new target step by step (flips, routing, drops;
-              (re)starts may be refused and are reported); the target and the record are kept
+              (re)starts may be refused and are reported); the target and the record are kept. If it
+              raises half-way, the next tick calls it again toward the same target (it is idempotent)
 Admin requests (`replan_event`, `replan_to`) take the same path under the same lock, so one decision is
 applied at a time.
 """
@@ -199,6 +200,7 @@ class ReschedController:
         self.history: list[ControlRecord] = []
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._interrupted = False  # the last reconcile raised half-way; the next tick resumes it
         deployment.record_target(plan)
 
     # ---- inputs -------------------------------------------------------------------------------------
@@ -241,7 +243,9 @@ class ReschedController:
             now = self.clock()
             decision = self.decider.observe(now, self.deployment.state(), self.monitor.estimate(now))
             if decision is None:
-                return None
+                if not self._interrupted:
+                    return None
+                decision = Decision("resume", plan=self.target)  # the last reconcile crashed: finish it
             log.warning("re-scheduling: %s", decision.cause)
             return await self._execute(decision)
 
@@ -295,7 +299,13 @@ class ReschedController:
         decision_s = time.perf_counter() - start
         self.deployment.record_target(desired)
         self.target = desired
-        actions = await reconcile(desired, self.deployment.state(), self.deployment)
+        try:
+            actions = await reconcile(desired, self.deployment.state(), self.deployment)
+            self._interrupted = False
+        except Exception as exc:  # noqa: BLE001 - recorded; reconcile is idempotent, the next tick resumes
+            log.exception("reconcile toward the new plan failed half-way")
+            error = f"reconcile interrupted: {type(exc).__name__}: {exc}"
+            actions, self._interrupted = [], True
         self.decider.settle()
         record = ControlRecord(decision.cause, now, path, decision_s, desired, tuple(changes), tuple(actions),
                                error)

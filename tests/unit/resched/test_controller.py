@@ -145,6 +145,19 @@ def test_admin_events_and_explicit_plans() -> None:
         asyncio.run(ctl.replan_event(parse_event("fail:n0:7")))
 
 
+def test_a_reconcile_that_crashes_half_way_is_resumed_on_the_next_tick() -> None:
+    ctl, fake, _ = make_controller(crash_after=1)
+    fake.kill("d1")
+    record = asyncio.run(ctl.tick())
+    assert record is not None and "reconcile interrupted" in record.error and len(fake.applied) == 1
+    fake.crash_after = None
+    resumed = asyncio.run(ctl.tick())
+    assert resumed is not None and resumed.cause == "resume" and resumed.target == record.target
+    assert "d1" not in {g.id for g in fake.state().groups}
+    assert len({(a.kind, a.group) for a in fake.applied}) == len(fake.applied)  # no step twice
+    assert asyncio.run(ctl.tick()) is None
+
+
 def test_controller_task_runs_and_stops() -> None:
     async def main() -> None:
         ctl, fake, _ = make_controller(config=ControllerConfig(tick_s=0.01))

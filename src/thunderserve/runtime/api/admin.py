@@ -87,6 +87,12 @@ class AdminState:
             else:
                 plan = plan_from_dict(body["plan"], "plan")
                 check_servable(plan)
+                if plan.kv_transfer != self.plan.kv_transfer:
+                    raise ApiError(400, "plan: kv_transfer: the workers' KV compression is fixed while serving "
+                                        f"({self.plan.kv_transfer.compression}); restart to change it", param="plan")
+                if plan.model != self.plan.model:
+                    raise ApiError(400, f"plan: model: this server runs '{self.plan.model}', not '{plan.model}'",
+                                   param="plan")
                 record = await self.controller.replan_to(plan)
         except ThunderServeError as exc:
             raise ApiError(400, str(exc), param="event" if "event" in body else "plan") from None
