@@ -21,7 +21,7 @@ def test_bench_kv_reports_every_metric(tiny_dir: Path, capsys) -> None:  # type:
         assert r["token_agreement_teacher_forced"] >= r["token_agreement"] - 0.5
         assert r["quantize_gbps"] > 0 and r["dequantize_gbps"] > 0
     assert result["int8"]["max_logit_error"] < result["int4"]["max_logit_error"]
-    assert result["int8"]["compression_ratio_vs_fp16"] > 1.5  # head_dim 16 here: groups of 16
+    assert result["int8"]["compression_ratio_vs_fp16"] > 1.25  # head_dim 16 here: groups of 16
     assert result["int4"]["compression_ratio_vs_fp16"] > result["int8"]["compression_ratio_vs_fp16"]
     main(["--model", str(tiny_dir), "--num-tokens", "3", "--json"])
     assert '"int4"' in capsys.readouterr().out
