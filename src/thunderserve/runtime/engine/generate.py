@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from thunderserve.runtime.engine.base import DecodeInput, EngineProtocol, KVCache, SamplingParams
 from thunderserve.runtime.workers.sampling import TextStream, sample_token
 
@@ -160,9 +162,9 @@ class Generator:
             tokens += n
         return admitted
 
-    def _push(self, s: _Seq, logits: object) -> None:
+    def _push(self, s: _Seq, logits: torch.Tensor) -> None:
         out = s.out
-        token = sample_token(logits, s.params, s.seed, len(out.token_ids))  # type: ignore[arg-type]
+        token = sample_token(logits, s.params, s.seed, len(out.token_ids))
         out.token_ids.append(token)
         hit = False
         if s.stream is not None:

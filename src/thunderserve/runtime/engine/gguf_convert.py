@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ def gguf_spec(reader: Any) -> LlamaSpec:
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     vocab = int(_field(reader, "llama.vocab_size", int(embd.shape[-1])))
     scaling = _field(reader, "llama.rope.scaling.type", "none")
-    rope_type, params = "default", ()
+    rope_type, params = "default", cast(tuple[tuple[str, float], ...], ())
     if scaling == "linear":
         rope_type, params = "linear", (("factor", float(_field(reader, "llama.rope.scaling.factor", 1.0))),)
     elif scaling not in ("none", None):
