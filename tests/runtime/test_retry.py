@@ -96,10 +96,25 @@ async def test_prefill_worker_killed_with_queued_prompts_retries_them_on_the_oth
         assert dep.router.retries_total >= 1
 
 
+async def test_a_silent_worker_is_fenced_and_its_requests_finish_elsewhere() -> None:
+    config = RouterConfig(heartbeat_timeout_s=0.5, monitor_interval_s=0.05, max_retries=3)
+    async with fake_deployment(pd_plan(), router_config=config, engine_kwargs={"step_delay_s": 0.01}) as dep:
+        handles = [await dep.router.submit(request(f"s{i}", max_tokens=80)) for i in range(3)]
+        await _wait_for(lambda: dep.servers["d0"].core.state(0).running_decode == 3)
+        for task in dep.servers["d0"]._tasks[1:]:  # flush and heartbeat loops: d0 computes but says nothing
+            task.cancel()
+        outs = await asyncio.wait_for(asyncio.gather(*[collect(h) for h in handles]), 20)
+        for i, out in enumerate(outs):
+            assert out.token_ids == dep.engines["p0"].greedy(list(f"s{i}".encode()), 80)
+        d0 = next(w for w in dep.router.workers() if w.group_id == "d0")
+        assert not d0.alive and "no heartbeat" in d0.down_reason and dep.router.retries_total == 3
+        await _wait_for(lambda: dep.servers["d0"]._stopped.is_set())  # told to stop: no orphan compute
+
+
 async def test_no_live_worker_to_take_over_fails_clearly() -> None:
     async with fake_deployment(pd_plan(), router_config=RETRY, engine_kwargs={"step_delay_s": 0.02}) as dep:
-        handle = await dep.router.submit(request("lonely", max_tokens=200))
-        await _wait_for(lambda: dep.servers["d0"].core.state(0).running_decode == 1)
+        handle = await dep.router.submit(request("lonely", max_tokens=200, request_id="lonely"))
+        await _wait_for(lambda: dep.router._requests["lonely"].locations == {"d0"})  # hand-off done
         await dep.servers["p0"].stop()  # the only entry group goes first ...
         await _wait_for(lambda: not dep.router.entry_groups())
         await dep.servers["d0"].stop()  # ... then the decode worker holding the request

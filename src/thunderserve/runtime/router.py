@@ -380,10 +380,15 @@ class Router:
             if not self._closed:
                 await self._mark_down(link, f"connection lost ({exc})")
 
-    async def _mark_down(self, link: _Link, reason: str) -> None:
+    async def _mark_down(self, link: _Link, reason: str, fence: bool = False) -> None:
+        """Declare a worker lost; `fence`: it may still run (silent, not disconnected), so tell it to stop
+        rather than let it compute for requests that are retried elsewhere."""
         if not link.alive:
             return
         link.alive = False
+        if fence:
+            with contextlib.suppress(TransportError):
+                await link.conn.send({"type": "shutdown"})
         link.down_reason = reason
         if link.in_plan:
             log.error("worker %s (pid %d) is down: %s", link.group_id, link.pid, reason)
@@ -405,7 +410,7 @@ class Router:
             for link in list(self._links.values()):
                 silent = now - link.last_heartbeat_s
                 if link.alive and silent > self.config.heartbeat_timeout_s:
-                    await self._mark_down(link, f"no heartbeat for {silent:.1f} s")
+                    await self._mark_down(link, f"no heartbeat for {silent:.1f} s", fence=True)
             limit = self.config.request_timeout_s
             if limit is not None:
                 for t in [t for t in self._requests.values() if now - t.arrival_s > limit]:
