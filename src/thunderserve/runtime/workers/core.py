@@ -16,6 +16,9 @@ Request lifecycle (what happens to one request, end to end):
               steps) and streams one token per sequence
     finish    EOS, a stop string or max_tokens/context end -> the last `output` carries finish_reason and
               the reservation is released; an engine or transfer failure -> `error` for the requests hit.
+    retry     a request whose worker died comes back (a new attempt id) with the output already delivered
+              (`resume_token_ids`, `resume_text_chars`): it is prefilled as prompt + those tokens and continues
+              at the next output index with the same sampling steps and text state (exactly once, in order).
 
 Role (prefill / decode / colocated) and KV routing shares are runtime state: `set_role` and `set_kv_routing`
 change them between steps without touching the engine (weights stay loaded; `weights_token` is unchanged).
