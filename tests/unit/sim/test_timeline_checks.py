@@ -18,22 +18,22 @@ from thunderserve.spec import load_cluster, load_model, load_workload
 
 pytestmark = pytest.mark.slow
 
-CLUSTER = load_cluster("paper-cloud-32")
-MODEL = load_model("llama-30b")
-CODING = load_workload("coding")
-CONVERSATION = load_workload("conversation")
-SLO = make_slo(MODEL, CODING, None, None, None, 0.9)
 CFG = ScenarioConfig()
 
 
 @pytest.fixture(scope="module")
-def planner() -> Planner:
-    return Planner(MODEL, SLO, CFG.scheduler)
+def setup():  # type: ignore[no-untyped-def]
+    """(cluster, model, SLO fixed from coding at 5x, planner), loaded only when the slow tests run."""
+    cluster, model = load_cluster("paper-cloud-32"), load_model("llama-30b")
+    slo = make_slo(model, load_workload("coding"), None, None, None, 0.9)
+    return cluster, model, slo, Planner(model, slo, CFG.scheduler)
 
 
 @pytest.fixture(scope="module")
-def shift(planner: Planner) -> ScenarioResult:
-    return shift_scenario(CLUSTER, MODEL, SLO, CODING, CONVERSATION, CFG, planner)
+def shift(setup) -> ScenarioResult:  # type: ignore[no-untyped-def]
+    cluster, model, slo, planner = setup
+    return shift_scenario(cluster, model, slo, load_workload("coding"), load_workload("conversation"), CFG,
+                          planner)
 
 
 def failed(res: ScenarioResult) -> list[str]:
@@ -57,16 +57,18 @@ def test_shift_lightweight_restores_within_60s_and_reaches_90pct_of_a_fresh_plan
     assert not failed(shift)
 
 
-@pytest.mark.parametrize("workload", [CONVERSATION, CODING], ids=["conversation", "coding"])
-def test_after_a_node_failure_lightweight_reaches_90pct_of_a_fresh_plan(planner: Planner, workload) -> None:  # type: ignore[no-untyped-def]
-    res = failure_scenario(CLUSTER, MODEL, SLO, workload, "n3", CFG, planner)
+@pytest.mark.parametrize("workload", ["conversation", "coding"])
+def test_after_a_node_failure_lightweight_reaches_90pct_of_a_fresh_plan(setup, workload: str) -> None:  # type: ignore[no-untyped-def]
+    cluster, model, slo, planner = setup
+    res = failure_scenario(cluster, model, slo, load_workload(workload), "n3", CFG, planner)
     assert res.facts["plan_gpus_on_failed_node"]  # the failure hits the plan
     assert not failed(res), failed(res)
 
 
-@pytest.mark.parametrize("workload", [CODING, CONVERSATION], ids=["coding", "conversation"])
-def test_steady_load_for_30_minutes_triggers_no_reschedule(planner: Planner, shift: ScenarioResult,
-                                                           workload) -> None:  # type: ignore[no-untyped-def]
-    res = steady_scenario(CLUSTER, MODEL, SLO, workload, shift.rate_rps, CFG, planner)
+@pytest.mark.parametrize("workload", ["coding", "conversation"])
+def test_steady_load_for_30_minutes_triggers_no_reschedule(setup, shift: ScenarioResult,
+                                                           workload: str) -> None:  # type: ignore[no-untyped-def]
+    cluster, model, slo, planner = setup
+    res = steady_scenario(cluster, model, slo, load_workload(workload), shift.rate_rps, CFG, planner)
     assert res.doc["duration_s"] == 1800.0
     assert not failed(res), failed(res)
