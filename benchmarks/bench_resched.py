@@ -43,7 +43,7 @@ console = Console()
 err = Console(stderr=True)
 
 
-def show(res: ScenarioResult, plot_dir: Path | None) -> None:
+def show(res: ScenarioResult, plot_dir: Path | None, seed: int) -> None:
     console.rule(f"{res.name}: {res.rate_rps:.2f} req/s = {res.rate_basis}")
     for k, v in res.facts.items():
         console.print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
@@ -56,7 +56,7 @@ def show(res: ScenarioResult, plot_dir: Path | None) -> None:
     console.print(checks_table(res.checks))
     if plot_dir is not None:
         name = res.name.replace(" ", "_").replace(">", "").replace(":", "_").replace("(", "").replace(")", "")
-        path = plot_timeline(res.doc, plot_dir / f"resched_{name}.png", res.checks)
+        path = plot_timeline(res.doc, plot_dir / f"resched_{name}_seed{seed}.png", res.checks)
         console.print(f"  plot: {path}")
 
 
@@ -100,7 +100,7 @@ def main() -> None:
         return
     for seed, res in results:
         console.print(f"[bold]seed {seed}[/bold]")
-        show(res, args.plot_dir)
+        show(res, args.plot_dir, seed)
     summary = Table(title=f"done-when checks on {args.cluster} ({args.model}), "
                           f"{time.perf_counter() - t0:.0f} s wall")
     for col in ("seed", "scenario", "rate (req/s)", "check", "measured", "target", "result"):
