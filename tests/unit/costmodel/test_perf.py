@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from builders import make_cluster, make_model
 
+from builders import make_cluster, make_model
 from thunderserve.costmodel import Compression, allreduce_time_s, compression_ratio, group_perf, kv_bytes
 from thunderserve.costmodel.comm import ALLREDUCE_LATENCY_S
 from thunderserve.costmodel.kv import kv_seconds_per_token

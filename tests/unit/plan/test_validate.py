@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from builders import TOY_GPU, make_cluster, make_model, make_plan
 
+from builders import TOY_GPU, make_cluster, make_model, make_plan
 from thunderserve.errors import PlanError
 from thunderserve.plan import load_plan, plan_from_dict, validate_plan
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from builders import make_cluster
 
+from builders import make_cluster
 from thunderserve.errors import SpecError
 from thunderserve.spec import gpu_catalog, load_cluster, load_model, load_workload, model_catalog
 from thunderserve.spec.cluster import GBPS_TO_BYTES
