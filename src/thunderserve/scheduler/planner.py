@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from thunderserve.costmodel.perf import MEMORY_UTILIZATION
 from thunderserve.errors import InfeasibleError, PlanError
@@ -20,7 +21,7 @@ from thunderserve.scheduler.estimate import plan_estimate
 from thunderserve.scheduler.initial import initial_groups
 from thunderserve.scheduler.orchestrate import choose_phases
 from thunderserve.scheduler.routing_lp import route
-from thunderserve.scheduler.tabu import Evaluator, State, canonical, tabu_search
+from thunderserve.scheduler.tabu import Evaluator, Score, State, canonical, tabu_search
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
 from thunderserve.spec.slo import SloSpec
@@ -63,6 +64,39 @@ def _start_state(ctx: PlanningContext, config: SchedulerConfig, deadline: float 
     return canonical(entries, ctx.cluster.index_of)
 
 
+def _start_phase_sets(phases: tuple[Phase, ...]) -> list[tuple[Phase, ...]]:
+    """The phase sets the starting solutions are built for: the allowed set, and when it allows both
+    disaggregation and colocation, each of them alone too. One start cannot serve both regimes: a loose TPOT
+    target favours colocated (chunked-prefill) groups, a tight one a prefill/decode split, and single moves
+    from one regime rarely reach the other (every intermediate mix scores lower)."""
+    sets = [phases]
+    if {Phase.PREFILL, Phase.DECODE} <= set(phases) and Phase.COLOCATED in phases:
+        sets += [(Phase.PREFILL, Phase.DECODE), (Phase.COLOCATED,)]
+    return sets
+
+
+def _best_start(ctx: PlanningContext, config: SchedulerConfig, ev: Evaluator, deadline: float) -> State:
+    """The best-scoring starting solution over `_start_phase_sets` (the first when they tie)."""
+    sets = _start_phase_sets(tuple(config.phases))
+    best: tuple[State, Score] | None = None
+    now = time.monotonic()
+    for i, phases in enumerate(sets):
+        # each start gets an equal share of what is left of the initial budget
+        share = now + (deadline - now) / (len(sets) - i)
+        try:
+            state = _start_state(ctx, replace(config, phases=phases), share)
+        except InfeasibleError:
+            if i == 0:
+                raise
+            continue
+        score = ev.evaluate(state)[0]
+        if best is None or score.better_than(best[1]):
+            best = (state, score)
+        now = time.monotonic()
+    assert best is not None
+    return best[0]
+
+
 def _final_plan(ctx: PlanningContext, ev: Evaluator, state: State, rate_rps: float | None) -> Plan:
     _, groups, lp = ev.evaluate(state)
     if lp is not None and lp.value_rps > 0:
@@ -103,8 +137,8 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
     total_bytes = sum(g.spec.memory_gb * 1e9 * MEMORY_UTILIZATION for g in cluster.gpus)
     if model.weight_bytes >= total_bytes:
         raise _infeasible(cluster, model)
-    start = _start_state(ctx, config, t0 + config.time_limit_s * config.time_budget_fraction_initial)
     ev = Evaluator(ctx)
+    start = _best_start(ctx, config, ev, t0 + config.time_limit_s * config.time_budget_fraction_initial)
     result = tabu_search(ctx, start, config, deadline=deadline, progress=progress, evaluator=ev)
     plan = _final_plan(ctx, ev, result.state, rate_rps)
     if progress is not None:
