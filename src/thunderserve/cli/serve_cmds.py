@@ -53,6 +53,9 @@ def serve(
     kv_capacity_tokens: int = typer.Option(65536, "--kv-capacity-tokens", help="KV tokens per worker"),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level"),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, or cuda"),
+    collapse_tp: bool = typer.Option(False, "--collapse-tp",
+                                     help="Run each plan stage on its first GPU in one process (no tensor "
+                                          "parallel ranks; for small machines)"),
 ) -> None:
     """Serve a plan (or the demo) with an OpenAI-compatible API until SIGINT/SIGTERM."""
     from thunderserve.runtime.launch import LaunchError
@@ -87,7 +90,8 @@ def serve(
         _check_layers(plan, spec)
     config = ServeConfig(model=model, backend=backend, ray_address=ray_address, host=host, port=port,
                          cpu_threads=cpu_threads, api_key=api_key, worker_host=worker_host,
-                         kv_capacity_tokens=kv_capacity_tokens, log_level=log_level, device=device)
+                         kv_capacity_tokens=kv_capacity_tokens, log_level=log_level, device=device,
+                         collapse_tp=collapse_tp)
     groups = ", ".join(f"{g.id}={g.phase}" for g in plan.groups)
     console.print(f"serving {plan.model} ({model}) on http://{host}:{port}  [{backend}: {groups}]")
     try:

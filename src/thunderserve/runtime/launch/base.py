@@ -2,8 +2,10 @@
 
 One worker process per plan group. A group's pipeline stages each get their own engine for their layer range
 (on their own device when there are GPUs; all on the CPU otherwise, each worker using `cpu_threads` torch
-threads). Tensor parallelism is collapsed: a stage with several plan GPUs runs on its first one. The plan
-node a group runs on is the node of its first GPU.
+threads). A group whose stages have several plan GPUs runs tensor parallel: the worker is TP rank 0 and
+spawns tp-1 follower processes, each holding its head/MLP shard of every stage (`workers.tensor_parallel`);
+stages of unequal degree run at the smallest one. `collapse_tp=True` keeps the old behaviour (each stage on
+its first GPU, one process), for small machines. The plan node a group runs on is the node of its first GPU.
 """
 
 from __future__ import annotations
@@ -67,6 +69,27 @@ def cuda_devices(plan: Plan, device_count: int) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def cuda_rank_devices(plan: Plan, device_count: int) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Local GPU placement of TP ranks: [rank][stage] -> the CUDA device numbered like the stage's rank-th GPU."""
+    if device_count <= 0:
+        return {}
+    out = {}
+    for g in plan.groups:
+        tp = group_tp(g)
+        out[g.id] = tuple(tuple(_cuda(st.gpus[r], device_count) for st in g.stages) for r in range(tp))
+    return out
+
+
+def _cuda(gpu: str, device_count: int) -> str:
+    index = gpu.rsplit(":", 1)[-1]
+    return f"cuda:{int(index) % device_count if index.isdigit() else 0}"
+
+
+def group_tp(group: Group) -> int:
+    """The tensor-parallel degree a group runs at (its smallest stage's, so every rank holds every stage)."""
+    return min(st.tp for st in group.stages)
+
+
 def check_servable(plan: Plan) -> None:
     """Checks the runtime needs whatever the cluster: routing present, shares valid, targets of the right phase."""
     if plan.routing is None:
@@ -97,12 +120,15 @@ def check_servable(plan: Plan) -> None:
 
 
 def worker_specs(plan: Plan, model: str, *, cpu_threads: int = 1, host: str = "127.0.0.1",
-                 knobs: WorkerConfig | None = None, devices: Mapping[str, Sequence[str]] | None = None
+                 knobs: WorkerConfig | None = None, devices: Mapping[str, Sequence[str]] | None = None,
+                 collapse_tp: bool = False, rank_devices: Mapping[str, Sequence[Sequence[str]]] | None = None
                  ) -> list[WorkerLaunchSpec]:
     """One launch spec per plan group (sorted by group id); `knobs` supplies non-plan worker settings.
 
     `devices[group]` names one torch device per pipeline stage (default: CPU for all); a group with several
-    stages is served as a pipeline of stage engines (see `workers.pipeline`).
+    stages is served as a pipeline of stage engines (see `workers.pipeline`). A group with several GPUs per
+    stage runs `group_tp` ranks unless `collapse_tp`; `rank_devices[group][rank][stage]` places them (default:
+    every rank on the stage's device, i.e. the CPU without GPUs).
     """
     check_servable(plan)
     out = []
@@ -113,6 +139,10 @@ def worker_specs(plan: Plan, model: str, *, cpu_threads: int = 1, host: str = "1
         if len(devs) != g.pp:
             raise PlanError(f"groups.{g.id}: {len(devs)} devices given for {g.pp} stages")
         stages = tuple((s.layers[0], s.layers[1], d) for s, d in zip(g.stages, devs, strict=True))
+        tp = 1 if collapse_tp else group_tp(g)
+        ranks = tuple(tuple(r) for r in (rank_devices or {}).get(g.id, ()))[:tp] if tp > 1 else ()
+        if ranks and (len(ranks) != tp or any(len(r) != g.pp for r in ranks)):
+            raise PlanError(f"groups.{g.id}: rank devices must name {g.pp} device(s) for each of {tp} ranks")
         out.append(WorkerLaunchSpec(config=config, model=model, cpu_threads=cpu_threads, host=host,
-                                    device=devs[0], stages=stages if g.pp > 1 else ()))
+                                    device=devs[0], stages=stages if g.pp > 1 else (), tp=tp, rank_devices=ranks))
     return out

@@ -32,7 +32,14 @@ from thunderserve.resched.actuator import RouterActuator
 from thunderserve.resched.controller import ReplanContext, ReschedController
 from thunderserve.runtime.api.admin import AdminState
 from thunderserve.runtime.api.app import ApiConfig, create_app
-from thunderserve.runtime.launch.base import Launcher, LaunchError, WorkerEndpoint, cuda_devices, worker_specs
+from thunderserve.runtime.launch.base import (
+    Launcher,
+    LaunchError,
+    WorkerEndpoint,
+    cuda_devices,
+    cuda_rank_devices,
+    worker_specs,
+)
 from thunderserve.runtime.launch.demo import LOCAL_DEVICE
 from thunderserve.runtime.launch.local import LocalLauncher
 from thunderserve.runtime.router import Router, RouterConfig
@@ -63,6 +70,7 @@ class ServeConfig:
     cluster: str | None = None  # cluster the plan runs on, for re-planning (default: the plan's own if
     #                             built in, else one LOCAL-CPU device per plan GPU id)
     resched_workload: str = "conversation"  # planned for until enough requests were observed
+    collapse_tp: bool = False  # each stage on its first GPU in one process (always so under Ray, for now)
 
 
 def served_names(plan: Plan, model: str) -> tuple[str, tuple[str, ...]]:
@@ -94,7 +102,9 @@ class Deployment:
         knobs = WorkerConfig(group_id="-", role=self.plan.groups[0].phase,
                              kv_capacity_tokens=self.config.kv_capacity_tokens)
         specs = worker_specs(self.plan, self.config.model, cpu_threads=self.config.cpu_threads,
-                             host=self.config.worker_host, knobs=knobs, devices=self._devices())
+                             host=self.config.worker_host, knobs=knobs, devices=self._devices(),
+                             collapse_tp=self.config.collapse_tp or self.config.backend == "ray",
+                             rank_devices=self._rank_devices())
         self.endpoints = self.launcher.start(specs)
         self.router = Router(self.plan, {g: (e.host, e.control_port) for g, e in self.endpoints.items()},
                              RouterConfig(heartbeat_timeout_s=self.config.heartbeat_timeout_s,
@@ -119,6 +129,14 @@ class Deployment:
         if self.config.device == "cuda" and count == 0:
             raise LaunchError("--device cuda: no CUDA device on this machine")
         return cuda_devices(self.plan, count)
+
+    def _rank_devices(self) -> dict[str, tuple[tuple[str, ...], ...]]:
+        """Local CUDA devices of each group's TP ranks ([rank][stage], by plan GPU index); CPU otherwise."""
+        if self.config.backend != "local" or self.config.device == "cpu" or self.config.model.startswith("fake"):
+            return {}
+        import torch
+
+        return cuda_rank_devices(self.plan, torch.cuda.device_count())
 
     def stop(self) -> None:
         self.launcher.stop()

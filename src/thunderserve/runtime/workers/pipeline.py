@@ -3,8 +3,8 @@
 `PipelineEngine` implements `EngineProtocol` over stage engines (each a `LlamaEngine` loaded for its layer range
 on its own device): prefill and decode run stage after stage, handing hidden states across devices. The
 weights of each stage live only on that stage's device, which is what pipeline parallelism buys (a model too
-big for one GPU). Tensor parallelism inside a stage (several GPUs per stage) is not done here: a stage with
-several plan GPUs runs on the first one.
+big for one GPU). Tensor parallelism (several GPUs per stage) wraps this one level up: each TP rank holds a
+`PipelineEngine` of its shards of every stage, and `workers.tensor_parallel` drives the ranks in step.
 
 KV caches. Each request keeps one cache per stage. Towards the worker a request's cache is one `PipelineKV`
 whose `keys`/`values` are the stages' layers concatenated (what gets shipped to a decode group, whatever its

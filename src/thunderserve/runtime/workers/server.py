@@ -233,15 +233,23 @@ class WorkerLaunchSpec:
     advertise_host: str | None = None  # address peers use to reach it (default: host)
     device: str = "cpu"  # torch device of a single-stage group
     stages: tuple[tuple[int, int, str], ...] = ()  # (first_layer, end_layer, device) per pipeline stage, if > 1
+    tp: int = 1  # tensor-parallel degree: this worker is rank 0 and spawns tp-1 followers
+    rank_devices: tuple[tuple[str, ...], ...] = ()  # [tp rank][stage] torch device (default: rank 0's devices)
 
 
-def build_engine(model: str, device: str = "cpu", stages: tuple[tuple[int, int, str], ...] = ()
+def build_engine(model: str, device: str = "cpu", stages: tuple[tuple[int, int, str], ...] = (),
+                 tp: int = 1, rank_devices: tuple[tuple[str, ...], ...] = (), cpu_threads: int = 1
                  ) -> EngineProtocol:
-    """Load the engine for `model`: one stage, or a pipeline of stage engines ("fake[:context]": the fake)."""
+    """Load the engine for `model`: one stage, a pipeline of stage engines, either over tp ranks
+    (`workers.tensor_parallel`), or ("fake[:context]") the fake."""
     if model == "fake" or model.startswith("fake:"):
         from thunderserve.runtime.fakes import FakeEngine
 
         return FakeEngine(max_context_tokens=int(model.split(":", 1)[1]) if ":" in model else 512)
+    if tp > 1:
+        from thunderserve.runtime.workers.tensor_parallel import start_tp_engine, tp_spec
+
+        return start_tp_engine(tp_spec(model, tp, device, stages, rank_devices, cpu_threads))
     if len(stages) > 1:
         from thunderserve.runtime.workers.pipeline import load_pipeline
 
@@ -268,7 +276,17 @@ async def serve_worker(spec: WorkerLaunchSpec, on_ready: Callable[[dict[str, Any
     import torch
 
     torch.set_num_threads(max(1, spec.cpu_threads))
-    engine = build_engine(spec.model, spec.device, spec.stages)
+    engine = build_engine(spec.model, spec.device, spec.stages, spec.tp, spec.rank_devices, spec.cpu_threads)
+    try:
+        await _serve_engine(spec, engine, on_ready, watch_parent, stop_event)
+    finally:
+        close = getattr(engine, "close", None)  # a TP engine's follower processes go with the worker
+        if close is not None:
+            close()
+
+
+async def _serve_engine(spec: WorkerLaunchSpec, engine: EngineProtocol, on_ready: Callable[[dict[str, Any]], None],
+                        watch_parent: bool, stop_event: threading.Event | None) -> None:
     with contextlib.suppress(Exception):  # load the tokenizer now, not on the first request (a stage may have none)
         engine.decode_text(engine.encode("warm up"))
     codec = make_codec(spec.model, str(spec.config.compression), spec.device)
