@@ -2,7 +2,8 @@
 
 No orphans: a worker exits when told to (`shutdown` / SIGTERM), and on its own when its parent dies (a
 watchdog notices the re-parenting within half a second). Workers ignore SIGINT, so Ctrl-C in a terminal
-reaches only the server, which then stops them in order.
+reaches only the server, which then stops them in order. A tensor-parallel worker's follower ranks are its
+own children: it reaps them when it stops, and they exit on their own when it dies (`workers.tensor_parallel`).
 """
 
 from __future__ import annotations
