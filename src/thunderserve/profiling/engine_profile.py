@@ -5,6 +5,8 @@
 * KV codec (when given): encode + decode of one request's KV cache of `c` tokens (quantise / transfer cost).
 
 Every shape is run `warmup` times untimed, then `repeats` times timed; the median is the measurement.
+`profile_engine_shared` measures every shape twice, alone and with busy neighbours (the deployment's other
+workers on the same machine, see `profiling.neighbours`), back to back so both see the same background load.
 Decode contexts come from one untimed prefill of the longest context, sliced and cloned per sequence (the KV
 layout is the engine contract's [layers, kv_heads, tokens, head_dim]), so setting up a batch of 64 sequences
 costs one prefill, not 64. Token ids are drawn from a seeded generator, so runs are repeatable.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -83,8 +85,9 @@ class Timer:
         return out
 
 
-def _prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
-    low = min(100, max(vocab_size // 2, 1))  # stay clear of special tokens at the bottom of the vocabulary
+def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
+    """`length` token ids drawn from `rng`, clear of the special tokens at the bottom of the vocabulary."""
+    low = min(100, max(vocab_size // 2, 1))
     return [rng.randrange(low, vocab_size) for _ in range(length)]
 
 
@@ -99,48 +102,108 @@ def _measurement(kind: PassKind, batch: int, tokens: int, times: Sequence[float]
                        samples_s=tuple(round(t, 9) for t in positive))
 
 
+@dataclass(frozen=True)
+class _Shape:
+    kind: PassKind
+    batch: int
+    tokens: int
+    make: Callable[[], Callable[[], object]]  # a fresh call (decode: fresh caches, so every run sees `tokens`)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind.value} b={self.batch} {'L' if self.kind is PassKind.PREFILL else 'ctx'}={self.tokens}"
+
+
+def _shapes(engine: EngineProtocol, grid: ProfileGrid, vocab_size: int) -> Iterator[_Shape]:
+    """The grid's prefill then decode shapes, in a fixed order (prompts drawn from the grid's seed)."""
+    rng = random.Random(grid.seed)
+    for b in grid.prefill_batch_sizes:
+        for length in grid.prompt_tokens:
+            prompts = [random_prompt(rng, length, vocab_size) for _ in range(b)]
+            yield _Shape(PassKind.PREFILL, b, length, partial(partial, engine.prefill, prompts))
+    if grid.decode_batch_sizes and grid.context_tokens:
+        longest = max(grid.context_tokens)
+        base = engine.prefill([random_prompt(rng, longest, vocab_size)])[0].kv
+        token = random_prompt(rng, 1, vocab_size)[0]
+        for b in grid.decode_batch_sizes:
+            for ctx in grid.context_tokens:
+                def make(b: int = b, ctx: int = ctx) -> Callable[[], object]:
+                    inputs = [DecodeInput(token_id=token, kv=_clone_prefix(base, ctx)) for _ in range(b)]
+                    return partial(engine.decode, inputs)
+
+                yield _Shape(PassKind.DECODE, b, ctx, make)
+
+
 def profile_engine(engine: EngineProtocol, grid: ProfileGrid, vocab_size: int, *, timer: Timer | None = None,
                    on_step: Callable[[str], None] | None = None) -> list[Measurement]:
     """Prefill and decode latencies over the grid (medians); `on_step(label)` after each shape."""
     timer = timer or Timer()
-    rng = random.Random(grid.seed)
     done = on_step or (lambda _label: None)
     out: list[Measurement] = []
-    for b in grid.prefill_batch_sizes:
-        for length in grid.prompt_tokens:
-            prompts = [_prompt(rng, length, vocab_size) for _ in range(b)]
-            times = timer.run(partial(engine.prefill, prompts), grid.warmup, grid.repeats)
-            out.append(_measurement(PassKind.PREFILL, b, length, times))
-            done(f"prefill b={b} L={length}")
-    if grid.decode_batch_sizes and grid.context_tokens:
-        longest = max(grid.context_tokens)
-        base = engine.prefill([_prompt(rng, longest, vocab_size)])[0].kv
-        token = _prompt(rng, 1, vocab_size)[0]
-        for b in grid.decode_batch_sizes:
-            for ctx in grid.context_tokens:
-                inputs = [DecodeInput(token_id=token, kv=_clone_prefix(base, ctx)) for _ in range(b)]
-                times = timer.run(partial(engine.decode, inputs), grid.warmup, grid.repeats)
-                out.append(_measurement(PassKind.DECODE, b, ctx, times))
-                done(f"decode b={b} ctx={ctx}")
+    for shape in _shapes(engine, grid, vocab_size):
+        out.append(_measurement(shape.kind, shape.batch, shape.tokens,
+                                timer.run(shape.make(), grid.warmup, grid.repeats)))
+        done(shape.label)
     return out
 
 
+class Contention(Protocol):
+    """Neighbours that can be made busy or idle (`profiling.neighbours.Neighbours`)."""
+
+    @property
+    def count(self) -> int: ...
+
+    def set_busy(self, busy: bool) -> None: ...
+
+
+def profile_engine_shared(engine: EngineProtocol, grid: ProfileGrid, vocab_size: int, contention: Contention, *,
+                          timer: Timer | None = None, on_step: Callable[[str], None] | None = None
+                          ) -> tuple[list[Measurement], list[Measurement]]:
+    """Every shape measured alone (neighbours paused), then right after with the neighbours busy.
+
+    Returns (alone, shared), shape for shape in the same order; the neighbours are left paused.
+    """
+    timer = timer or Timer()
+    done = on_step or (lambda _label: None)
+    alone: list[Measurement] = []
+    shared: list[Measurement] = []
+    try:
+        for shape in _shapes(engine, grid, vocab_size):
+            for busy, out in ((False, alone), (True, shared)):
+                contention.set_busy(busy)
+                out.append(_measurement(shape.kind, shape.batch, shape.tokens,
+                                        timer.run(shape.make(), grid.warmup, grid.repeats)))
+            contention.set_busy(False)
+            done(shape.label)
+    finally:
+        contention.set_busy(False)
+    return alone, shared
+
+
+TransferFn = Callable[[dict[str, bytes]], dict[str, float]]  # encoded payload per codec -> median send seconds
+
+
 def profile_kv(engine: EngineProtocol, codecs: dict[str, KvCodec], grid: ProfileGrid, vocab_size: int, *,
-               timer: Timer | None = None, on_step: Callable[[str], None] | None = None) -> list[KvMeasurement]:
-    """Encode/decode cost of one request's KV cache per codec and size (median seconds, bytes before/after)."""
+               timer: Timer | None = None, on_step: Callable[[str], None] | None = None,
+               transfer: TransferFn | None = None) -> list[KvMeasurement]:
+    """Encode/decode cost of one request's KV cache per codec and size (median seconds, bytes before/after),
+    and with `transfer` (`kv_link.measure_transfer_s`) the time to ship each encoded cache to another worker."""
     timer = timer or Timer()
     rng = random.Random(grid.seed + 1)
     out: list[KvMeasurement] = []
     for tokens in grid.kv_tokens:
-        kv = engine.prefill([_prompt(rng, tokens, vocab_size)])[0].kv
+        kv = engine.prefill([random_prompt(rng, tokens, vocab_size)])[0].kv
         raw = int(kv.keys.numel() * kv.keys.element_size() + kv.values.numel() * kv.values.element_size())
+        blobs = {name: codec.encode(kv) for name, codec in sorted(codecs.items())}
+        sent = transfer(blobs) if transfer is not None else {}
         for name, codec in sorted(codecs.items()):
-            blob = codec.encode(kv)
+            blob = blobs[name]
             enc = timer.run(partial(codec.encode, kv), grid.warmup, grid.repeats)
             dec = timer.run(partial(codec.decode, blob), grid.warmup, grid.repeats)
             out.append(KvMeasurement(method=name, tokens=tokens, raw_bytes=raw, encoded_bytes=max(len(blob), 1),
                                      encode_s=max(statistics.median(enc), 1e-9),
-                                     decode_s=max(statistics.median(dec), 1e-9)))
+                                     decode_s=max(statistics.median(dec), 1e-9),
+                                     transfer_s=sent.get(name)))
         if on_step is not None:
             on_step(f"kv tokens={tokens}")
     return out

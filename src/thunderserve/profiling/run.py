@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from thunderserve.costmodel.comm import Compression
 from thunderserve.errors import SpecError
-from thunderserve.profiling.engine_profile import KvCodec, ProfileGrid, Timer, profile_engine, profile_kv
+from thunderserve.profiling.engine_profile import (
+    KvCodec,
+    ProfileGrid,
+    Timer,
+    profile_engine,
+    profile_engine_shared,
+    profile_kv,
+)
+from thunderserve.profiling.kv_link import measure_transfer_s
 from thunderserve.profiling.microbench import cpu_name, measure_peaks, memory_gb
-from thunderserve.profiling.schema import DeviceInfo, EngineProfile
+from thunderserve.profiling.neighbours import Neighbours
+from thunderserve.profiling.schema import DeviceInfo, EngineProfile, Measurement
 from thunderserve.runtime.engine.base import EngineProtocol
 from thunderserve.spec.model import ModelSpec, load_model
 
@@ -78,11 +88,13 @@ def device_info(device: torch.device, dtype: torch.dtype, gpu_type: str | None,
 def run_profile(model_ref: str, device_name: str, grid: ProfileGrid, *, gpu_type: str | None = None,
                 on_step: Callable[[str], None] | None = None, engine: EngineProtocol | None = None,
                 peak_sizes: Sequence[int] = (512, 1024, 2048), model_spec: ModelSpec | None = None,
-                threads: int | None = None) -> EngineProfile:
+                threads: int | None = None, neighbours: int = 0) -> EngineProfile:
     """Load the engine, measure device peaks in its dtype, then its prefill/decode grid and KV codec costs.
 
     `engine` + `model_spec` profile an already-built engine (e.g. the runtime's fake); `threads` sets torch's
-    intra-op threads first (match what a serving worker uses: `serve --cpu-threads`).
+    intra-op threads first (match what a serving worker uses: `serve --cpu-threads`). `neighbours` > 0 (CPU
+    only) also measures the grid with that many busy neighbour processes running `model_ref` at the same thread
+    count (the deployment's other workers on this machine; see `profiling.neighbours`).
     """
     step = on_step or (lambda _label: None)
     device = resolve_device(device_name)
@@ -90,6 +102,11 @@ def run_profile(model_ref: str, device_name: str, grid: ProfileGrid, *, gpu_type
         if threads < 1:
             raise SpecError("must be at least 1", field="--threads")
         torch.set_num_threads(threads)
+    if neighbours < 0:
+        raise SpecError("must be at least 0", field="--neighbours")
+    if neighbours and device.type != "cpu":
+        raise SpecError("busy neighbours model workers sharing this machine's CPU; use --device cpu",
+                        field="--neighbours")
     if engine is None:
         engine = load_local_engine(model_ref, device)
     dtype = engine_dtype(engine)
@@ -99,10 +116,19 @@ def run_profile(model_ref: str, device_name: str, grid: ProfileGrid, *, gpu_type
     info = device_info(device, dtype, gpu_type, step, peak_sizes)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = Timer(sync=sync)
+    shared: list[Measurement] = []
     with torch.inference_mode():
-        ms = profile_engine(engine, grid, spec.vocab_size, timer=timer, on_step=step)
+        if neighbours:
+            with Neighbours(model_ref, neighbours, torch.get_num_threads()) as busy:
+                step(f"{neighbours} neighbour(s) loaded")
+                ms, shared = profile_engine_shared(engine, grid, spec.vocab_size, busy, timer=timer, on_step=step)
+        else:
+            ms = profile_engine(engine, grid, spec.vocab_size, timer=timer, on_step=step)
         codecs = kv_codecs()
-        kv = profile_kv(engine, codecs, grid, spec.vocab_size, timer=timer, on_step=step) if codecs else []
+        kv = profile_kv(engine, codecs, grid, spec.vocab_size, timer=timer, on_step=step,
+                        transfer=partial(measure_transfer_s, warmup=grid.warmup, repeats=grid.repeats)) \
+            if codecs else []
     notes = () if codecs else ("no KV quantiser available (thunderserve.runtime.kv.quantize); KV cost not measured",)
     return EngineProfile(device=info, model=spec, engine=model_ref, warmup=grid.warmup, repeats=grid.repeats,
-                         measurements=tuple(ms), kv=tuple(kv), notes=notes)
+                         measurements=tuple(ms), kv=tuple(kv), notes=notes, neighbours=neighbours,
+                         shared_measurements=tuple(shared))

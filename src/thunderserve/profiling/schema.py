@@ -3,19 +3,28 @@
 It records the device (CPU model and threads or GPU name, the dtype the engine ran in, and the device's peak
 FLOP/s and memory bandwidth as measured by a matmul / copy microbenchmark), the model shape as the engine ran it,
 and median latencies of whole-model prefill passes (batch size x prompt tokens) and decode steps (batch size x
-context tokens), plus KV quantise/dequantise costs when the runtime provides a quantiser.
+context tokens), plus KV quantise/dequantise costs when the runtime provides a quantiser and the time to ship
+an encoded cache to another local worker (`kv_link`), which `kv_link_gbs` turns into a link bandwidth.
 `calibrate --profile` fits a pseudo GPU type for the device from it (see `costmodel.calibration`).
+
+A profile taken with busy neighbours (`neighbours` > 0: the deployment's other workers on the same machine,
+see `profiling.neighbours`) also holds `shared_measurements`: the same shapes measured right after with the
+neighbours computing. `samples(neighbour_busy=...)` then gives each shape's expected latency when its
+neighbours are busy a fraction rho of the time (time sharing: t = t_alone + rho * (t_shared - t_alone)).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from thunderserve.costmodel.comm import Compression
 from thunderserve.costmodel.fit import PassKind, StageSample
+from thunderserve.costmodel.kv import kv_bytes
 from thunderserve.errors import SpecError
 from thunderserve.spec._load import first_error
 from thunderserve.spec.gpu import GpuSpec
@@ -56,6 +65,10 @@ class Measurement(BaseModel):
     def sample(self) -> StageSample:
         return StageSample(self.phase, self.batch_size, self.tokens, self.latency_s)
 
+    @property
+    def shape(self) -> tuple[PassKind, int, int]:
+        return self.phase, self.batch_size, self.tokens
+
 
 class KvMeasurement(BaseModel):
     """Cost of compressing one request's KV cache for transfer and restoring it."""
@@ -68,6 +81,13 @@ class KvMeasurement(BaseModel):
     encoded_bytes: int = Field(gt=0)
     encode_s: float = _Pos  # median
     decode_s: float = _Pos  # median
+    transfer_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # median send -> ack of the
+    #   encoded cache to another local worker (runtime KV transport over loopback TCP); None: not measured
+
+    @property
+    def path_s(self) -> float | None:
+        """Encode + transfer + decode: one request's KV from a prefill worker to a decode worker here."""
+        return None if self.transfer_s is None else self.encode_s + self.transfer_s + self.decode_s
 
 
 class EngineProfile(BaseModel):
@@ -82,9 +102,54 @@ class EngineProfile(BaseModel):
     measurements: tuple[Measurement, ...] = Field(min_length=1)
     kv: tuple[KvMeasurement, ...] = ()
     notes: tuple[str, ...] = ()
+    neighbours: int = Field(default=0, ge=0)  # busy neighbour processes during shared_measurements
+    shared_measurements: tuple[Measurement, ...] = ()  # the same shapes, measured with the neighbours busy
 
-    def samples(self) -> list[StageSample]:
-        return [m.sample() for m in self.measurements]
+    @model_validator(mode="after")
+    def _shared_match(self) -> EngineProfile:
+        if self.shared_measurements:
+            if self.neighbours < 1:
+                raise ValueError("neighbours: shared_measurements need at least 1 neighbour")
+            alone = {m.shape for m in self.measurements}
+            extra = [m.shape for m in self.shared_measurements if m.shape not in alone]
+            if extra:
+                k, b, t = extra[0]
+                raise ValueError(f"shared_measurements: {k.value} b={b} tokens={t} was not measured alone")
+        return self
+
+    def samples(self, neighbour_busy: Mapping[PassKind, float] | None = None) -> list[StageSample]:
+        """The measured shapes as fit inputs: alone, or with neighbours busy a fraction of the time per phase.
+
+        `neighbour_busy[phase]` in [0, 1] is how often the neighbours compute while this device runs a pass of
+        that phase; each shape's latency becomes t_alone + rho * (t_shared - t_alone) (shapes with no shared
+        measurement, or phases not given, stay alone).
+        """
+        if not neighbour_busy:
+            return [m.sample() for m in self.measurements]
+        for phase, rho in neighbour_busy.items():
+            if not 0.0 <= rho <= 1.0:
+                raise ValueError(f"neighbour_busy[{phase}] must be in [0, 1], got {rho}")
+        shared = {m.shape: m.latency_s for m in self.shared_measurements}
+        out = []
+        for m in self.measurements:
+            rho = neighbour_busy.get(m.phase, 0.0)
+            t = m.latency_s + rho * (shared[m.shape] - m.latency_s) if m.shape in shared else m.latency_s
+            out.append(StageSample(m.phase, m.batch_size, m.tokens, t))
+        return out
+
+    def kv_link_gbs(self, compression: Compression | str = Compression.NONE) -> float | None:
+        """Effective bandwidth (GB/s) of the KV path between two local workers for `compression`.
+
+        The simulator moves kv_bytes(model, tokens, compression) over a link; this is the bandwidth at which
+        that takes the measured encode + transfer + decode time (summed over the measured sizes, so larger
+        caches weigh more). None when the path was not measured for that codec.
+        """
+        c = Compression(compression)
+        ms = [k for k in self.kv if k.method == c.value and k.path_s is not None]
+        if not ms:
+            return None
+        moved = sum(kv_bytes(self.model, k.tokens, c) for k in ms)
+        return moved / sum(k.path_s or 0.0 for k in ms) / 1e9
 
     def device_spec(self) -> GpuSpec:
         """The device as a GpuSpec (measured peaks; factors default until calibrated)."""

@@ -11,7 +11,13 @@ import torch
 
 from thunderserve.costmodel.fit import PassKind
 from thunderserve.errors import SpecError
-from thunderserve.profiling.engine_profile import ProfileGrid, Timer, profile_engine, profile_kv
+from thunderserve.profiling.engine_profile import (
+    ProfileGrid,
+    Timer,
+    profile_engine,
+    profile_engine_shared,
+    profile_kv,
+)
 from thunderserve.profiling.microbench import cpu_name, measure_peaks, memory_gb
 from thunderserve.profiling.schema import DeviceInfo, EngineProfile, dump_profile, load_profile, parse_profile
 from thunderserve.runtime.engine.base import DecodeInput, KVCache, PrefillResult
@@ -166,3 +172,138 @@ def test_run_profile_on_the_fake_engine_detects_dtype_and_device() -> None:
     assert all(m.latency_s > 0 for m in prof.measurements)
     with pytest.raises(SpecError, match=r"^--device: unknown device 'tpu'"):
         run_profile("smollm2", "tpu", grid, engine=FakeEngine())
+
+
+class FakeNeighbours:
+    """Contention seam for the profiler: while busy, the cost engine runs `slowdown` times slower."""
+
+    def __init__(self, engine: SlowableEngine) -> None:
+        self.engine = engine
+        self.count = 1
+        self.calls: list[bool] = []
+
+    def set_busy(self, busy: bool) -> None:
+        self.calls.append(busy)
+        self.engine.factor = 1.5 if busy else 1.0
+
+
+class SlowableEngine(CostEngine):
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.factor = 1.0
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> list[PrefillResult]:
+        t0 = self.clock.now
+        out = super().prefill(prompts)
+        self.clock.now = t0 + (self.clock.now - t0) * self.factor
+        return out
+
+    def decode(self, inputs: Sequence[DecodeInput]) -> list[torch.Tensor]:
+        t0 = self.clock.now
+        out = super().decode(inputs)
+        self.clock.now = t0 + (self.clock.now - t0) * self.factor
+        return out
+
+
+def test_shared_profile_measures_every_shape_alone_then_with_busy_neighbours() -> None:
+    clock = FakeClock()
+    engine = SlowableEngine(clock)
+    busy = FakeNeighbours(engine)
+    steps: list[str] = []
+    alone, shared = profile_engine_shared(engine, GRID, 1000, busy, timer=Timer(clock=clock),  # type: ignore[arg-type]
+                                          on_step=steps.append)
+    assert [m.shape for m in alone] == [m.shape for m in shared] and len(alone) == len(steps) == 6
+    assert busy.calls[:3] == [False, True, False] and busy.calls[-1] is False  # left paused
+    for a, s in zip(alone, shared, strict=True):
+        assert s.latency_s == pytest.approx(1.5 * a.latency_s)
+    # the alone half is exactly what profile_engine measures (fresh decode caches per measurement)
+    clock2 = FakeClock()
+    plain = profile_engine(CostEngine(clock2), GRID, 1000, timer=Timer(clock=clock2))  # type: ignore[arg-type]
+    assert [(m.shape, m.latency_s) for m in plain] == [(m.shape, pytest.approx(m.latency_s)) for m in alone]
+
+
+def _shared_profile() -> EngineProfile:
+    clock = FakeClock()
+    engine = SlowableEngine(clock)
+    alone, shared = profile_engine_shared(engine, GRID, 1000, FakeNeighbours(engine),  # type: ignore[arg-type]
+                                          timer=Timer(clock=clock))
+    return _profile().model_copy(update={"measurements": tuple(alone), "shared_measurements": tuple(shared),
+                                         "neighbours": 1})
+
+
+def test_samples_blend_alone_and_shared_latencies_by_neighbour_busy_fraction(tmp_path: Path) -> None:
+    prof = _shared_profile()
+    path = tmp_path / "p.json"
+    path.write_text(dump_profile(prof))
+    assert load_profile(path) == prof
+    alone = {(s.phase, s.batch_size, s.tokens): s.measured_s for s in prof.samples()}
+    assert alone == {m.shape: m.latency_s for m in prof.measurements}  # default: alone
+    blended = prof.samples({PassKind.PREFILL: 1.0, PassKind.DECODE: 0.25})
+    for s in blended:
+        t = alone[(s.phase, s.batch_size, s.tokens)]
+        assert s.measured_s == pytest.approx(t * (1.5 if s.phase is PassKind.PREFILL else 1.125))
+    with pytest.raises(ValueError, match=r"neighbour_busy\[decode\] must be in \[0, 1\]"):
+        prof.samples({PassKind.DECODE: 1.5})
+
+
+def test_shared_measurements_must_match_alone_shapes_and_name_neighbours() -> None:
+    data = json.loads(dump_profile(_shared_profile()))
+    no_neighbours = {**data, "neighbours": 0}
+    with pytest.raises(SpecError, match=r"^p\.json: .*shared_measurements need at least 1 neighbour"):
+        parse_profile(json.dumps(no_neighbours), "p.json")
+    data["shared_measurements"][0]["batch_size"] = 7
+    with pytest.raises(SpecError, match=r"^p\.json: .*prefill b=7 tokens=8 was not measured alone"):
+        parse_profile(json.dumps(data), "p.json")
+
+
+def test_neighbours_are_validated() -> None:
+    from thunderserve.profiling.neighbours import Neighbours
+    from thunderserve.profiling.run import run_profile
+    from thunderserve.runtime.fakes import FakeEngine
+
+    with pytest.raises(SpecError, match=r"^--neighbours: must be at least 0"):
+        run_profile("fake", "cpu", ProfileGrid(), engine=FakeEngine(), neighbours=-1)
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        Neighbours("fake", -1, threads=1)
+
+
+def test_kv_transfer_over_the_runtime_transport_on_loopback() -> None:
+    from thunderserve.profiling.kv_link import measure_transfer_s
+
+    out = measure_transfer_s({"small": b"x" * 1000, "big": b"y" * 2_000_000}, warmup=1, repeats=2)
+    assert set(out) == {"small", "big"} and all(t > 0 for t in out.values())
+    assert measure_transfer_s({}) == {}
+    with pytest.raises(ValueError, match="repeats must be positive"):
+        measure_transfer_s({"a": b"a"}, repeats=0)
+
+
+def test_kv_path_gives_the_link_bandwidth_the_simulator_uses() -> None:
+    from thunderserve.costmodel.kv import kv_bytes
+
+    clock = FakeClock()
+    engine = CostEngine(clock)
+
+    class Raw:
+        def encode(self, kv: KVCache) -> bytes:
+            clock.now += 1e-3
+            return kv.keys.numpy().tobytes() + kv.values.numpy().tobytes()
+
+        def decode(self, data: bytes) -> KVCache:
+            clock.now += 5e-4
+            return KVCache(torch.zeros(1), torch.zeros(1))
+
+    shipped: list[dict[str, int]] = []
+
+    def transfer(blobs: dict[str, bytes]) -> dict[str, float]:
+        shipped.append({k: len(v) for k, v in blobs.items()})
+        return {k: 2.5e-3 for k in blobs}
+
+    (m,) = profile_kv(engine, {"none": Raw()}, GRID, 1000, timer=Timer(clock=clock),  # type: ignore[arg-type]
+                      transfer=transfer)
+    assert shipped == [{"none": m.raw_bytes}] and m.transfer_s == pytest.approx(2.5e-3)
+    assert m.path_s == pytest.approx(1e-3 + 2.5e-3 + 5e-4)
+    prof = _profile().model_copy(update={"kv": (m,)})
+    gbs = prof.kv_link_gbs("none")
+    assert gbs == pytest.approx(kv_bytes(prof.model, m.tokens) / 4e-3 / 1e9)
+    assert prof.kv_link_gbs("int8") is None  # not measured for that codec
+    assert _profile().kv_link_gbs() is None
