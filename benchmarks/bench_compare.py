@@ -6,6 +6,7 @@ the ratio printed is best baseline / ThunderServe, > 1 meaning ThunderServe meet
 Targets from the issue: >= 1.3x the best baseline's max rate on paper-cloud-32 for both workloads; on
 inhouse-8xa100 no worse than DistServe. Usage:
     .venv/bin/python benchmarks/bench_compare.py [--workloads coding,conversation] [--out results.json]
+    .venv/bin/python benchmarks/bench_compare.py --slo-scales 1.5,2,2.5,3,5   # ratio across SLO tightness
 """
 
 from __future__ import annotations
@@ -68,6 +69,42 @@ def fmt(x: float | None, spec: str = "{:.2f}") -> str:
     return "-" if x is None else spec.format(x)
 
 
+def sweep(args: argparse.Namespace, scales: list[float]) -> None:
+    """Max rate at the SLO of every system per workload and SLO scale, and ThunderServe's ratio to the best."""
+    cluster, model = load_cluster(args.cluster), load_model(args.model)
+    config = CompareConfig(planner_time_limit_s=args.time_limit, curves=False)
+    rows: list[dict[str, Any]] = []
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("sweep", total=len(names) * len(scales))
+        for name in names:
+            workload = load_workload(name)
+            for scale in scales:
+                bar.update(task, description=f"{name} @ SLO x{scale:g}")
+                slo = make_slo(model, workload, scale, None, None, 0.9)
+                doc = run_comparison(cluster, model, workload, slo, config=config)
+                rates = {k: v["max_rate_at_slo"] or 0.0 for k, v in doc["systems"].items()}
+                best = max((k for k in rates if k != "thunderserve"), key=lambda k: rates[k])
+                phases = doc["systems"]["thunderserve"].get("phases", {})
+                rows.append({"workload": name, "slo_scale": scale, "ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms,
+                             "rates": rates, "best_baseline": best, "ratio": ratio(rates["thunderserve"], rates[best]),
+                             "thunderserve_phases": phases})
+                bar.advance(task)
+    systems = list(rows[0]["rates"]) if rows else []
+    table = Table(title=f"max rate at SLO (req/s) by SLO scale ({args.model}, {args.cluster})")
+    for col in ["workload", "SLO scale", "TTFT/TPOT ms", *systems, "TS / best", "TS groups P/D/C"]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        ph = r["thunderserve_phases"]
+        table.add_row(r["workload"], f"{r['slo_scale']:g}", f"{r['ttft_ms']:.0f}/{r['tpot_ms']:.0f}",
+                      *[fmt(r["rates"][k]) for k in systems], fmt(r["ratio"], "{:.2f}x"),
+                      f"{ph.get('prefill', 0)}/{ph.get('decode', 0)}/{ph.get('colocated', 0)}")
+    console.print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"sweep": rows}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cluster", default="paper-cloud-32")
@@ -77,7 +114,12 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=10.0)
     ap.add_argument("--out", help="write every comparison document to this JSON file")
     ap.add_argument("--plot-dir", help="write one comparison plot per workload here")
+    ap.add_argument("--slo-scales", help="comma-separated SLO scales: sweep them instead of the default-SLO "
+                    "comparison (ThunderServe vs each baseline on --cluster only, no curves)")
     args = ap.parse_args()
+    if args.slo_scales:
+        sweep(args, [float(x) for x in args.slo_scales.split(",") if x.strip()])
+        return
     cluster, home, model = load_cluster(args.cluster), load_cluster(args.baseline_cluster), load_model(args.model)
     docs, summaries = [], []
     for name in [w.strip() for w in args.workloads.split(",") if w.strip()]:

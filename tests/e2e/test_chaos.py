@@ -176,9 +176,12 @@ def test_kill_a_decode_worker_mid_stream(model_dir: Path, tmp_path: Path) -> Non
                     if sum(1 for s in streams if len(s.token_ids) >= 2) < 4:
                         continue
                     workers = (await c.get(f"{srv.url}/admin/workers", headers=AUTH)).json()["data"]
-                    running = {w["group_id"]: (w["state"] or {}).get("running_decode", 0) for w in workers
-                               if w["role"] == "decode"}
-                    victim = max(sorted(running), key=lambda g: running[g])
+                    # the router's own count of requests placed on each decode worker (a heartbeat's
+                    # running_decode can be stale on a loaded machine: the kill might then hit an idle worker)
+                    held = {w["group_id"]: w["held_requests"] for w in workers if w["role"] == "decode"}
+                    victim = max(sorted(held), key=lambda g: held[g])
+                    if held[victim] < 2:
+                        continue
                     pid = next(w["pid"] for w in workers if w["group_id"] == victim)
                     os.kill(pid, signal.SIGKILL)
                     killed_s = time.monotonic()  # system-wide clock: comparable with the server's

@@ -156,11 +156,44 @@ def test_evaluate_needs_exactly_one_plan_source(monkeypatch, capsys, tmp_path) -
     assert err == "error: --plan: give exactly one of --plan FILE or --plans FILE.jsonl\n"
 
 
-def test_demo_plans_the_builtin_scenario(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    code, out, err = run(monkeypatch, capsys, "demo", "--time-limit", "2", "--json")
+def test_demo_plans_the_builtin_scenario(monkeypatch, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out_dir = tmp_path / "demo"
+    code, out, err = run(monkeypatch, capsys, "demo", "--time-limit", "2", "--plan-only", "--out-dir", str(out_dir),
+                         "--json")
     assert code == 0, err
-    plan = plan_from_dict(json.loads(out))
+    doc = json.loads(out)
+    plan = plan_from_dict(doc["plan"])
+    assert doc["comparison"] is None and doc["out_dir"] == str(out_dir)
     assert plan.cluster == "paper-cloud-32" and plan.model == "llama-30b"
     validate_plan(plan, load_cluster("paper-cloud-32"), load_model("llama-30b"))
     assert plan.estimate["max_rate_at_slo"] > 0
     assert "plan for llama-30b on paper-cloud-32" in err
+    assert plan_from_dict(json.loads((out_dir / "plan.json").read_text())) == plan
+
+
+def test_demo_refuses_a_file_as_out_dir(monkeypatch, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "taken"
+    target.write_text("x")
+    code, _, err = run(monkeypatch, capsys, "demo", "--out-dir", str(target))
+    assert code == 2
+    assert err == f"error: --out-dir: {target} exists and is not a directory\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # seven systems planned and simulated, with curves
+def test_demo_compares_with_every_baseline_and_writes_the_plot(monkeypatch, capsys, tmp_path  # type: ignore[no-untyped-def]
+                                                               ) -> None:
+    out_dir = tmp_path / "demo"
+    code, out, err = run(monkeypatch, capsys, "demo", "--time-limit", "2", "--duration", "120",
+                         "--out-dir", str(out_dir), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    systems = doc["comparison"]["systems"]
+    assert set(systems) == {"thunderserve", "vllm", "distserve", "hexgen", "vllm@inhouse-8xa100",
+                            "distserve@inhouse-8xa100", "hexgen@inhouse-8xa100"}
+    # the comparison reuses the plan the demo printed rather than planning ThunderServe again
+    assert plan_from_dict(systems["thunderserve"]["plan"]).groups == plan_from_dict(doc["plan"]).groups
+    assert all(s["max_rate_at_slo"] is not None for s in systems.values())
+    assert (out_dir / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "compare.png" in (out_dir / "report.md").read_text()
+    assert "thunderserve" in err  # the comparison table went to stderr (stdout is the JSON)

@@ -1,4 +1,4 @@
-"""`plan`, `evaluate` and `demo`: run the two-level planner, score plans, plan the built-in scenario.
+"""`plan` and `evaluate`: run the two-level planner and score plans.
 
 Thin wrappers over `thunderserve.scheduler`. Human-readable tables go to stdout (to stderr when `--json`
 owns stdout); the search's progress bar goes to stderr.
@@ -36,10 +36,6 @@ from thunderserve.errors import PlanError, SpecError, ThunderServeError
 from thunderserve.plan import Plan, load_plan, plan_from_dict
 from thunderserve.scheduler import PlanResult, SchedulerConfig, evaluate_plan, plan_deployment
 from thunderserve.spec.cluster import Cluster
-
-DEMO_CLUSTER = "paper-cloud-32"
-DEMO_MODEL = "llama-30b"
-DEMO_WORKLOAD = "conversation"
 
 RateOpt = typer.Option(None, "--rate", help="Request rate (req/s) to report attainment at (default: the max rate)")
 
@@ -244,25 +240,6 @@ def _one_line(where: str, result: dict[str, Any]) -> str:
             f"{result['slo_attainment']:.1%} at {result['rate_rps']:.2f} req/s, ${result['cost_per_hour']:.2f}/h")
 
 
-def demo_plan(time_limit_s: float = 10.0, show_progress: bool = True) -> tuple[Inputs, PlanResult]:
-    """Plan the built-in demo scenario: paper-cloud-32, llama-30b, conversation workload, default SLO."""
-    inputs = load_inputs(DEMO_CLUSTER, DEMO_MODEL, DEMO_WORKLOAD)
-    return inputs, run_plan(inputs, SchedulerConfig(time_limit_s=time_limit_s), None, show_progress)
-
-
-def demo_cmd(
-    time_limit: float = typer.Option(10.0, "--time-limit", help="Seconds the tabu search may run"),
-    as_json: bool = JsonOpt,
-) -> None:
-    """Plan the built-in paper-cloud-32 scenario (llama-30b, conversation) and print the plan."""
-    _positive("--time-limit", time_limit)
-    inputs, result = demo_plan(time_limit)
-    print_plan_summary(result.plan, inputs.cluster, to_stderr=as_json, result=result)
-    if as_json:
-        print_json(result.plan.to_dict())
-
-
 def register(app: typer.Typer) -> None:
     app.command("plan")(plan_cmd)
     app.command("evaluate")(evaluate_cmd)
-    app.command("demo")(demo_cmd)

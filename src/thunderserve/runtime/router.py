@@ -172,6 +172,7 @@ class WorkerInfo:
     state: WorkerState | None = None
     in_plan: bool = True  # False once a re-plan removed its group
     weights_loads: int = 1  # weight loads seen: 1 at start, +1 whenever the reported weights_token changes
+    held_requests: int = 0  # unfinished requests the router has placed on this worker (its own view, not a heartbeat)
 
 
 class _Link:
@@ -342,9 +343,13 @@ class Router:
 
     def workers(self) -> list[WorkerInfo]:
         now = self.clock()
+        held: dict[str, int] = {}
+        for t in self._requests.values():
+            for g in t.locations:
+                held[g] = held.get(g, 0) + 1
         return [WorkerInfo(g, str(lk.role), lk.alive, lk.pid, lk.host, lk.port, lk.kv_port, lk.weights_token,
                            lk.max_context_tokens, lk.down_reason, now - lk.last_heartbeat_s, lk.state,
-                           lk.in_plan, lk.weights_loads)
+                           lk.in_plan, lk.weights_loads, held.get(g, 0))
                 for g, lk in sorted(self._links.items())]
 
     @property
