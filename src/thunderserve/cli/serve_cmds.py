@@ -47,7 +47,10 @@ def serve(
     cpu_threads: int = typer.Option(1, "--cpu-threads", help="Torch threads per worker"),
     api_key: str | None = typer.Option(None, "--api-key", envvar="THUNDERSERVE_API_KEY",
                                        help="Require 'Authorization: Bearer KEY' on /v1 and /admin"),
-    cluster: str | None = typer.Option(None, "--cluster", help="Validate the plan against this cluster"),
+    cluster: str | None = typer.Option(None, "--cluster",
+                                       help="Cluster the plan runs on: validates the plan and is what re-planning "
+                                            "plans over (default: the plan's built-in cluster, else one CPU "
+                                            "device per plan GPU)"),
     worker_host: str = typer.Option("127.0.0.1", "--worker-host",
                                     help="Bind address of worker servers (0.0.0.0 for multi-node Ray)"),
     kv_capacity_tokens: int = typer.Option(65536, "--kv-capacity-tokens", help="KV tokens per worker"),
@@ -56,6 +59,14 @@ def serve(
     collapse_tp: bool = typer.Option(False, "--collapse-tp",
                                      help="Run each plan stage on its first GPU in one process (no tensor "
                                           "parallel ranks; for small machines)"),
+    max_retries: int = typer.Option(3, "--max-retries",
+                                    help="Re-submissions of a request whose worker died (0: fail it at once)"),
+    no_resched: bool = typer.Option(False, "--no-resched",
+                                    help="Do not run the re-scheduling controller (no automatic re-plan on "
+                                         "failures or workload shifts; /admin/replan still works by hand)"),
+    resched_workload: str = typer.Option("conversation", "--resched-workload",
+                                         help="Workload preset or trace CSV re-planning assumes until enough "
+                                              "requests were observed"),
 ) -> None:
     """Serve a plan (or the demo) with an OpenAI-compatible API until SIGINT/SIGTERM."""
     from thunderserve.runtime.launch import LaunchError
@@ -70,6 +81,9 @@ def serve(
         raise SpecError(f"unknown device '{device}' (auto, cpu, cuda)", field="--device")
     if backend == "local" and ray_address:
         raise SpecError("--ray-address needs --backend ray", field="--ray-address")
+    if max_retries < 0:
+        raise SpecError("must be >= 0", field="--max-retries")
+    load_workload(resched_workload)  # a bad preset or CSV fails here, before any worker starts
     for name, value in (("--cpu-threads", cpu_threads), ("--kv-capacity-tokens", kv_capacity_tokens)):
         if value < 1:
             raise SpecError("must be at least 1", field=name)
@@ -91,7 +105,8 @@ def serve(
     config = ServeConfig(model=model, backend=backend, ray_address=ray_address, host=host, port=port,
                          cpu_threads=cpu_threads, api_key=api_key, worker_host=worker_host,
                          kv_capacity_tokens=kv_capacity_tokens, log_level=log_level, device=device,
-                         collapse_tp=collapse_tp)
+                         collapse_tp=collapse_tp, max_retries=max_retries, resched=not no_resched,
+                         cluster=cluster, resched_workload=resched_workload)
     groups = ", ".join(f"{g.id}={g.phase}" for g in plan.groups)
     console.print(f"serving {plan.model} ({model}) on http://{host}:{port}  [{backend}: {groups}]")
     try:
