@@ -250,3 +250,46 @@ def test_kill_9_of_the_rank0_worker_takes_its_followers_down(model_dir: Path) ->
         assert _wait_gone([worker, *followers], timeout_s=10) == []
     finally:
         launcher.stop(timeout_s=5)
+
+
+def _crash_a_follower(model: str, out: Any) -> None:
+    """In a fresh process (one TP group per process): kill rank 1, then every call fails fast and visibly."""
+    engine = build_engine(model, tp=2)
+    assert isinstance(engine, TensorParallelEngine)
+    core = _core(engine, "colocated")
+    core.submit(request(PROMPTS[0], max_tokens=4, request_id="before"))
+    ok = len(tokens(run_until_idle(core), "before")) == 4
+    follower = engine.follower_pids[0]
+    os.kill(follower, signal.SIGKILL)
+    t0 = time.monotonic()
+    core.submit(request(PROMPTS[1], max_tokens=4, request_id="after"))
+    events = run_until_idle(core)
+    failed = [e["message"] for e in events if e["kind"] == "error" and e["request_id"] == "after"]
+    try:
+        engine.prefill([[5, 6]])
+        later = "no error"
+    except RuntimeError as exc:
+        later = str(exc)
+    out.put({"ok_before": ok, "failed": failed, "seconds": time.monotonic() - t0, "later": later,
+             "follower_alive": _alive(follower)})
+    engine.close()
+
+
+@pytest.mark.slow
+def test_a_dead_follower_fails_requests_fast_instead_of_hanging(model_dir: Path) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_crash_a_follower, args=(str(model_dir), out))
+    proc.start()
+    try:
+        got = out.get(timeout=120)
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert got["ok_before"] and not got["follower_alive"]
+    assert got["failed"] and "tensor-parallel group is down" in got["failed"][0], got
+    assert got["seconds"] < 30 and "tensor-parallel group is down" in got["later"]
+    assert proc.exitcode == 0, got
