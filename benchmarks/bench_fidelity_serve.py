@@ -2,18 +2,23 @@
 the cost model calibrated on this machine's engine profile; print measured vs simulated TTFT/TPOT/throughput.
 
 Steps (artifacts land in --out):
-  1. profile the engine (`thunderserve profile`'s library call; --threads = the workers' --cpu-threads) ->
-     profile.json, including the serving path's own costs (`profiling.serving_overhead`)
-  2. fit the CPU pseudo GPU type from it -> calibration.json; cluster.yaml = one node "local" with 2 such devices
-  3. serve the demo plan (1 prefill + 1 decode worker on this machine) with re-scheduling off, so the
-     deployment stays the plan that is simulated (`serve --demo` would let the controller flip roles when it
-     sees a "workload shift"), and wait until it answers
-  4. replay the bench-serve load (`runtime.api.loadgen`: Poisson arrivals, trace lengths scaled to the caps),
+  1. profile the engine (`thunderserve profile`'s library call, --threads = the workers' --cpu-threads): every
+     shape alone and next to --neighbours busy engine processes (the plan's other worker on this machine,
+     `profiling.neighbours`), plus the KV path between workers (codec + runtime transport over loopback TCP)
+  2. serve the demo plan (1 prefill + 1 decode worker on this machine) with re-scheduling off, so the
+     deployment stays the plan that is simulated (`serve --demo` lets the controller flip both workers to
+     colocated when it sees a "workload shift"), and wait until it answers
+  3. replay the bench-serve load (`runtime.api.loadgen`: Poisson arrivals, trace lengths scaled to the caps),
      keeping every request's client-side TTFT/TPOT
-  5. simulate the same request schedule on cluster.yaml with the plan (`sim.replay.simulate`)
+  4. profile again and pool both sessions' samples (-> profile.json): the machine is shared, and the medians
+     should see the same background load as the served run
+  5. fit the CPU pseudo GPU type (-> calibration.json, cluster.yaml: 2 such devices on node "local", linked at
+     the measured KV path bandwidth) to each shape's latency expected at the neighbour's busy fraction (from the
+     simulated run itself, iterated to a fixed point: `profiling.contention`), and simulate the same request
+     schedule with the plan (`sim.replay.simulate`)
   6. a table of measured vs simulated mean/p50/p90 TTFT and TPOT and throughput, each with the ratio and
      PASS/FAIL against --tolerance (the done-when is on the means), and the machine's load average
-     (os.getloadavg) over each phase: this 2-core machine is shared, so timings are noisy.
+     (os.getloadavg) around each phase: this 2-core machine is shared, so timings are noisy.
 
     .venv/bin/python benchmarks/bench_fidelity_serve.py --model smollm2 --rate 0.5 --duration 60
     .venv/bin/python benchmarks/bench_fidelity_serve.py --model fake --quick      # the pipeline, no real model
@@ -46,7 +51,7 @@ from thunderserve.plan import group_perf_of
 from thunderserve.profiling.contention import neighbour_busy
 from thunderserve.profiling.engine_profile import ProfileGrid
 from thunderserve.profiling.run import run_profile
-from thunderserve.profiling.schema import EngineProfile, dump_profile, load_profile
+from thunderserve.profiling.schema import EngineProfile, dump_profile, load_profile, pool_profiles
 from thunderserve.runtime.api.loadgen import RequestResult, plan_requests, run_load
 from thunderserve.runtime.launch.demo import demo_plan
 from thunderserve.sim.config import SimConfig
@@ -65,26 +70,25 @@ def load_avg() -> str:
     return f"{one:.2f} (1 min) / {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
-def profile_step(args: argparse.Namespace, out: Path) -> EngineProfile:
-    if args.profile:
-        return load_profile(Path(args.profile))
+def profile_step(args: argparse.Namespace, out: Path, session: str) -> EngineProfile:
+    """One profiling session (`session`: "before" / "after" serving), written to profile_<session>.json."""
     grid = (ProfileGrid(prefill_batch_sizes=(1, 2), prompt_tokens=(16, 64), decode_batch_sizes=(1, 4),
                         context_tokens=(32, 128), kv_tokens=(64,), warmup=1, repeats=2) if args.quick
             else ProfileGrid(prefill_batch_sizes=(1, 2), prompt_tokens=(16, 64, 128, 256),
                              decode_batch_sizes=(1, 2, 4, 8), context_tokens=(64, 256), kv_tokens=(64, 256),
-                             warmup=1, repeats=3))
+                             warmup=1, repeats=2))
     engine = spec = None
     if args.model.startswith("fake"):
         from thunderserve.cli.serve_cmds import FAKE_MODEL
         from thunderserve.runtime.fakes import FakeEngine
 
         engine, spec = FakeEngine(), FAKE_MODEL
-    console.print(f"[1/5] profiling {args.model} ({args.cpu_threads} thread(s), alone and with {args.neighbours} "
-                  f"busy neighbour(s)); load {load_avg()} ...")
+    console.print(f"profiling {args.model} {session} serving ({args.cpu_threads} thread(s), alone and with "
+                  f"{args.neighbours} busy neighbour(s)); load {load_avg()} ...")
     prof = run_profile(args.model, "cpu", grid, engine=engine, model_spec=spec, threads=args.cpu_threads,
                        neighbours=args.neighbours,
                        on_step=lambda label: console.print(f"      {label}", highlight=False))
-    (out / "profile.json").write_text(dump_profile(prof))
+    (out / f"profile_{session}.json").write_text(dump_profile(prof))
     return prof
 
 
@@ -164,11 +168,11 @@ def serve_and_bench(args: argparse.Namespace, out: Path) -> tuple[list[RequestRe
                              str(args.port), "--cpu-threads", str(args.cpu_threads)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
-        console.print(f"[3/5] serving the demo plan on {url} (re-scheduling off) ...")
+        console.print(f"serving the demo plan on {url} (re-scheduling off) ...")
         wait_ready(url, proc, args.ready_timeout)
         reqs = plan_requests(load_workload(args.workload), args.rate, args.duration, args.seed,
                              args.max_prompt_tokens, args.max_output_tokens)
-        console.print(f"[4/5] replaying {len(reqs)} requests of {args.workload} at {args.rate} req/s for "
+        console.print(f"replaying {len(reqs)} requests of {args.workload} at {args.rate} req/s for "
                       f"{args.duration} s; load {load_avg()} ...")
         results, _ = asyncio.run(run_load(url, reqs, seed=args.seed))
         return results, load_avg()
@@ -205,7 +209,7 @@ def simulate_same(args: argparse.Namespace, out: Path, prof: EngineProfile
     (out / "plan.json").write_text(plan.to_json())
     arrays = (np.array([r.send_at_s for r in reqs]), np.array([r.prompt_tokens for r in reqs]),
               np.array([r.output_tokens for r in reqs]))
-    console.print(f"[5/5] calibrating the CPU device and simulating the same {len(reqs)} requests ...")
+    console.print(f"calibrating the CPU device and simulating the same {len(reqs)} requests ...")
     busy = {PassKind.PREFILL: 0.0, PassKind.DECODE: 0.0}
     for _ in range(MAX_ROUNDS):
         _, cluster_yaml, _ = write_inputs(prof, out, busy)
@@ -292,6 +296,9 @@ def main() -> None:
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--tolerance", type=float, default=0.25, help="Allowed |simulated / measured - 1|")
     ap.add_argument("--quick", action="store_true", help="Small profiling grid")
+    ap.add_argument("--no-profile-after", action="store_true",
+                    help="Profile only before serving (default: before and after, samples pooled, so the profile "
+                         "sees the machine's background load over the same window as the served run)")
     ap.add_argument("--out", default="out/bench_fidelity")
     ap.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -302,10 +309,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     loads = {"before profiling": load_avg()}
-    prof = profile_step(args, out)
-    check_profile(prof, args)
+    sessions = [load_profile(Path(args.profile))] if args.profile else [profile_step(args, out, "before")]
+    check_profile(sessions[0], args)
     loads["after profiling"] = load_avg()
     results, loads["after serving"] = serve_and_bench(args, out)
+    if not args.profile and not args.no_profile_after:
+        sessions.append(profile_step(args, out, "after"))
+        loads["after the second profile"] = load_avg()
+    prof = pool_profiles(sessions)
+    (out / "profile.json").write_text(dump_profile(prof))
     sim, busy = simulate_same(args, out, prof)
     loads["neighbour busy (prefill, decode)"] = f"{busy[PassKind.PREFILL]:.2f}, {busy[PassKind.DECODE]:.2f}"
     measured, simulated = measured_stats(results), simulated_stats(sim)

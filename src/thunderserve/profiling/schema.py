@@ -16,7 +16,8 @@ neighbours are busy a fraction rho of the time (time sharing: t = t_alone + rho 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -157,6 +158,46 @@ class EngineProfile(BaseModel):
         return GpuSpec(name=d.gpu_type, memory_gb=d.memory_gb, fp16_tflops=d.peak_tflops,
                        memory_bandwidth_gbs=d.memory_bandwidth_gbs, intra_node_gbs=d.memory_bandwidth_gbs,
                        price_usd_per_hour=0.0)
+
+
+def _pool_measurements(groups: Sequence[Sequence[Measurement]]) -> tuple[Measurement, ...]:
+    samples: dict[tuple[PassKind, int, int], list[float]] = {}
+    for ms in groups:
+        for m in ms:
+            samples.setdefault(m.shape, []).extend(m.samples_s or (m.latency_s,))
+    return tuple(Measurement(phase=k, batch_size=b, tokens=t, latency_s=statistics.median(v), samples_s=tuple(v))
+                 for (k, b, t), v in samples.items())
+
+
+def pool_profiles(profiles: Sequence[EngineProfile]) -> EngineProfile:
+    """One profile from several sessions of the same engine on the same device (e.g. before and after a run,
+    so the medians reflect the machine's load over the whole window): every shape's timed samples are pooled
+    and their median taken; KV costs are medians of the sessions' medians; device peaks the best seen."""
+    if not profiles:
+        raise ValueError("no profiles to pool")
+    first = profiles[0]
+    for p in profiles[1:]:
+        if (p.model, p.device.kind, p.device.threads, p.device.dtype, p.neighbours) != \
+                (first.model, first.device.kind, first.device.threads, first.device.dtype, first.neighbours):
+            raise ValueError("profiles to pool must share model, device kind, threads, dtype and neighbours")
+    kv: dict[tuple[str, int], list[KvMeasurement]] = {}
+    for p in profiles:
+        for k in p.kv:
+            kv.setdefault((k.method, k.tokens), []).append(k)
+    pooled_kv = []
+    for ks in kv.values():
+        transfers = [k.transfer_s for k in ks if k.transfer_s is not None]
+        pooled_kv.append(ks[0].model_copy(update={
+            "encode_s": statistics.median(k.encode_s for k in ks), "decode_s": statistics.median(k.decode_s for k in ks),
+            "transfer_s": statistics.median(transfers) if transfers else None}))
+    device = first.device.model_copy(update={"peak_tflops": max(p.device.peak_tflops for p in profiles),
+                                             "memory_bandwidth_gbs": max(p.device.memory_bandwidth_gbs
+                                                                         for p in profiles)})
+    pooled = {"device": device, "repeats": sum(p.repeats for p in profiles),
+              "measurements": _pool_measurements([p.measurements for p in profiles]),
+              "shared_measurements": _pool_measurements([p.shared_measurements for p in profiles]),
+              "kv": tuple(pooled_kv), "notes": tuple(dict.fromkeys(n for p in profiles for n in p.notes))}
+    return EngineProfile(**{**dict(first), **pooled})
 
 
 def parse_profile(text: str, source: str) -> EngineProfile:

@@ -307,3 +307,21 @@ def test_kv_path_gives_the_link_bandwidth_the_simulator_uses() -> None:
     assert gbs == pytest.approx(kv_bytes(prof.model, m.tokens) / 4e-3 / 1e9)
     assert prof.kv_link_gbs("int8") is None  # not measured for that codec
     assert _profile().kv_link_gbs() is None
+
+
+def test_pooling_profile_sessions_takes_the_median_of_all_samples() -> None:
+    from thunderserve.profiling.schema import pool_profiles
+
+    a = _shared_profile()
+    slower = tuple(m.model_copy(update={"latency_s": 3 * m.latency_s, "samples_s": tuple(3 * x for x in m.samples_s)})
+                   for m in a.measurements)
+    b = a.model_copy(update={"measurements": slower})
+    pooled = pool_profiles([a, b])
+    assert pooled.repeats == 6 and [m.shape for m in pooled.measurements] == [m.shape for m in a.measurements]
+    for m, x, y in zip(pooled.measurements, a.measurements, b.measurements, strict=True):
+        assert len(m.samples_s) == 6 and m.latency_s == pytest.approx((x.samples_s[2] + y.samples_s[0]) / 2)
+    assert pooled.shared_measurements[0].samples_s == 2 * a.shared_measurements[0].samples_s
+    with pytest.raises(ValueError, match="must share model"):
+        pool_profiles([a, a.model_copy(update={"neighbours": 2})])
+    with pytest.raises(ValueError, match="no profiles"):
+        pool_profiles([])
