@@ -35,6 +35,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -160,8 +161,62 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> Non
     raise RuntimeError(f"serve did not answer within {timeout_s:.0f} s")
 
 
-def serve_and_bench(args: argparse.Namespace, out: Path) -> tuple[list[RequestResult], str]:
-    """Replay the schedule against the served demo plan; (per-request results, load average during the run)."""
+def _cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used, from /proc (None when unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMonitor:
+    """Samples the workers' CPU time every `period_s` (a thread): what share of a core each got while busy.
+
+    A diagnostic of the shared machine, not a model input: the profile records the same share for itself
+    (`EngineProfile.cpu_share`), so a gap between the two says the background load differed between them.
+    """
+
+    def __init__(self, pids: dict[str, int], period_s: float = 0.5) -> None:
+        self.pids = pids
+        self.period_s = period_s
+        self.samples: list[dict[str, float]] = []  # per period: group -> CPU share of one core
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        prev = {g: _cpu_s(p) for g, p in self.pids.items()}
+        t_prev = time.perf_counter()
+        while not self._stop.wait(self.period_s):
+            now = time.perf_counter()
+            cur = {g: _cpu_s(p) for g, p in self.pids.items()}
+            self.samples.append({g: ((cur[g] or 0.0) - (prev[g] or 0.0)) / (now - t_prev) for g in self.pids})
+            prev, t_prev = cur, now
+
+    def busy_shares(self, busy_above: float = 0.05) -> dict[str, float]:
+        """Median share of a core per group over periods when it was busy alone, and when all were busy."""
+        out: dict[str, float] = {}
+        for g in self.pids:
+            alone = [s[g] for s in self.samples if s[g] > busy_above and all(s[o] <= busy_above for o in s if o != g)]
+            both = [s[g] for s in self.samples if all(v > busy_above for v in s.values())]
+            if alone:
+                out[f"{g} alone"] = float(np.median(alone))
+            if both:
+                out[f"{g} with the other busy"] = float(np.median(both))
+        return out
+
+
+def serve_and_bench(args: argparse.Namespace, out: Path) -> tuple[list[RequestResult], str, dict[str, float]]:
+    """Replay the schedule against the served demo plan: (per-request results, load average after the run,
+    the workers' CPU shares while busy)."""
     url = f"http://127.0.0.1:{args.port}"
     log = (out / "serve.log").open("wb")
     proc = subprocess.Popen([sys.executable, __file__, "--serve-child", "--model", args.model, "--port",
@@ -174,8 +229,10 @@ def serve_and_bench(args: argparse.Namespace, out: Path) -> tuple[list[RequestRe
                              args.max_prompt_tokens, args.max_output_tokens)
         console.print(f"replaying {len(reqs)} requests of {args.workload} at {args.rate} req/s for "
                       f"{args.duration} s; load {load_avg()} ...")
-        results, _ = asyncio.run(run_load(url, reqs, seed=args.seed))
-        return results, load_avg()
+        workers = httpx.get(f"{url}/admin/workers", timeout=10.0).json()["data"]
+        with CpuMonitor({str(w["group_id"]): int(w["pid"]) for w in workers}) as monitor:
+            results, _ = asyncio.run(run_load(url, reqs, seed=args.seed))
+        return results, load_avg(), monitor.busy_shares()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -273,7 +330,7 @@ def report(args: argparse.Namespace, measured: dict[str, float], simulated: dict
         table.add_row(label, f"{m * scale:.4g}", f"{s * scale:.4g}", f"{s / m:.2f}" if m else "-", verdict)
     Console().print(table)
     for phase, value in loads.items():
-        Console().print(f"{'' if phase.startswith('neighbour') else 'load average '}{phase}: {value}")
+        Console().print(f"{'load average ' if phase.startswith(('before', 'after')) else ''}{phase}: {value}")
     Console().print(f"done-when (mean TTFT and mean TPOT within {args.tolerance:.0%}): "
                     f"{'PASS' if passed else 'FAIL'}")
     return passed
@@ -312,7 +369,7 @@ def main() -> None:
     sessions = [load_profile(Path(args.profile))] if args.profile else [profile_step(args, out, "before")]
     check_profile(sessions[0], args)
     loads["after profiling"] = load_avg()
-    results, loads["after serving"] = serve_and_bench(args, out)
+    results, loads["after serving"], shares = serve_and_bench(args, out)
     if not args.profile and not args.no_profile_after:
         sessions.append(profile_step(args, out, "after"))
         loads["after the second profile"] = load_avg()
@@ -320,6 +377,9 @@ def main() -> None:
     (out / "profile.json").write_text(dump_profile(prof))
     sim, busy = simulate_same(args, out, prof)
     loads["neighbour busy (prefill, decode)"] = f"{busy[PassKind.PREFILL]:.2f}, {busy[PassKind.DECODE]:.2f}"
+    cpu = {"profiler alone": prof.cpu_share(), "profiler with a busy neighbour": prof.cpu_share(shared=True),
+           **{f"served {k}": v for k, v in shares.items()}}
+    loads["CPU share of one core while busy"] = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if v is not None)
     measured, simulated = measured_stats(results), simulated_stats(sim)
     per_request = [{"send_at_s": r.planned.send_at_s, "prompt_tokens": r.planned.prompt_tokens,
                     "server_prompt_tokens": r.prompt_tokens, "output_tokens": r.planned.output_tokens,

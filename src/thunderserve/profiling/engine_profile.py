@@ -67,21 +67,31 @@ class ProfileGrid:
 
 @dataclass
 class Timer:
-    """Times a call `repeats` times after `warmup` untimed calls; returns every timed duration."""
+    """Times a call `repeats` times after `warmup` untimed calls; returns every timed duration.
+
+    With `cpu_clock` (e.g. `time.process_time`), `last_cpu_s` holds the CPU seconds of each timed call of the
+    last `run`: on a shared machine, CPU / wall time says what share of the cores the measurement got.
+    """
 
     clock: Clock = time.perf_counter
     sync: Callable[[], None] = field(default=lambda: None)
+    cpu_clock: Clock | None = None
+    last_cpu_s: list[float] = field(default_factory=list)
 
     def run(self, fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
         for _ in range(warmup):
             fn()
         self.sync()
-        out = []
+        out, cpu = [], []
         for _ in range(repeats):
+            c0 = self.cpu_clock() if self.cpu_clock is not None else 0.0
             t0 = self.clock()
             fn()
             self.sync()
             out.append(self.clock() - t0)
+            if self.cpu_clock is not None:
+                cpu.append(self.cpu_clock() - c0)
+        self.last_cpu_s = cpu
         return out
 
 
@@ -96,10 +106,12 @@ def _clone_prefix(kv: KVCache, tokens: int) -> KVCache:
                    first_layer=kv.first_layer)
 
 
-def _measurement(kind: PassKind, batch: int, tokens: int, times: Sequence[float]) -> Measurement:
+def _measurement(kind: PassKind, batch: int, tokens: int, times: Sequence[float],
+                 cpu_s: Sequence[float] = ()) -> Measurement:
     positive = [max(t, 1e-9) for t in times]
     return Measurement(phase=kind, batch_size=batch, tokens=tokens, latency_s=statistics.median(positive),
-                       samples_s=tuple(round(t, 9) for t in positive))
+                       samples_s=tuple(round(t, 9) for t in positive),
+                       cpu_s=round(max(statistics.median(cpu_s), 0.0), 9) if cpu_s else None)
 
 
 @dataclass(frozen=True)
@@ -141,8 +153,8 @@ def profile_engine(engine: EngineProtocol, grid: ProfileGrid, vocab_size: int, *
     done = on_step or (lambda _label: None)
     out: list[Measurement] = []
     for shape in _shapes(engine, grid, vocab_size):
-        out.append(_measurement(shape.kind, shape.batch, shape.tokens,
-                                timer.run(shape.make(), grid.warmup, grid.repeats)))
+        times = timer.run(shape.make(), grid.warmup, grid.repeats)
+        out.append(_measurement(shape.kind, shape.batch, shape.tokens, times, timer.last_cpu_s))
         done(shape.label)
     return out
 
@@ -171,8 +183,8 @@ def profile_engine_shared(engine: EngineProtocol, grid: ProfileGrid, vocab_size:
         for shape in _shapes(engine, grid, vocab_size):
             for busy, out in ((False, alone), (True, shared)):
                 contention.set_busy(busy)
-                out.append(_measurement(shape.kind, shape.batch, shape.tokens,
-                                        timer.run(shape.make(), grid.warmup, grid.repeats)))
+                times = timer.run(shape.make(), grid.warmup, grid.repeats)
+                out.append(_measurement(shape.kind, shape.batch, shape.tokens, times, timer.last_cpu_s))
             contention.set_busy(False)
             done(shape.label)
     finally:

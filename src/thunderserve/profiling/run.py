@@ -4,6 +4,7 @@ profile (the I/O shell around `engine_profile` and `microbench`)."""
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -115,7 +116,7 @@ def run_profile(model_ref: str, device_name: str, grid: ProfileGrid, *, gpu_type
     step("engine loaded")
     info = device_info(device, dtype, gpu_type, step, peak_sizes)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    timer = Timer(sync=sync)
+    timer = Timer(sync=sync, cpu_clock=time.process_time if device.type == "cpu" else None)
     shared: list[Measurement] = []
     with torch.inference_mode():
         if neighbours:

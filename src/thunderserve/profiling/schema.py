@@ -62,6 +62,8 @@ class Measurement(BaseModel):
     tokens: int = Field(gt=0)  # prompt tokens per sequence (prefill) or context tokens per sequence (decode)
     latency_s: float = _Pos  # median over repetitions
     samples_s: tuple[float, ...] = ()  # every timed repetition
+    cpu_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # median CPU seconds of the measuring
+    #   process per repetition (all its threads); cpu_s / latency_s / threads = share of its cores it got
 
     def sample(self) -> StageSample:
         return StageSample(self.phase, self.batch_size, self.tokens, self.latency_s)
@@ -138,6 +140,14 @@ class EngineProfile(BaseModel):
             out.append(StageSample(m.phase, m.batch_size, m.tokens, t))
         return out
 
+    def cpu_share(self, shared: bool = False) -> float | None:
+        """Share of its `threads` cores the measuring process got over the (alone or shared) measurements:
+        total CPU seconds / total wall seconds / threads (None when CPU time was not recorded)."""
+        ms = [m for m in (self.shared_measurements if shared else self.measurements) if m.cpu_s is not None]
+        if not ms:
+            return None
+        return sum(m.cpu_s or 0.0 for m in ms) / sum(m.latency_s for m in ms) / self.device.threads
+
     def kv_link_gbs(self, compression: Compression | str = Compression.NONE) -> float | None:
         """Effective bandwidth (GB/s) of the KV path between two local workers for `compression`.
 
@@ -165,7 +175,13 @@ def _pool_measurements(groups: Sequence[Sequence[Measurement]]) -> tuple[Measure
     for ms in groups:
         for m in ms:
             samples.setdefault(m.shape, []).extend(m.samples_s or (m.latency_s,))
-    return tuple(Measurement(phase=k, batch_size=b, tokens=t, latency_s=statistics.median(v), samples_s=tuple(v))
+    cpu: dict[tuple[PassKind, int, int], list[float]] = {}
+    for ms in groups:
+        for m in ms:
+            if m.cpu_s is not None:
+                cpu.setdefault(m.shape, []).append(m.cpu_s)
+    return tuple(Measurement(phase=k, batch_size=b, tokens=t, latency_s=statistics.median(v), samples_s=tuple(v),
+                             cpu_s=statistics.median(cpu[(k, b, t)]) if (k, b, t) in cpu else None)
                  for (k, b, t), v in samples.items())
 
 
