@@ -84,6 +84,32 @@ async def test_decode_worker_killed_mid_stream_every_request_finishes_exactly_on
         assert all(r.outcome == "finished" for r in records) and dep.router.num_pending == 0
 
 
+async def test_a_decode_engine_that_breaks_takes_its_worker_down_and_requests_finish_elsewhere() -> None:
+    """A tensor-parallel group that loses a rank reports `broken`: the worker stops rather than failing its
+    requests, so the router retries them on the other decode group (nothing reaches the client as an error)."""
+    plan = pd_plan(num_prefill=1, num_decode=2)
+    reqs = [request(f"broken {i}", max_tokens=20, ignore_eos=True) for i in range(8)]
+    async with fake_deployment(plan, router_config=RETRY, engine_kwargs={"step_delay_s": 0.01}) as dep:
+        engine = dep.engines["d1"]
+        original = engine.decode
+
+        def decode_then_break(batch):  # type: ignore[no-untyped-def]
+            if len(engine.decode_calls) >= 3:
+                engine.broken = "tensor-parallel rank 1 exited"  # type: ignore[attr-defined]
+                raise RuntimeError("tensor-parallel group is down: rank 1 exited")
+            return original(batch)
+
+        engine.decode = decode_then_break  # type: ignore[method-assign]
+        handles = [await dep.router.submit(dataclasses.replace(r, request_id=f"b{i}")) for i, r in enumerate(reqs)]
+        outs = await asyncio.wait_for(asyncio.gather(*[collect(h) for h in handles]), 30)
+        for i, out in enumerate(outs):
+            assert out.terminal == Finished("length", out.terminal.prompt_tokens, 20)  # type: ignore[union-attr]
+            assert out.token_ids == dep.engines["d0"].greedy(list(f"broken {i}".encode()), 20)
+        assert dep.router.retries_total >= 1
+        d1 = next(w for w in dep.router.workers() if w.group_id == "d1")
+        assert not d1.alive
+
+
 async def test_prefill_worker_killed_with_queued_prompts_retries_them_on_the_other() -> None:
     plan = pd_plan(num_prefill=2, num_decode=1)
     async with fake_deployment(plan, router_config=RETRY, engine_kwargs={"step_delay_s": 0.2}) as dep:

@@ -64,6 +64,8 @@ class WorkerServer:
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._send_tasks: set[asyncio.Task[Any]] = set()
+        self._stop_started = False
+        self._stop_task: asyncio.Task[None] | None = None  # a stop the worker started itself (broken engine)
         self.kv_bytes_sent: dict[str, int] = {}
         self.kv_bytes_received = 0
         self.control_port = 0
@@ -86,6 +88,9 @@ class WorkerServer:
         await self._stopped.wait()
 
     async def stop(self) -> None:
+        if self._stop_started:
+            return
+        self._stop_started = True
         self.request_stop()
         for t in [*self._tasks, *self._send_tasks]:
             t.cancel()
@@ -161,15 +166,32 @@ class WorkerServer:
             try:
                 result = await self._run(self.core.step)
             except Exception as exc:  # noqa: BLE001 - a bug must fail requests visibly, not hang them
+                if self._engine_broken():
+                    return
                 log.exception("worker %s: step failed", self.config.group_id)
                 await self._run(self.core.fail_all, f"worker {self.config.group_id} failed: {exc!r}")
                 self._flush_wake.set()
                 continue
+            if self._engine_broken():
+                return
             for h in result.handoffs:
                 task = asyncio.create_task(self._send_kv(h))
                 self._send_tasks.add(task)
                 task.add_done_callback(self._send_tasks.discard)
             self._flush_wake.set()
+
+    def _engine_broken(self) -> bool:
+        """An engine that can no longer compute (a tensor-parallel group that lost a rank) takes the worker
+        down at once, before the step's failure events reach the router: the router then sees a dead worker
+        and retries its requests elsewhere (as after kill -9) instead of failing them."""
+        reason = getattr(self.core.engine, "broken", None)
+        if not reason:
+            return False
+        log.error("worker %s: engine is down (%s); stopping so its requests are retried elsewhere",
+                  self.config.group_id, reason)
+        self.request_stop()
+        self._stop_task = asyncio.create_task(self.stop())
+        return True
 
     async def _flush_loop(self) -> None:
         while not self._stopped.is_set():

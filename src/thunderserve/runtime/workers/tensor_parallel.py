@@ -266,6 +266,11 @@ class TensorParallelEngine:
 
     # ---- facts and text (rank 0's) --------------------------------------------------------------------
     @property
+    def broken(self) -> str | None:
+        """Why the group can no longer compute (a rank died or fell out of step), or None while it can."""
+        return self._broken
+
+    @property
     def tp(self) -> int:
         return self.spec.tp
 
