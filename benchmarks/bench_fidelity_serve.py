@@ -49,7 +49,7 @@ from rich.table import Table
 from thunderserve.costmodel.calibration import dump_calibration, fit_engine_profile, merge
 from thunderserve.costmodel.fit import PassKind
 from thunderserve.plan import group_perf_of
-from thunderserve.profiling.contention import neighbour_busy
+from thunderserve.profiling.contention import neighbour_busy, worker_utilisation
 from thunderserve.profiling.engine_profile import ProfileGrid
 from thunderserve.profiling.run import run_profile
 from thunderserve.profiling.schema import EngineProfile, dump_profile, load_profile, pool_profiles
@@ -202,16 +202,41 @@ class CpuMonitor:
             prev, t_prev = cur, now
 
     def busy_shares(self, busy_above: float = 0.05) -> dict[str, float]:
-        """Median share of a core per group over periods when it was busy alone, and when all were busy."""
+        """Median share of a core per group over periods when it was busy alone, and when all were busy
+        (periods inside a busy stretch only: the first and last period of a stretch are partly idle)."""
         out: dict[str, float] = {}
+        ss = self.samples
+        inner = [ss[i] for i in range(1, len(ss) - 1)
+                 if all(ss[j][g] > busy_above or ss[i][g] <= busy_above for j in (i - 1, i + 1) for g in ss[i])]
         for g in self.pids:
-            alone = [s[g] for s in self.samples if s[g] > busy_above and all(s[o] <= busy_above for o in s if o != g)]
-            both = [s[g] for s in self.samples if all(v > busy_above for v in s.values())]
+            alone = [s[g] for s in inner if s[g] > busy_above and all(s[o] <= busy_above for o in s if o != g)]
+            both = [s[g] for s in inner if all(v > busy_above for v in s.values())]
             if alone:
                 out[f"{g} alone"] = float(np.median(alone))
             if both:
                 out[f"{g} with the other busy"] = float(np.median(both))
         return out
+
+
+def stack_round_trip_ms(url: str, repeats: int = 8) -> float:
+    """Median time of a request that crosses the whole serving stack but computes nothing: HTTP -> router ->
+    prefill worker (tokenise, validate: max_tokens over the context, rejected) -> router -> HTTP 400.
+
+    The per-request cost the simulator does not model (API, router and IPC hops); measured on the idle
+    deployment before the replay, so it can be compared with the TTFTs.
+    """
+    model = httpx.get(f"{url}/v1/models", timeout=10.0).json()["data"][0]
+    ctx = int(model["max_model_len"])
+    times = []
+    with httpx.Client(base_url=url, timeout=30.0) as client:
+        for _ in range(repeats):
+            body = {"model": model["id"], "prompt": "the of and to", "max_tokens": ctx - 1, "stream": True}
+            t0 = time.perf_counter()
+            if client.post("/v1/completions", json=body).status_code != 400:
+                raise RuntimeError("the stack probe was not rejected (expected HTTP 400: over the context)")
+            times.append(time.perf_counter() - t0)
+            time.sleep(0.1)
+    return float(np.median(times)) * 1e3
 
 
 def serve_and_bench(args: argparse.Namespace, out: Path) -> tuple[list[RequestResult], str, dict[str, float]]:
@@ -229,10 +254,12 @@ def serve_and_bench(args: argparse.Namespace, out: Path) -> tuple[list[RequestRe
                              args.max_prompt_tokens, args.max_output_tokens)
         console.print(f"replaying {len(reqs)} requests of {args.workload} at {args.rate} req/s for "
                       f"{args.duration} s; load {load_avg()} ...")
+        stack_ms = stack_round_trip_ms(url)
+        console.print(f"serving stack round trip (a request the worker tokenises and rejects): {stack_ms:.1f} ms")
         workers = httpx.get(f"{url}/admin/workers", timeout=10.0).json()["data"]
         with CpuMonitor({str(w["group_id"]): int(w["pid"]) for w in workers}) as monitor:
             results, _ = asyncio.run(run_load(url, reqs, seed=args.seed))
-        return results, load_avg(), monitor.busy_shares()
+        return results, load_avg(), {**monitor.busy_shares(), "stack_round_trip_ms": stack_ms}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -248,7 +275,7 @@ def serve_and_bench(args: argparse.Namespace, out: Path) -> tuple[list[RequestRe
 
 
 def simulate_same(args: argparse.Namespace, out: Path, prof: EngineProfile
-                  ) -> tuple[SimResult, dict[PassKind, float]]:
+                  ) -> tuple[SimResult, dict[PassKind, float], dict[str, float]]:
     """The same request schedule, plan and calibrated device through the simulator (every request measured).
 
     With a profile measured next to busy neighbours, the device is fitted to the latencies expected at the
@@ -272,13 +299,14 @@ def simulate_same(args: argparse.Namespace, out: Path, prof: EngineProfile
         _, cluster_yaml, _ = write_inputs(prof, out, busy)
         cluster = resolve_cluster(ClusterSpec.model_validate(yaml.safe_load(cluster_yaml.read_text())), "local")
         res = simulate(plan, cluster, prof.model, *arrays, SimConfig(warmup_s=0.0))
+        perf = group_perf_of(plan.groups[0], prof.model, cluster)
         if not prof.shared_measurements:
             break
-        new = neighbour_busy(res, group_perf_of(plan.groups[0], prof.model, cluster))
+        new = neighbour_busy(res, perf)
         if max(abs(new[k] - busy[k]) for k in busy) < 0.02:
             break
         busy = new
-    return res, busy
+    return res, busy, worker_utilisation(res, perf)
 
 
 # ---- report -----------------------------------------------------------------------------------------------
@@ -375,8 +403,11 @@ def main() -> None:
         loads["after the second profile"] = load_avg()
     prof = pool_profiles(sessions)
     (out / "profile.json").write_text(dump_profile(prof))
-    sim, busy = simulate_same(args, out, prof)
+    sim, busy, util = simulate_same(args, out, prof)
+    loads["simulated utilisation"] = ", ".join(f"{k} {v:.0%}" for k, v in util.items())
     loads["neighbour busy (prefill, decode)"] = f"{busy[PassKind.PREFILL]:.2f}, {busy[PassKind.DECODE]:.2f}"
+    stack_ms = shares.pop("stack_round_trip_ms")
+    loads["serving stack round trip"] = f"{stack_ms:.1f} ms (not modelled)"
     cpu = {"profiler alone": prof.cpu_share(), "profiler with a busy neighbour": prof.cpu_share(shared=True),
            **{f"served {k}": v for k, v in shares.items()}}
     loads["CPU share of one core while busy"] = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if v is not None)

@@ -58,14 +58,28 @@ def overlap_length(xs: Intervals, ys: Intervals) -> float:
     return total
 
 
-def neighbour_busy(result: SimResult, prefill_perf: GroupPerf) -> dict[PassKind, float]:
-    """Fraction of its prefill (decode) time the prefill (decode) worker shares the machine with a busy other
-    worker, in a simulated disaggregated run; `prefill_perf` is the prefill group's cost model."""
+def _busy(result: SimResult, prefill_perf: GroupPerf) -> tuple[Intervals, Intervals]:
+    """(prefill worker busy intervals P, decode worker busy intervals D) of a simulated run."""
     prefill_s = np.array([prefill_perf.prefill_latency_s([int(p)]) for p in result.prompt_tokens])
     first = result.first_token_s
     busy_p = merge_intervals((first - prefill_s).tolist(), first.tolist())
     multi = result.output_tokens > 1
-    busy_d = merge_intervals(first[multi].tolist(), result.finish_s[multi].tolist())
+    return busy_p, merge_intervals(first[multi].tolist(), result.finish_s[multi].tolist())
+
+
+def worker_utilisation(result: SimResult, prefill_perf: GroupPerf) -> dict[str, float]:
+    """Fraction of the run (first arrival to last finish) each worker computes: |P| / span, |D| / span."""
+    busy_p, busy_d = _busy(result, prefill_perf)
+    span = float(np.nanmax(result.finish_s) - np.min(result.arrival_s)) if result.num_requests else 0.0
+    if span <= 0:
+        return {"prefill": 0.0, "decode": 0.0}
+    return {"prefill": total_length(busy_p) / span, "decode": total_length(busy_d) / span}
+
+
+def neighbour_busy(result: SimResult, prefill_perf: GroupPerf) -> dict[PassKind, float]:
+    """Fraction of its prefill (decode) time the prefill (decode) worker shares the machine with a busy other
+    worker, in a simulated disaggregated run; `prefill_perf` is the prefill group's cost model."""
+    busy_p, busy_d = _busy(result, prefill_perf)
     both = overlap_length(busy_p, busy_d)
     p, d = total_length(busy_p), total_length(busy_d)
     return {PassKind.PREFILL: both / p if p > 0 else 0.0, PassKind.DECODE: both / d if d > 0 else 0.0}

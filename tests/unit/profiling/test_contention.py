@@ -39,3 +39,17 @@ def test_neighbour_busy_of_a_simulated_demo_run() -> None:
     assert two.finish_s[1] < two.finish_s[0]  # the second decode lies inside the first
     assert busy[PassKind.PREFILL] == pytest.approx(0.5)  # one of the two (equal) prefills is contended
     assert busy[PassKind.DECODE] == pytest.approx(t_prefill / (two.finish_s[0] - two.first_token_s[0]))
+
+
+def test_worker_utilisation_of_a_lone_request() -> None:
+    from thunderserve.profiling.contention import worker_utilisation
+
+    model = load_model("smollm2-135m")
+    cluster = local_cluster(2)
+    plan = demo_plan(model)
+    perf = group_perf_of(plan.groups[0], model, cluster)
+    res = simulate(plan, cluster, model, np.array([0.0]), np.array([64]), np.array([8]), SimConfig(warmup_s=0.0))
+    util = worker_utilisation(res, perf)
+    span = float(res.finish_s[0])
+    assert util["prefill"] == pytest.approx(perf.prefill_latency_s([64]) / span)
+    assert util["decode"] == pytest.approx((res.finish_s[0] - res.first_token_s[0]) / span)

@@ -325,3 +325,18 @@ def test_pooling_profile_sessions_takes_the_median_of_all_samples() -> None:
         pool_profiles([a, a.model_copy(update={"neighbours": 2})])
     with pytest.raises(ValueError, match="no profiles"):
         pool_profiles([])
+
+
+def test_cpu_time_per_measurement_gives_the_share_of_the_cores_the_profiler_got() -> None:
+    clock = FakeClock()
+    engine = CostEngine(clock)
+
+    def half_cpu() -> float:  # the measuring process gets half a core: CPU time runs at half the wall clock
+        return clock.now / 2
+
+    timer = Timer(clock=clock, cpu_clock=half_cpu)
+    ms = profile_engine(engine, GRID, 1000, timer=timer)  # type: ignore[arg-type]
+    assert all(m.cpu_s == pytest.approx(m.latency_s / 2) for m in ms)
+    prof = _profile().model_copy(update={"measurements": tuple(ms)})
+    assert prof.cpu_share() == pytest.approx(0.5 / prof.device.threads)
+    assert prof.cpu_share(shared=True) is None and _profile().cpu_share() is None
