@@ -21,7 +21,7 @@ from thunderserve.scheduler.estimate import plan_estimate
 from thunderserve.scheduler.initial import initial_groups
 from thunderserve.scheduler.orchestrate import choose_phases
 from thunderserve.scheduler.routing_lp import route
-from thunderserve.scheduler.tabu import Evaluator, Score, State, canonical, tabu_search
+from thunderserve.scheduler.tabu import Evaluator, Score, SearchResult, State, canonical, tabu_search
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
 from thunderserve.spec.slo import SloSpec
@@ -97,6 +97,42 @@ def _best_start(ctx: PlanningContext, config: SchedulerConfig, ev: Evaluator, de
     return best[0]
 
 
+INTENSIFY_FRACTION = 0.6  # share of the search time spent inside the starting solution's regime
+
+
+def _regime(state: State, phases: tuple[Phase, ...]) -> tuple[Phase, ...]:
+    """The phases of the start's regime: colocated only, split only, or (a mix) everything allowed."""
+    used = {ph for _, ph in state}
+    if used == {Phase.COLOCATED}:
+        return (Phase.COLOCATED,)
+    if Phase.COLOCATED not in used and {Phase.PREFILL, Phase.DECODE} <= set(phases):
+        return (Phase.PREFILL, Phase.DECODE)
+    return phases
+
+
+def _two_phase_search(ctx: PlanningContext, start: State, config: SchedulerConfig, deadline: float,
+                      progress: Callable[[float], None] | None, ev: Evaluator) -> SearchResult:
+    """Tabu search inside the start's regime first (every sampled move then reshapes groups instead of
+    flipping them to a phase that rarely pays off there), then over every allowed phase from the best found.
+    On coding at the default SLO the all-phase search alone ended 4% below the colocated-only one."""
+    regime = _regime(start, tuple(config.phases))
+    if set(regime) == set(config.phases):
+        return tabu_search(ctx, start, config, deadline=deadline, progress=progress, evaluator=ev)
+    now = time.monotonic()
+    mid = now + INTENSIFY_FRACTION * max(deadline - now, 0.0)
+
+    def part(lo: float, hi: float) -> Callable[[float], None] | None:
+        return None if progress is None else (lambda f: progress(lo + (hi - lo) * f))
+
+    first = tabu_search(ctx, start, replace(config, phases=regime), deadline=mid,
+                        progress=part(0.0, INTENSIFY_FRACTION), evaluator=ev)
+    second = tabu_search(ctx, first.state, config, deadline=deadline, progress=part(INTENSIFY_FRACTION, 1.0),
+                         evaluator=ev)
+    best = second if second.score.better_than(first.score) else first
+    return SearchResult(best.state, best.score, first.iterations + second.iterations,
+                        first.history + second.history, second.evaluations)
+
+
 def _final_plan(ctx: PlanningContext, ev: Evaluator, state: State, rate_rps: float | None) -> Plan:
     _, groups, lp = ev.evaluate(state)
     if lp is not None and lp.value_rps > 0:
@@ -139,7 +175,7 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
         raise _infeasible(cluster, model)
     ev = Evaluator(ctx)
     start = _best_start(ctx, config, ev, t0 + config.time_limit_s * config.time_budget_fraction_initial)
-    result = tabu_search(ctx, start, config, deadline=deadline, progress=progress, evaluator=ev)
+    result = _two_phase_search(ctx, start, config, deadline, progress, ev)
     plan = _final_plan(ctx, ev, result.state, rate_rps)
     if progress is not None:
         progress(1.0)
