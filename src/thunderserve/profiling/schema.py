@@ -120,23 +120,39 @@ class EngineProfile(BaseModel):
                 raise ValueError(f"shared_measurements: {k.value} b={b} tokens={t} was not measured alone")
         return self
 
-    def samples(self, neighbour_busy: Mapping[PassKind, float] | None = None) -> list[StageSample]:
+    def samples(self, neighbour_busy: Mapping[PassKind, float] | None = None,
+                cpu_share: Mapping[tuple[PassKind, bool], float] | None = None) -> list[StageSample]:
         """The measured shapes as fit inputs: alone, or with neighbours busy a fraction of the time per phase.
 
         `neighbour_busy[phase]` in [0, 1] is how often the neighbours compute while this device runs a pass of
         that phase; each shape's latency becomes t_alone + rho * (t_shared - t_alone) (shapes with no shared
         measurement, or phases not given, stay alone).
+
+        `cpu_share[(phase, neighbour_busy)]`, when given, is the share of a core the device gets while running
+        a pass of that phase (alone: False, next to a busy neighbour: True); a measurement's latency is then its
+        CPU seconds at that share, cpu_s / (share * threads), instead of the wall time the profiler saw. On a
+        machine other jobs load, the share the profiler got and the share a deployment gets differ; this
+        replays the measured CPU cost at the deployment's share (entries missing: wall time as measured).
         """
-        if not neighbour_busy:
-            return [m.sample() for m in self.measurements]
-        for phase, rho in neighbour_busy.items():
+        for phase, rho in (neighbour_busy or {}).items():
             if not 0.0 <= rho <= 1.0:
                 raise ValueError(f"neighbour_busy[{phase}] must be in [0, 1], got {rho}")
-        shared = {m.shape: m.latency_s for m in self.shared_measurements}
+        for key, share in (cpu_share or {}).items():
+            if not share > 0:
+                raise ValueError(f"cpu_share[{key}] must be positive, got {share}")
+        threads = self.device.threads
+
+        def latency(m: Measurement, busy: bool) -> float:
+            share = (cpu_share or {}).get((m.phase, busy))
+            return m.cpu_s / (share * threads) if share and m.cpu_s else m.latency_s
+
+        shared = {m.shape: m for m in self.shared_measurements}
         out = []
         for m in self.measurements:
-            rho = neighbour_busy.get(m.phase, 0.0)
-            t = m.latency_s + rho * (shared[m.shape] - m.latency_s) if m.shape in shared else m.latency_s
+            t = latency(m, False)
+            rho = (neighbour_busy or {}).get(m.phase, 0.0)
+            if rho and m.shape in shared:
+                t += rho * (latency(shared[m.shape], True) - t)
             out.append(StageSample(m.phase, m.batch_size, m.tokens, t))
         return out
 
