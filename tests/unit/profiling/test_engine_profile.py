@@ -340,3 +340,25 @@ def test_cpu_time_per_measurement_gives_the_share_of_the_cores_the_profiler_got(
     prof = _profile().model_copy(update={"measurements": tuple(ms)})
     assert prof.cpu_share() == pytest.approx(0.5 / prof.device.threads)
     assert prof.cpu_share(shared=True) is None and _profile().cpu_share() is None
+
+
+def test_samples_at_a_given_cpu_share_replay_cpu_seconds() -> None:
+    prof = _shared_profile()
+    with_cpu = prof.model_copy(update={
+        "measurements": tuple(m.model_copy(update={"cpu_s": m.latency_s / 2}) for m in prof.measurements),
+        "shared_measurements": tuple(m.model_copy(update={"cpu_s": m.latency_s / 4})
+                                     for m in prof.shared_measurements)})
+    threads = prof.device.threads
+    share = {(PassKind.PREFILL, False): 0.25, (PassKind.PREFILL, True): 0.125, (PassKind.DECODE, False): 0.5}
+    alone = {m.shape: m for m in with_cpu.measurements}
+    shared = {m.shape: m for m in with_cpu.shared_measurements}
+    for s in with_cpu.samples({PassKind.PREFILL: 0.5, PassKind.DECODE: 1.0}, share):
+        k = (s.phase, s.batch_size, s.tokens)
+        if s.phase is PassKind.PREFILL:
+            t_alone = alone[k].latency_s / 2 / (0.25 * threads)
+            t_shared = shared[k].latency_s / 4 / (0.125 * threads)
+            assert s.measured_s == pytest.approx(t_alone + 0.5 * (t_shared - t_alone))
+        else:  # (decode, True) not given: the shared wall time as measured
+            assert s.measured_s == pytest.approx(shared[k].latency_s)
+    with pytest.raises(ValueError, match=r"cpu_share\[.*\] must be positive"):
+        with_cpu.samples(None, {(PassKind.DECODE, False): 0.0})
