@@ -7,6 +7,7 @@ Targets from the issue: >= 1.3x the best baseline's max rate on paper-cloud-32 f
 inhouse-8xa100 no worse than DistServe. Usage:
     .venv/bin/python benchmarks/bench_compare.py [--workloads coding,conversation] [--out results.json]
     .venv/bin/python benchmarks/bench_compare.py --slo-scales 1.5,2,2.5,3,5   # ratio across SLO tightness
+    .venv/bin/python benchmarks/bench_compare.py --slo-scales 5 --tpot-scales 1.5,2,3   # tight TPOT only
 """
 
 from __future__ import annotations
@@ -70,34 +71,41 @@ def fmt(x: float | None, spec: str = "{:.2f}") -> str:
 
 
 def sweep(args: argparse.Namespace, scales: list[float]) -> None:
-    """Max rate at the SLO of every system per workload and SLO scale, and ThunderServe's ratio to the best."""
+    """Max rate at the SLO of every system per workload and SLO scale, and ThunderServe's ratio to the best.
+
+    With --tpot-scales, each (TTFT scale, TPOT scale) pair is run instead of equal scales."""
     cluster, model = load_cluster(args.cluster), load_model(args.model)
     config = CompareConfig(planner_time_limit_s=args.time_limit, curves=False)
     rows: list[dict[str, Any]] = []
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("sweep", total=len(names) * len(scales))
+        tpot_scales = [float(x) for x in args.tpot_scales.split(",") if x.strip()] if args.tpot_scales else None
+        pairs = [(a, b) for a in scales for b in tpot_scales] if tpot_scales else [(a, a) for a in scales]
+        task = bar.add_task("sweep", total=len(names) * len(pairs))
         for name in names:
             workload = load_workload(name)
-            for scale in scales:
-                bar.update(task, description=f"{name} @ SLO x{scale:g}")
-                slo = make_slo(model, workload, scale, None, None, 0.9)
+            for scale, tpot_scale in pairs:
+                bar.update(task, description=f"{name} @ SLO x{scale:g}/x{tpot_scale:g}")
+                ref = make_slo(model, workload, 1.0, None, None, 0.9)
+                slo = make_slo(model, workload, scale if scale == tpot_scale else None,
+                               None if scale == tpot_scale else ref.ttft_ms * scale,
+                               None if scale == tpot_scale else ref.tpot_ms * tpot_scale, 0.9)
                 doc = run_comparison(cluster, model, workload, slo, config=config)
                 rates = {k: v["max_rate_at_slo"] or 0.0 for k, v in doc["systems"].items()}
                 best = max((k for k in rates if k != "thunderserve"), key=lambda k: rates[k])
                 phases = doc["systems"]["thunderserve"].get("phases", {})
-                rows.append({"workload": name, "slo_scale": scale, "ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms,
+                rows.append({"workload": name, "slo_scale": scale, "tpot_scale": tpot_scale, "ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms,
                              "rates": rates, "best_baseline": best, "ratio": ratio(rates["thunderserve"], rates[best]),
                              "thunderserve_phases": phases})
                 bar.advance(task)
     systems = list(rows[0]["rates"]) if rows else []
     table = Table(title=f"max rate at SLO (req/s) by SLO scale ({args.model}, {args.cluster})")
-    for col in ["workload", "SLO scale", "TTFT/TPOT ms", *systems, "TS / best", "TS groups P/D/C"]:
+    for col in ["workload", "TTFT/TPOT scale", "TTFT/TPOT ms", *systems, "TS / best", "TS groups P/D/C"]:
         table.add_column(col, justify="right")
     for r in rows:
         ph = r["thunderserve_phases"]
-        table.add_row(r["workload"], f"{r['slo_scale']:g}", f"{r['ttft_ms']:.0f}/{r['tpot_ms']:.0f}",
+        table.add_row(r["workload"], f"{r['slo_scale']:g}/{r['tpot_scale']:g}", f"{r['ttft_ms']:.0f}/{r['tpot_ms']:.0f}",
                       *[fmt(r["rates"][k]) for k in systems], fmt(r["ratio"], "{:.2f}x"),
                       f"{ph.get('prefill', 0)}/{ph.get('decode', 0)}/{ph.get('colocated', 0)}")
     console.print(table)
@@ -116,6 +124,8 @@ def main() -> None:
     ap.add_argument("--plot-dir", help="write one comparison plot per workload here")
     ap.add_argument("--slo-scales", help="comma-separated SLO scales: sweep them instead of the default-SLO "
                     "comparison (ThunderServe vs each baseline on --cluster only, no curves)")
+    ap.add_argument("--tpot-scales", help="with --slo-scales: comma-separated TPOT scales, each swept at every "
+                    "--slo-scales value used for TTFT only (how tight decoding deadlines change the picture)")
     args = ap.parse_args()
     if args.slo_scales:
         sweep(args, [float(x) for x in args.slo_scales.split(",") if x.strip()])
