@@ -11,6 +11,10 @@ A profile taken with busy neighbours (`neighbours` > 0: the deployment's other w
 see `profiling.neighbours`) also holds `shared_measurements`: the same shapes measured right after with the
 neighbours computing. `samples(neighbour_busy=...)` then gives each shape's expected latency when its
 neighbours are busy a fraction rho of the time (time sharing: t = t_alone + rho * (t_shared - t_alone)).
+
+On a CPU every measurement also records the CPU seconds the measuring process used (`cpu_s`): CPU / wall time
+is the share of its cores it got (`cpu_share`), and `samples(cpu_share=...)` replays the CPU cost at another
+share (another load of a shared machine). Several sessions of one profile pool into one (`pool_profiles`).
 """
 
 from __future__ import annotations
