@@ -1,20 +1,22 @@
 """KV compression on SmolLM2-135M: payload size, codec speed and greedy fidelity per compression level.
 
-    .venv/bin/python benchmarks/bench_kv.py [--model smollm2] [--num-tokens 64] [--threads 1]
+    .venv/bin/python benchmarks/bench_kv.py [--model smollm2] [--num-tokens 64] [--threads 1] [--json PATH]
 
-A thin table printer over `thunderserve.cli_bench_kv.bench_kv` (see its docstring for the definitions).
-Targets: int8 greedy-identical to the uncompressed cache; int4 >= 90% token agreement and >= 3.5x fewer bytes
-than fp16.
+A thin table printer over `thunderserve.cli_bench_kv.bench_kv` (see its docstring for the definitions): every
+prompt set of `PROMPT_SETS`, one row per compression and set. Targets (issue 4): int8 greedy-identical to the
+uncompressed cache; int4 >= 90% free-running token agreement over 64 tokens and >= 3.5x fewer bytes than fp16.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
-from thunderserve.cli_bench_kv import COMPRESSIONS, bench_kv
+from thunderserve.cli_bench_kv import bench_kv, format_table
 
 
 def main() -> None:
@@ -22,21 +24,16 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--num-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the full result here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     result = bench_kv(model=args.model, num_tokens=args.num_tokens)
-    cfg = result["config"]
-    print(f"model={cfg['model']} prompts={cfg['num_prompts']} tokens/prompt={cfg['num_tokens']} "
-          f"kv dtype={cfg['kv_dtype']} group={cfg['group_size']} ({time.perf_counter() - t0:.0f} s)")
-    print(f"{'compression':<12}{'x fewer bytes':>14}{'quant GB/s':>12}{'dequant GB/s':>14}{'agreement':>11}"
-          f"{'forced':>9}{'max |dlogit|':>14}")
-    for c in COMPRESSIONS:
-        r = result[c]
-        print(f"{c:<12}{r['compression_ratio_vs_fp16']:>14.2f}{r['quantize_gbps']:>12.2f}"
-              f"{r['dequantize_gbps']:>14.2f}{r['token_agreement']:>11.3f}"
-              f"{r['token_agreement_teacher_forced']:>9.3f}{r['max_logit_error']:>14.4f}")
+    print(format_table(result))
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
 """bench-kv: what KV compression costs on a real model (bytes, codec speed, greedy-token agreement, logit error).
 
-For each compression level, the prefill KV of every prompt goes through quantize -> to_bytes -> from_bytes ->
-dequantize before greedy decoding continues from it; the tokens are compared position by position with the
-uncompressed run (EOS ignored: every prompt decodes exactly `num_tokens` tokens), and the first decode step's
-logits with the uncompressed first decode step (same input token). `token_agreement` is free-running (one
-early flip makes the rest of that prompt disagree); `token_agreement_teacher_forced` feeds the reference
-tokens and counts matching next-token picks (per-step fidelity, without that cascade). Codec speed is measured on the reference
-run's final caches (prompt + generated tokens): bytes of the uncompressed cache (engine dtype) per second,
-median of `repeats`; the compression ratio is fp16 bytes of those caches over the payload bytes.
+For each compression level and each prompt set, the prefill KV of every prompt goes through quantize ->
+to_bytes -> from_bytes -> dequantize before greedy decoding continues from it; the tokens are compared position
+by position with the uncompressed run (EOS ignored: every prompt decodes exactly `num_tokens` tokens), and the
+first decode step's logits with the uncompressed first decode step (same input token). `token_agreement` is
+free-running (one early flip makes the rest of that prompt disagree; `first_divergence` lists, per prompt, the
+first position that differs, `num_tokens` when none does); `token_agreement_teacher_forced` feeds the reference
+tokens and counts matching next-token picks (per-step fidelity, without that cascade). Agreements are reported
+per prompt set and pooled over all of them.
+
+Bytes: `compression_ratio_vs_fp16` is fp16 bytes over payload bytes (every byte: header, codes, scales, zero
+points, 16-bit sink tokens) for one real prompt of `ratio_tokens` tokens (default 512, the length the cost model
+quotes; the bench prompts joined and cut to length); `compression_ratio_bench_prompts` is the same over the bench
+prompts' own caches (~40 tokens each: short prompts pay the per-prompt sink and key parameters over few tokens).
+Codec speed is measured on that long cache: bytes of the uncompressed cache (engine dtype) per second, median of
+`repeats`.
 
 The CLI (`thunderserve bench-kv --model PATH|smollm2 --json`) calls `bench_kv`; `main()` is a plain argparse
 entry point for running this module directly.
@@ -19,7 +26,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,35 +34,63 @@ import torch
 from thunderserve.runtime.engine.base import DecodeInput, KVCache
 from thunderserve.runtime.kv.quantize import dequantize_kv, from_bytes, payload_nbytes, quantize_kv, to_bytes
 
-DEFAULT_PROMPTS = (
-    "What is the capital of France?",
-    "Write a short poem about the ocean.",
-    "Explain how a refrigerator works.",
-    "Give me three tips for learning a new language.",
-    "What are the main causes of climate change?",
-    "Describe the water cycle in simple terms.",
-    "How do I make a cup of green tea?",
-    "Summarise the plot of Romeo and Juliet.",
-)
+# Three fixed sets of chat prompts (written before any scheme was measured on them; do not tune them away).
+PROMPT_SETS: dict[str, tuple[str, ...]] = {
+    "everyday": (
+        "What is the capital of France?",
+        "Write a short poem about the ocean.",
+        "Explain how a refrigerator works.",
+        "Give me three tips for learning a new language.",
+        "What are the main causes of climate change?",
+        "Describe the water cycle in simple terms.",
+        "How do I make a cup of green tea?",
+        "Summarise the plot of Romeo and Juliet.",
+    ),
+    "technical": (
+        "Write a Python function that checks whether a number is prime.",
+        "What is the difference between a list and a tuple in Python?",
+        "Explain what a hash table is and why lookups are fast.",
+        "How does HTTPS keep a connection private?",
+        "What is 17 multiplied by 23? Show your steps.",
+        "Explain recursion to a beginner programmer.",
+        "What does the SQL JOIN clause do?",
+        "Why do computers use binary numbers?",
+    ),
+    "open": (
+        "Tell me a story about a robot who learns to paint.",
+        "What should I pack for a weekend camping trip?",
+        "Write an email asking my manager for a day off.",
+        "Who was Marie Curie and what is she known for?",
+        "Compare cats and dogs as pets.",
+        "What are some healthy breakfast ideas?",
+        "Describe a sunset over the mountains.",
+        "How can I improve my sleep?",
+    ),
+}
+DEFAULT_PROMPTS = PROMPT_SETS["everyday"]
 COMPRESSIONS = ("int8", "int4")
+RATIO_TOKENS = 512
 
 
 def _prompt_ids(engine: Any, prompts: Sequence[str]) -> list[list[int]]:
     return [engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
 
 
+def _round_trip(kv: KVCache, compression: str) -> KVCache:
+    return dequantize_kv(from_bytes(to_bytes(quantize_kv(kv, compression))), device=kv.keys.device)
+
+
 def _greedy(engine: Any, prompt_ids: list[list[int]], num_tokens: int, compression: str | None,
             forced: list[list[int]] | None = None) -> tuple[list[list[int]], torch.Tensor | None, list[KVCache]]:
-    """Greedy tokens per prompt, the first decode step's logits [batch, vocab], and the exact caches.
+    """Greedy tokens per prompt, the first decode step's logits [batch, vocab], and the prefill caches (exact).
 
     With `forced`, each step is fed the forced (reference) token instead of the model's own pick, so the
     returned tokens are next-token predictions along the reference continuation (teacher forcing).
     """
     results = engine.prefill(prompt_ids)
-    prefill_kvs = [r.kv for r in results]
-    kvs = [r.kv if compression is None else
-           dequantize_kv(from_bytes(to_bytes(quantize_kv(r.kv, compression))), device=r.kv.keys.device)
-           for r in results]
+    prefill_kvs = [KVCache(keys=r.kv.keys.clone(), values=r.kv.values.clone(), first_layer=r.kv.first_layer)
+                   for r in results]
+    kvs = [r.kv if compression is None else _round_trip(r.kv, compression) for r in results]
     tokens = [[int(r.logits.argmax())] for r in results]
     fed = [list(seq) for seq in tokens] if forced is None else [[f[0]] for f in forced]
     first_logits = None
@@ -74,53 +109,116 @@ def _agreement(ref: list[list[int]], got: list[list[int]]) -> float:
     return same / sum(len(r) for r in ref)
 
 
-def _codec_speed(kvs: list[KVCache], compression: str, repeats: int) -> tuple[float, float, float]:
-    """(compression ratio vs fp16, quantize GB/s, dequantize GB/s) over the given caches."""
-    raw = sum(2 * kv.keys.numel() * kv.keys.element_size() for kv in kvs)
+def _first_divergence(ref: list[list[int]], got: list[list[int]]) -> list[int]:
+    return [next((i for i, (a, b) in enumerate(zip(r, t, strict=True)) if a != b), len(r))
+            for r, t in zip(ref, got, strict=True)]
+
+
+def _ratio(kvs: Sequence[KVCache], compression: str) -> float:
+    """fp16 bytes of the caches over their payload bytes."""
     fp16 = sum(2 * kv.keys.numel() * 2 for kv in kvs)
-    qs = [quantize_kv(kv, compression) for kv in kvs]
-    packed = sum(payload_nbytes(q) for q in qs)
+    return fp16 / sum(payload_nbytes(quantize_kv(kv, compression)) for kv in kvs)
+
+
+def _codec_speed(kv: KVCache, compression: str, repeats: int) -> tuple[float, float]:
+    """(quantize GB/s, dequantize GB/s) on one cache, in bytes of the uncompressed cache."""
+    raw = 2 * kv.keys.numel() * kv.keys.element_size()
+    q = quantize_kv(kv, compression)
     enc, dec = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        qs = [quantize_kv(kv, compression) for kv in kvs]
+        q = quantize_kv(kv, compression)
         t1 = time.perf_counter()
-        for q in qs:
-            dequantize_kv(q)
+        dequantize_kv(q)
         t2 = time.perf_counter()
         enc.append(t1 - t0)
         dec.append(t2 - t1)
-    return fp16 / packed, raw / statistics.median(enc) / 1e9, raw / statistics.median(dec) / 1e9
+    return raw / statistics.median(enc) / 1e9, raw / statistics.median(dec) / 1e9
+
+
+def _long_prompt_cache(engine: Any, ids: list[list[int]], num_tokens: int) -> KVCache:
+    """The prefill cache of one prompt of `num_tokens` tokens (at most the engine's context): the bench prompts'
+    ids joined, cycled, cut."""
+    num_tokens = min(num_tokens, int(getattr(engine, "max_context_tokens", num_tokens)))
+    flat = [t for p in ids for t in p]
+    joined = (flat * (num_tokens // len(flat) + 1))[:num_tokens]
+    return engine.prefill([joined])[0].kv
 
 
 def bench_kv(model: str = "smollm2", num_tokens: int = 64, prompts: list[str] | None = None, *,
-             compressions: Sequence[str] = COMPRESSIONS, repeats: int = 5, engine: Any = None) -> dict[str, Any]:
-    """Per compression: compression_ratio_vs_fp16, quantize_gbps, dequantize_gbps, token_agreement,
-    token_agreement_teacher_forced, max_logit_error (see the module docstring); the run's facts under "config"."""
+             prompt_sets: Mapping[str, Sequence[str]] | None = None, compressions: Sequence[str] = COMPRESSIONS,
+             repeats: int = 5, ratio_tokens: int = RATIO_TOKENS, engine: Any = None) -> dict[str, Any]:
+    """Per compression: compression_ratio_vs_fp16, compression_ratio_bench_prompts, quantize_gbps,
+    dequantize_gbps, and pooled token_agreement, token_agreement_teacher_forced, max_logit_error, with the same
+    three (and first_divergence) per prompt set under "per_set" (see the module docstring). `prompts` runs one
+    set named "custom"; by default every set of PROMPT_SETS runs. The run's facts are under "config"."""
     if num_tokens < 2:
         raise ValueError("num_tokens must be at least 2 (the logit error needs one decode step)")
+    if ratio_tokens < 1:
+        raise ValueError("ratio_tokens must be at least 1")
     if engine is None:
         from thunderserve.runtime.engine import load_engine
 
         engine = load_engine(model)
-    texts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
-    ids = _prompt_ids(engine, texts)
+    sets = {"custom": list(prompts)} if prompts else {k: list(v) for k, v in (prompt_sets or PROMPT_SETS).items()}
+    ids = {name: _prompt_ids(engine, texts) for name, texts in sets.items()}
+    out: dict[str, Any] = {}
     with torch.no_grad():
-        ref_tokens, ref_logits, kvs = _greedy(engine, ids, num_tokens, None)
-        out: dict[str, Any] = {"config": {"model": model, "num_prompts": len(ids), "num_tokens": num_tokens,
-                                          "prompt_tokens": sum(len(p) for p in ids),
-                                          "kv_dtype": str(kvs[0].keys.dtype).removeprefix("torch."),
-                                          "group_size": quantize_kv(kvs[0], "int4").group_size}}
+        refs = {name: _greedy(engine, p, num_tokens, None) for name, p in ids.items()}
+        prefill_kvs = [kv for _, _, kvs in refs.values() for kv in kvs]
+        long_kv = _long_prompt_cache(engine, [p for v in ids.values() for p in v], ratio_tokens)
+        first = quantize_kv(long_kv, "int4")
+        out["config"] = {"model": model, "num_tokens": num_tokens, "ratio_tokens": long_kv.num_tokens,
+                         "prompt_sets": {name: {"num_prompts": len(p), "prompt_tokens": sum(len(x) for x in p)}
+                                         for name, p in ids.items()},
+                         "kv_dtype": str(long_kv.keys.dtype).removeprefix("torch."),
+                         "kv_shape_per_token": list(long_kv.keys.shape[:2]) + [long_kv.keys.shape[3]],
+                         "group_size": first.group_size, "sink_tokens": first.sink_tokens,
+                         "key_block_tokens": first.key_block_tokens}
         for c in compressions:
-            tokens, logits, _ = _greedy(engine, ids, num_tokens, c)
-            forced, _, _ = _greedy(engine, ids, num_tokens, c, forced=ref_tokens)
-            ratio, q_gbps, dq_gbps = _codec_speed(kvs, c, repeats)
-            assert logits is not None and ref_logits is not None
-            out[c] = {"compression_ratio_vs_fp16": ratio, "quantize_gbps": q_gbps, "dequantize_gbps": dq_gbps,
-                      "token_agreement": _agreement(ref_tokens, tokens),
-                      "token_agreement_teacher_forced": _agreement(ref_tokens, forced),
-                      "max_logit_error": float((logits - ref_logits).abs().max())}
+            per_set: dict[str, Any] = {}
+            pooled: dict[str, list[list[int]]] = {"ref": [], "free": [], "forced": []}
+            max_err = 0.0
+            for name, p in ids.items():
+                ref_tokens, ref_logits, _ = refs[name]
+                tokens, logits, _ = _greedy(engine, p, num_tokens, c)
+                forced, _, _ = _greedy(engine, p, num_tokens, c, forced=ref_tokens)
+                assert logits is not None and ref_logits is not None
+                err = float((logits - ref_logits).abs().max())
+                max_err = max(max_err, err)
+                per_set[name] = {"token_agreement": _agreement(ref_tokens, tokens),
+                                 "token_agreement_teacher_forced": _agreement(ref_tokens, forced),
+                                 "max_logit_error": err, "first_divergence": _first_divergence(ref_tokens, tokens)}
+                pooled["ref"] += ref_tokens
+                pooled["free"] += tokens
+                pooled["forced"] += forced
+            q_gbps, dq_gbps = _codec_speed(long_kv, c, repeats)
+            out[c] = {"compression_ratio_vs_fp16": _ratio([long_kv], c),
+                      "compression_ratio_bench_prompts": _ratio(prefill_kvs, c),
+                      "quantize_gbps": q_gbps, "dequantize_gbps": dq_gbps,
+                      "token_agreement": _agreement(pooled["ref"], pooled["free"]),
+                      "token_agreement_teacher_forced": _agreement(pooled["ref"], pooled["forced"]),
+                      "max_logit_error": max_err, "per_set": per_set}
     return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of a `bench_kv` result: one row per compression and prompt set."""
+    cfg = result["config"]
+    lines = [f"model={cfg['model']} tokens/prompt={cfg['num_tokens']} kv dtype={cfg['kv_dtype']} "
+             f"group={cfg['group_size']} sinks={cfg['sink_tokens']} key block={cfg['key_block_tokens']}",
+             f"{'compression':<12}{'set':<11}{'x fewer bytes':>14}{'(bench)':>9}{'quant GB/s':>11}"
+             f"{'dequant GB/s':>13}{'agreement':>10}{'forced':>8}{'max |dlogit|':>13}  first divergence"]
+    for c in (k for k in result if k != "config"):
+        r = result[c]
+        rows = [("all", r, "")] + [(n, s, " ".join(map(str, s["first_divergence"])))
+                                  for n, s in r["per_set"].items()]
+        for name, s, div in rows:
+            lead = (f"{r['compression_ratio_vs_fp16']:>14.2f}{r['compression_ratio_bench_prompts']:>9.2f}"
+                    f"{r['quantize_gbps']:>11.2f}{r['dequantize_gbps']:>13.2f}" if name == "all" else " " * 47)
+            lines.append(f"{c:<12}{name:<11}{lead}{s['token_agreement']:>10.3f}"
+                         f"{s['token_agreement_teacher_forced']:>8.3f}{s['max_logit_error']:>13.4f}  {div}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -130,18 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args(argv)
     result = bench_kv(model=args.model, num_tokens=args.num_tokens)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    print(f"model={args.model} prompts={result['config']['num_prompts']} tokens/prompt={args.num_tokens} "
-          f"kv dtype={result['config']['kv_dtype']}")
-    print(f"{'compression':<12}{'ratio vs fp16':>14}{'quant GB/s':>12}{'dequant GB/s':>14}{'agreement':>11}"
-          f"{'forced agr.':>12}{'max logit err':>15}")
-    for c in COMPRESSIONS:
-        r = result[c]
-        print(f"{c:<12}{r['compression_ratio_vs_fp16']:>14.2f}{r['quantize_gbps']:>12.2f}{r['dequantize_gbps']:>14.2f}"
-              f"{r['token_agreement']:>11.3f}{r['token_agreement_teacher_forced']:>12.3f}"
-              f"{r['max_logit_error']:>15.4f}")
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
 
 
 if __name__ == "__main__":

@@ -7,20 +7,39 @@ import asyncio
 import pytest
 from runtime_builders import fake_deployment, pd_plan, request, run_request
 
+from thunderserve.runtime.engine.base import DecodeInput
+from thunderserve.runtime.fakes import FakeEngine
 from thunderserve.runtime.router import Finished
 from thunderserve.runtime.workers.codec import QuantizeKvCodec
 
 pytestmark = pytest.mark.anyio
 
 
+def continuation_after_codec(codec: QuantizeKvCodec, prompt: list[int], max_tokens: int) -> list[int]:
+    """The fake model's greedy tokens when its prefill cache goes through `codec` before decoding."""
+    engine = FakeEngine()
+    res = engine.prefill([prompt])[0]
+    kv = codec.decode(codec.encode(res.kv))
+    out = [int(res.logits.argmax())]
+    while len(out) < max_tokens:
+        out.append(int(engine.decode([DecodeInput(out[-1], kv)])[0].argmax()))
+    return out
+
+
 @pytest.mark.parametrize("compression", ["none", "int8", "int4"])
 async def test_quantized_transfer_keeps_the_fake_models_output(compression: str) -> None:
-    # the fake engine's cache rows are constant groups of token ids, which every level reproduces exactly
+    # The fake engine's cache holds token ids (32..116 here): none and int8 (a key channel's step < 1) bring them
+    # back exactly, so the output is the fake's own greedy continuation. int4 keys are grouped per channel
+    # along the tokens (a step of ~6 ids), so the fake (whose "model" reads ids off the keys) continues from
+    # other ids: the deployment must produce exactly what that dequantised cache gives.
     prompt = "compressed transfer " * 4
-    async with fake_deployment(pd_plan(), codec=QuantizeKvCodec(compression)) as dep:
+    codec = QuantizeKvCodec(compression)
+    async with fake_deployment(pd_plan(), codec=codec) as dep:
         out = await run_request(dep.router, request(prompt, max_tokens=12))
         assert isinstance(out.terminal, Finished)
-        assert out.token_ids == dep.engines["p0"].greedy(list(prompt.encode()), 12)
+        want = dep.engines["p0"].greedy(list(prompt.encode()), 12)
+        assert out.token_ids == continuation_after_codec(codec, list(prompt.encode()), 12)
+        assert (out.token_ids == want) == (compression != "int4")
         p0 = dep.servers["p0"]
         for _ in range(100):
             if p0.kv_bytes_sent.get("d0"):

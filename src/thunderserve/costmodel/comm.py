@@ -7,6 +7,9 @@ from enum import StrEnum
 ALLREDUCE_LATENCY_S = 15e-6  # per ring step start-up (launch + link latency)
 SEND_LATENCY_S = 30e-6  # per point-to-point activation/KV message
 KV_GROUP_SIZE = 64  # elements sharing one scale (and zero point) in compressed KV
+KV_SINK_TOKENS = 1  # leading tokens (the attention sink) sent in 16 bits by compressed KV
+KV_KEY_BLOCK_TOKENS = 128  # tokens sharing one key scale (and zero point) per channel in compressed KV
+KV_RATIO_TOKENS = 512  # the prompt length the per-token compression ratio is quoted at
 
 
 class Compression(StrEnum):
@@ -15,20 +18,29 @@ class Compression(StrEnum):
     INT4 = "int4"
 
 
-def compression_ratio(compression: Compression | str, dtype_bytes: int = 2, group_size: int = KV_GROUP_SIZE
-                      ) -> float:
-    """Compressed KV bytes over uncompressed bytes.
+def compression_ratio(compression: Compression | str, dtype_bytes: int = 2, group_size: int = KV_GROUP_SIZE,
+                      num_tokens: int = KV_RATIO_TOKENS) -> float:
+    """Compressed KV bytes over uncompressed bytes, for one prompt of `num_tokens` tokens (the format of
+    `runtime.kv.quantize`, head_dim a multiple of `group_size`; the payload's 44-byte header is left out).
 
-    int8: one byte per value plus an fp16 scale per group; int4: half a byte per value plus an fp16 scale
-    and an fp16 zero point per group.
+    Per channel of one layer and head: the first KV_SINK_TOKENS tokens' keys and values in 16 bits; the other
+    tokens' keys at one byte (int8) or half a byte (int4) each plus a scale and a zero point per block of
+    KV_KEY_BLOCK_TOKENS tokens; their values likewise plus a scale and a zero point per token and group of
+    `group_size` channels. Scales and zero points are float32 for int8, fp16 for int4.
     """
     c = Compression(compression)
-    raw = dtype_bytes * group_size
     if c is Compression.NONE:
         return 1.0
-    if c is Compression.INT8:
-        return (group_size + 2) / raw
-    return (group_size / 2 + 4) / raw
+    tokens = max(num_tokens, 1)
+    sinks = min(KV_SINK_TOKENS, tokens)
+    body = tokens - sinks
+    code_bytes, param_bytes = (1.0, 4) if c is Compression.INT8 else (0.5, 2)
+    key_blocks = -(-body // KV_KEY_BLOCK_TOKENS)
+    compressed = (2 * sinks * 2  # keys and values of the sink tokens, 16-bit
+                  + 2 * body * code_bytes  # key and value codes
+                  + key_blocks * 2 * param_bytes  # key scale + zero per channel and token block
+                  + body * 2 * param_bytes / group_size)  # value scale + zero per token and group
+    return compressed / (2 * tokens * dtype_bytes)
 
 
 def allreduce_time_s(num_bytes: float, tp: int, link_bytes_s: float) -> float:

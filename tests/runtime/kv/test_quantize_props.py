@@ -1,4 +1,4 @@
-"""Property tests: the int8/int4 error bound and the wire format hold for arbitrary shapes and values."""
+"""Property tests: the int8/int4 error bound and the wire format hold for arbitrary shapes, values and options."""
 
 from __future__ import annotations
 
@@ -28,9 +28,13 @@ def caches(draw: st.DrawFn) -> KVCache:
 
 
 @settings(max_examples=60, deadline=None)
-@given(kv=caches(), compression=st.sampled_from(["int8", "int4"]), group_size=st.sampled_from([2, 8, 32, 64]))
-def test_error_bound_holds(kv: KVCache, compression: str, group_size: int) -> None:
-    assert_within_bound(kv, compression, group_size)
+@given(kv=caches(), compression=st.sampled_from(["int8", "int4"]), group_size=st.sampled_from([2, 8, 32, 64]),
+       sink_tokens=st.sampled_from([0, 1, 2]), key_block_tokens=st.sampled_from([1, 3, 128]),
+       rotate_keys=st.booleans(), rotate_values=st.booleans())
+def test_error_bound_holds(kv: KVCache, compression: str, group_size: int, sink_tokens: int, key_block_tokens: int,
+                           rotate_keys: bool, rotate_values: bool) -> None:
+    assert_within_bound(kv, compression, group_size, sink_tokens=sink_tokens, key_block_tokens=key_block_tokens,
+                        rotate_keys=rotate_keys, rotate_values=rotate_values)
 
 
 @settings(max_examples=40, deadline=None)

@@ -61,9 +61,12 @@ def test_kv_capacity_from_memory() -> None:
 def test_gqa_and_compressed_kv_bytes() -> None:
     m = make_model(num_kv_heads=2)  # 2 KV heads of dim 128 over 2 layers, fp16
     assert kv_bytes(m, 10) == 10 * 2 * 2 * 128 * 2 * 2
-    assert compression_ratio(Compression.INT4) == pytest.approx((32 + 4) / 128)
-    assert compression_ratio("int8") == pytest.approx(66 / 128)
-    assert kv_bytes(m, 10, "int4") == pytest.approx(kv_bytes(m, 10) * 36 / 128)
+    # per channel of a 512-token prompt: 1 sink token in 16 bits for K and V (4 bytes); 511 tokens of K and V
+    # codes; K scale + zero per 128-token block (4 blocks); V scale + zero per token and 64-channel group
+    assert compression_ratio(Compression.INT4) == pytest.approx((4 + 511 + 4 * 4 + 511 * 4 / 64) / 2048)
+    assert compression_ratio("int8") == pytest.approx((4 + 1022 + 4 * 8 + 511 * 8 / 64) / 2048)
+    assert 1 / compression_ratio("int4") > 3.6 and 1 / compression_ratio("int4", num_tokens=37) == pytest.approx(3.2)
+    assert kv_bytes(m, 10, "int4") == pytest.approx(kv_bytes(m, 10) * compression_ratio("int4"))
 
 
 def test_kv_transfer_uses_slowest_link_and_zero_is_infinite() -> None:
@@ -73,7 +76,7 @@ def test_kv_transfer_uses_slowest_link_and_zero_is_infinite() -> None:
     a, b, cc = c.gpus
     per_token = kv_seconds_per_token(m, [([a], 2)], [b], c)
     assert per_token == pytest.approx(m.kv_bytes_per_token / (8 * GBPS_TO_BYTES))
-    assert kv_seconds_per_token(m, [([a], 2)], [b], c, "int4") == pytest.approx(per_token * 36 / 128)
+    assert kv_seconds_per_token(m, [([a], 2)], [b], c, "int4") == pytest.approx(per_token * compression_ratio("int4"))
     assert kv_seconds_per_token(m, [([a], 2)], [cc], c) == float("inf")
 
 

@@ -1,36 +1,49 @@
-"""Group-wise KV-cache quantisation for transfer: none (exact), int8 and int4 (asymmetric; int4 packed).
+"""KV-cache quantisation for transfer: none (exact), int8 and int4 (asymmetric; int4 packed two per byte).
 
-Groups are `group_size` consecutive elements along head_dim (default `costmodel.comm.KV_GROUP_SIZE` = 64). A
-head_dim that is not a multiple of the group size is padded at the end by repeating its last element (which
-changes no group's min/max) and cut back on dequantisation.
-
-Rotation (default on, when the group size is a power of two): each group is multiplied by the orthonormal
-Hadamard matrix H (H = H^T, H H = I) before quantising and by H again after dequantising. Keys carry a few
-outlier channels; the rotation spreads them over the group, so the grid is no longer stretched by one channel.
-On SmolLM2-135M this is what makes int8 greedy-identical to the uncompressed cache (see `cli_bench_kv`). It
-costs no bytes (H is fixed) and is recorded in the header.
+Scheme (format version 2), per pipeline stage's cache [layers, kv_heads, tokens, head_dim]:
+  * sink tokens: the first `sink_tokens` tokens (default `costmodel.comm.KV_SINK_TOKENS` = 1) of keys and values
+    are sent in 16 bits (the cache's own dtype when it is fp16/bf16, else fp16, or float32 when a value exceeds
+    fp16's range). The first token is the attention sink: its keys and values are far larger than the rest, and
+    leaving it in the key ranges stretched every channel's grid.
+  * keys (KIVI-style, per channel): for each layer, head and channel, groups of `key_block_tokens` consecutive
+    tokens (default `KV_KEY_BLOCK_TOKENS` = 128; the last block may be shorter) share one scale and zero point.
+    Keys carry outlier *channels*, so a per-channel grid fits each channel's own range.
+  * values (per token): groups of `group_size` consecutive elements along head_dim (default `KV_GROUP_SIZE` = 64),
+    multiplied by the orthonormal Hadamard matrix H (H = H^T, H H = I) before quantising and by H again after,
+    which spreads a group's outliers over the group. A head_dim that is not a multiple of the group size is padded
+    by repeating its last element (which changes no group's min/max) and cut back on dequantisation.
+  Rotation is a per-tensor flag (values on, keys off by default; rotated keys are rotated along head_dim the same
+  way before their per-channel grid). On SmolLM2-135M this layout lowers the int4 cache's teacher-forced KL by ~4x
+  against per-token groups for both tensors (see `cli_bench_kv` and the README's KV compression section).
 
 Per group, with y the (rotated) group and L the top level (255 for int8, 15 for int4):
     zero point z = min(y) rounded *down* to the parameter dtype, s = (max(y) - z) / L rounded *up* to it,
-    q = round((y - z) / s) in [0, L] (uint8; int4 packs two per byte, even index in the low nibble),
-    y' = q * s + z.
+    q = round((y - z) / s) in [0, L], y' = q * s + z.
 Rounding the parameters outwards keeps every group inside the grid, so each element of y is off by at most s / 2
-(plus float32 noise and the final rounding to the cache dtype). Without rotation that is the bound on the cache
-itself; with rotation it holds in the rotated coordinates, and a group's L2 error is at most sqrt(g) * s / 2 in
-both. A constant group (unrotated) or an all-zero group gets s = 0 and comes back exactly (z holds the value,
-exact when it is a number of the parameter dtype).
+(plus float32 noise and the final rounding to the cache dtype). Unrotated, that is the bound on the cache itself;
+rotated, it holds in the rotated coordinates, and since H is orthonormal a token's error over one group of g
+channels has L2 norm at most sqrt(sum of (s/2)^2) over that group's elements (`grid_view` lays these out).
+A constant group (unrotated) or an all-zero group gets s = 0 and comes back exactly. Sink tokens are off by at most
+16-bit rounding (none in a 16-bit cache).
 
 Parameter dtype: int4 keeps scales and zero points in fp16 (float32 only when values exceed the fp16 range);
-int8, the fidelity level, keeps them in float32: the fp16 rounding of the grid was enough to flip near-tied
-greedy tokens on SmolLM2 (free-running agreement 0.95 / 0.91 / 0.88 on three prompt sets with fp16 parameters,
-1.0 / 1.0 / 0.88 with float32). Bytes per group of 64 values: int8 64 + 8, int4 32 + 4, vs 128 in fp16, i.e.
-1.78x and 3.56x smaller. (The cost model's int8 ratio assumes an fp16 scale only, 64 + 2 bytes: 8% optimistic.)
+int8, the fidelity level, keeps them in float32 (fp16 rounding of the grid flipped near-tied greedy tokens).
 
-Wire format (`to_bytes`, little-endian, no pickle): a 36-byte header
-    magic b"TSKV", version u8, compression u8, cache dtype u8, parameter dtype u8, flags u8 (bit 0: rotated),
-    3 pad bytes, group_size u32, first_layer u32, layers u32, kv_heads u32, tokens u32, head_dim u32
-then keys' data, scales, zero points and values' data, scales, zero points as raw arrays whose sizes follow
-from the header (absent parts take no bytes).
+Bytes vs an fp16 cache, per (layer, head) at T tokens, head_dim D, S sinks, Tb = T - S: sinks 2*S*D*2; keys
+Tb*D*b/8 + ceil(Tb/B)*D*2*p; values Tb*D*b/8 + Tb*(D/g)*2*p (b bits, p parameter bytes), plus a 44-byte header
+per payload. int4 at T = 512: 3.64x fewer bytes than fp16 (int8: 1.83x); at T = 37 (a short chat prompt) 3.2x,
+since the sink and the per-channel key parameters are paid once per prompt. `costmodel.comm.compression_ratio`
+uses the same count.
+
+Wire format (`to_bytes`, little-endian, no pickle): a 44-byte header
+    magic b"TSKV", version u8 (2), compression u8, cache dtype u8, parameter dtype u8, sink dtype u8,
+    flags u8 (bit 0: values rotated, bit 1: keys rotated), 2 pad bytes, then u32: group_size, key_block_tokens,
+    sink_tokens (as applied: at most tokens), first_layer, layers, kv_heads, tokens, head_dim;
+then for keys and then values: sink [L, H, S, D] in the sink dtype, codes (uint8, int4 two per byte, even index
+in the low nibble, a last odd code padded with a zero nibble), scales, zero points. Key codes are channel-major
+[L*H, C, Tb] with scales/zeros [L*H, C, blocks]; value codes token-major [L*H*Tb, G, g] with scales/zeros
+[L*H*Tb, G] (C = head_dim, or padded to G*g when keys are rotated). The compression `none` sends each tensor
+whole in the cache dtype. Checksums belong to the transport (`runtime.kv.transport`).
 """
 
 from __future__ import annotations
@@ -44,14 +57,15 @@ from enum import Enum
 
 import torch
 
-from thunderserve.costmodel.comm import KV_GROUP_SIZE
+from thunderserve.costmodel.comm import KV_GROUP_SIZE, KV_KEY_BLOCK_TOKENS, KV_SINK_TOKENS
 from thunderserve.runtime.engine.base import KVCache
 
 MAGIC = b"TSKV"
-VERSION = 1
-_HEADER = struct.Struct("<4sBBBBB3xIIIIII")
-HEADER_BYTES = _HEADER.size  # 36
-_FLAG_ROTATED = 1
+VERSION = 2
+_HEADER = struct.Struct("<4sBBBBBB2xIIIIIIII")
+HEADER_BYTES = _HEADER.size  # 44
+_FLAG_VALUES_ROTATED = 1
+_FLAG_KEYS_ROTATED = 2
 COMPRESSIONS = ("none", "int8", "int4")
 _LEVELS = {"int8": 255, "int4": 15}
 _DTYPES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -61,14 +75,16 @@ _FP16_MAX = 65504.0
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """One of keys/values, quantised. N = layers * kv_heads * tokens rows, G groups per row of g elements."""
+    """One of keys/values, quantised (layouts in the module docstring; `none` keeps only `data`)."""
 
-    data: torch.Tensor  # none: the tensor itself [L, H, T, D]; int8: uint8 [N, G, g]; int4: uint8 [N, G, g/2]
-    scale: torch.Tensor | None = None  # [N, G] per-group scale (fp16, or fp32 out of fp16 range); not for none
-    zero: torch.Tensor | None = None  # [N, G] per-group zero point: y ~ q * scale + zero
+    data: torch.Tensor  # none: the tensor [L, H, T, D]; else uint8 codes, flat (int4: two per byte)
+    scale: torch.Tensor | None = None  # keys [L*H, C, blocks]; values [L*H*Tb, G]; fp16 or float32
+    zero: torch.Tensor | None = None  # same shape: y ~ q * scale + zero
+    sink: torch.Tensor | None = None  # [L, H, S, D] the first S tokens in 16 bits (or float32 out of fp16 range)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero, self.sink)
+                   if t is not None)
 
 
 @dataclass(frozen=True)
@@ -79,14 +95,22 @@ class QuantizedKV:
     shape: tuple[int, int, int, int]  # [layers, kv_heads, tokens, head_dim] of keys (and of values)
     dtype: torch.dtype  # the cache's dtype, restored by dequantize_kv
     first_layer: int
-    group_size: int  # elements per group actually used (<= the requested size when head_dim is smaller)
+    group_size: int  # value elements per group actually used (<= the requested size when head_dim is smaller)
     keys: QuantizedTensor
     values: QuantizedTensor
-    rotated: bool = False  # groups were multiplied by the Hadamard matrix before quantising
+    sink_tokens: int = 0  # leading tokens sent in 16 bits (as applied: <= tokens; 0 for none)
+    key_block_tokens: int = KV_KEY_BLOCK_TOKENS  # tokens per key group (per channel)
+    rotate_values: bool = False  # value groups were multiplied by the Hadamard matrix
+    rotate_keys: bool = False  # key rows were, along head_dim, before the per-channel grid
 
     @property
     def param_dtype(self) -> torch.dtype:
         s = self.keys.scale
+        return torch.float16 if s is None else s.dtype
+
+    @property
+    def sink_dtype(self) -> torch.dtype:
+        s = self.keys.sink
         return torch.float16 if s is None else s.dtype
 
 
@@ -127,69 +151,105 @@ def _round_to(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
     return r
 
 
-def rotated_groups(x: torch.Tensor, g: int, rotate: bool) -> torch.Tensor:
-    """[L, H, T, D] -> float32 [N, G, g] groups (D padded by repeating its last element), rotated if asked."""
-    d = x.shape[-1]
-    rows = x.reshape(-1, d).to(torch.float32)
-    pad = -d % g
-    if pad:
-        rows = torch.cat([rows, rows[:, -1:].expand(-1, pad)], dim=1)
-    groups = rows.reshape(rows.shape[0], (d + pad) // g, g)
-    return groups @ hadamard(g).to(groups.device) if rotate else groups
+# ----- layouts: the body [L, H, Tb, D] <-> the quantised coordinates ------------------------------------------
+def _padded_rows(x: torch.Tensor, g: int, rotate: bool, pad: bool) -> torch.Tensor:
+    """[..., D] -> float32 [..., Dp]: D padded to a multiple of g by repeating its last element (when `pad` or
+    `rotate`), each group of g multiplied by H when `rotate`."""
+    y = x.to(torch.float32)
+    d = y.shape[-1]
+    extra = -d % g if (pad or rotate) else 0
+    if extra:
+        y = torch.cat([y, y[..., -1:].expand(*y.shape[:-1], extra)], dim=-1)
+    if not rotate:
+        return y
+    groups = y.reshape(*y.shape[:-1], y.shape[-1] // g, g) @ hadamard(g).to(y.device)
+    return groups.reshape(y.shape)
 
 
-def _quantize_tensor(x: torch.Tensor, compression: str, g: int, param_dtype: torch.dtype, rotate: bool
-                     ) -> QuantizedTensor:
-    if compression == "none":
-        return QuantizedTensor(data=x.contiguous())
-    y = rotated_groups(x, g, rotate)
+def _unrotate(y: torch.Tensor, g: int, rotate: bool, d: int) -> torch.Tensor:
+    """Inverse of `_padded_rows` (H is its own inverse), cut back to d channels."""
+    if rotate:
+        y = (y.reshape(*y.shape[:-1], y.shape[-1] // g, g) @ hadamard(g).to(y.device)).reshape(y.shape)
+    return y[..., :d]
+
+
+def _key_groups(y: torch.Tensor, block: int) -> torch.Tensor:
+    """Coordinates [L, H, Tb, C] -> groups [L*H, C, blocks, block] along tokens (last block padded by repeating
+    its last token)."""
+    L, H, tb, c = y.shape
+    t = y.reshape(L * H, tb, c).transpose(1, 2)
+    extra = -tb % block
+    if extra:
+        t = torch.cat([t, t[..., -1:].expand(*t.shape[:-1], extra)], dim=-1)
+    return t.reshape(L * H, c, -(-tb // block), block)
+
+
+def _grid(y: torch.Tensor, levels: int, param_dtype: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (uint8, same shape as y), scale and zero point per group along y's last dim."""
     zero = _round_to(y.amin(-1), param_dtype, up=False)
     zf = zero.to(torch.float32)
-    scale = _round_to((y.amax(-1) - zf) / _LEVELS[compression], param_dtype, up=True)
+    scale = _round_to((y.amax(-1) - zf) / levels, param_dtype, up=True)
     sf = scale.to(torch.float32)
     # a zero scale means the group sits on its zero point (y - z == 0), so dividing by 1 gives q = 0
     q = (y - zf[..., None]).div_(torch.where(sf > 0, sf, 1.0)[..., None]).round_()
-    q = q.clamp_(0, _LEVELS[compression]).to(torch.uint8)
-    if compression == "int4":
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return QuantizedTensor(data=q, scale=scale, zero=zero)
+    return q.clamp_(0, levels).to(torch.uint8), scale, zero
 
 
-def dequantize_groups(t: QuantizedTensor, compression: str) -> torch.Tensor:
-    """The grid values q * s + z, float32 [N, G, g], in the quantised (rotated, if so) coordinates."""
-    assert t.scale is not None and t.zero is not None
-    q = t.data
-    if compression == "int4":
-        q = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(*q.shape[:-1], 2 * q.shape[-1])
-    return q.to(torch.float32) * t.scale.to(torch.float32)[..., None] + t.zero.to(torch.float32)[..., None]
+def _pack(codes: torch.Tensor, compression: str) -> torch.Tensor:
+    flat = codes.reshape(-1)
+    if compression == "int8":
+        return flat
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
 
 
-def _dequantize_tensor(t: QuantizedTensor, compression: str, shape: tuple[int, int, int, int],
-                       dtype: torch.dtype, rotated: bool) -> torch.Tensor:
-    if compression == "none":
-        return t.data.to(dtype).reshape(shape)
-    y = dequantize_groups(t, compression)
-    if rotated:
-        y = y @ hadamard(y.shape[-1]).to(y.device)
-    d = shape[-1]
-    return y.reshape(y.shape[0], y.shape[1] * y.shape[2])[:, :d].to(dtype).reshape(shape)
+def _unpack(data: torch.Tensor, compression: str, n: int) -> torch.Tensor:
+    if compression == "int8":
+        return data[:n]
+    return torch.stack([data & 0xF, data >> 4], dim=-1).reshape(-1)[:n]
 
 
-def _param_dtype(kv: KVCache, compression: str, g: int, rotate: bool) -> torch.dtype:
+def _n_channels(d: int, g: int, rotate: bool) -> int:
+    return d + (-d % g if rotate else 0)
+
+
+def _num_codes(compression: str, n: int) -> int:
+    return n if compression == "int8" else (n + 1) // 2
+
+
+# ----- quantise / dequantise -----------------------------------------------------------------------------------
+def _sink_dtype(kv: KVCache, s: int) -> torch.dtype:
+    """The cache's dtype when 16-bit; else fp16 where every sink value fits it, else the cache's dtype."""
+    dt = kv.keys.dtype
+    if dt in (torch.float16, torch.bfloat16):
+        return dt
+    if s == 0:
+        return torch.float16
+    absmax = max(float(kv.keys[:, :, :s].abs().max()), float(kv.values[:, :, :s].abs().max()))
+    return torch.float16 if absmax <= _FP16_MAX else dt
+
+
+def _param_dtype(body_k: torch.Tensor, body_v: torch.Tensor, compression: str, g: int,
+                 rotate_k: bool, rotate_v: bool) -> torch.dtype:
     """int8: float32. int4: fp16 when every scale and zero point fits it (it nearly always does), else float32."""
     if compression == "int8":
         return torch.float32
-    if compression == "none" or kv.keys.numel() == 0:
+    if body_k.numel() == 0:
         return torch.float16
-    absmax = max(float(kv.keys.abs().max()), float(kv.values.abs().max())) * (math.sqrt(g) if rotate else 1.0)
+    grow = math.sqrt(g)
+    absmax = max(float(body_k.abs().max()) * (grow if rotate_k else 1.0),
+                 float(body_v.abs().max()) * (grow if rotate_v else 1.0))
     return torch.float16 if absmax < _FP16_MAX / 2 else torch.float32
 
 
-def quantize_kv(kv: KVCache, compression: str | Enum, group_size: int = KV_GROUP_SIZE,
-                rotate: bool = True) -> QuantizedKV:
-    """Quantise a cache's keys and values (vectorised; see the module docstring for the formats).
+def quantize_kv(kv: KVCache, compression: str | Enum, group_size: int = KV_GROUP_SIZE, *,
+                rotate_values: bool = True, rotate_keys: bool = False, sink_tokens: int = KV_SINK_TOKENS,
+                key_block_tokens: int = KV_KEY_BLOCK_TOKENS) -> QuantizedKV:
+    """Quantise a cache's keys and values (vectorised; see the module docstring for the scheme).
 
-    `rotate` applies the Hadamard rotation when the group size is a power of two (ignored otherwise).
+    Rotation applies only when the group size is a power of two (ignored otherwise).
     """
     name = _compression_name(compression)
     if kv.keys.dim() != 4 or kv.keys.shape != kv.values.shape:
@@ -197,42 +257,125 @@ def quantize_kv(kv: KVCache, compression: str | Enum, group_size: int = KV_GROUP
                          f"{tuple(kv.keys.shape)} and {tuple(kv.values.shape)}")
     if kv.keys.dtype not in _DTYPES or kv.values.dtype != kv.keys.dtype:
         raise ValueError(f"unsupported KV dtype {kv.keys.dtype} / {kv.values.dtype}")
-    shape = tuple(int(n) for n in kv.keys.shape)
-    g = effective_group_size(shape[3], group_size)
-    rot = rotate and name != "none" and g & (g - 1) == 0
-    pdt = _param_dtype(kv, name, g, rot)
-    qk = _quantize_tensor(kv.keys.detach(), name, g, pdt, rot)
-    qv = _quantize_tensor(kv.values.detach(), name, g, pdt, rot)
-    return QuantizedKV(compression=name, shape=shape, dtype=kv.keys.dtype,  # type: ignore[arg-type]
-                       first_layer=int(kv.first_layer), group_size=g, keys=qk, values=qv, rotated=rot)
+    if sink_tokens < 0 or key_block_tokens < 1:
+        raise ValueError(f"sink_tokens must be >= 0 and key_block_tokens >= 1, got {sink_tokens}, "
+                         f"{key_block_tokens}")
+    L, H, T, D = (int(n) for n in kv.keys.shape)
+    shape = (L, H, T, D)
+    g = effective_group_size(D, group_size)
+    pow2 = g & (g - 1) == 0
+    if name == "none":
+        return QuantizedKV(compression=name, shape=shape, dtype=kv.keys.dtype,
+                           first_layer=int(kv.first_layer), group_size=g,
+                           keys=QuantizedTensor(kv.keys.detach().contiguous()),
+                           values=QuantizedTensor(kv.values.detach().contiguous()),
+                           key_block_tokens=key_block_tokens)
+    rot_k, rot_v = rotate_keys and pow2, rotate_values and pow2
+    s = min(sink_tokens, T)
+    keys, values = kv.keys.detach(), kv.values.detach()
+    body_k, body_v = keys[:, :, s:], values[:, :, s:]
+    pdt, sdt = _param_dtype(body_k, body_v, name, g, rot_k, rot_v), _sink_dtype(kv, s)
+    levels = _LEVELS[name]
+    kq, ks, kz = _grid(_key_groups(_padded_rows(body_k, g, rot_k, pad=False), key_block_tokens), levels, pdt)
+    kq = kq.reshape(L * H, kq.shape[1], kq.shape[2] * key_block_tokens)[..., : T - s]  # drop the padding
+    vrows = _padded_rows(body_v, g, rot_v, pad=True).reshape(L * H * (T - s), -(-D // g), g)
+    vq, vs, vz = _grid(vrows, levels, pdt)
+    return QuantizedKV(
+        compression=name, shape=shape, dtype=kv.keys.dtype, first_layer=int(kv.first_layer),
+        group_size=g, sink_tokens=s, key_block_tokens=key_block_tokens, rotate_values=rot_v, rotate_keys=rot_k,
+        keys=QuantizedTensor(_pack(kq, name), ks, kz, keys[:, :, :s].to(sdt).contiguous()),
+        values=QuantizedTensor(_pack(vq, name), vs, vz, values[:, :, :s].to(sdt).contiguous()))
+
+
+def _key_grid(q: QuantizedKV) -> torch.Tensor:
+    """Key grid values in the quantised coordinates, float32 [L, H, Tb, C]."""
+    t = q.keys
+    assert t.scale is not None and t.zero is not None
+    L, H, T, _ = q.shape
+    lh, c, blocks = t.scale.shape
+    tb = T - q.sink_tokens
+    codes = _unpack(t.data, q.compression, lh * c * tb).reshape(lh, c, tb)
+    codes = torch.nn.functional.pad(codes, (0, blocks * q.key_block_tokens - tb))
+    block = q.key_block_tokens
+    y = (codes.reshape(lh, c, blocks, block).to(torch.float32) * t.scale.to(torch.float32)[..., None]
+         + t.zero.to(torch.float32)[..., None])
+    return y.reshape(lh, c, blocks * block)[..., :tb].transpose(1, 2).reshape(L, H, tb, c)
+
+
+def _value_grid(q: QuantizedKV) -> torch.Tensor:
+    """Value grid values in the quantised coordinates, float32 [L, H, Tb, G*g]."""
+    t = q.values
+    assert t.scale is not None and t.zero is not None
+    L, H, T, _ = q.shape
+    n, groups = t.scale.shape
+    codes = _unpack(t.data, q.compression, n * groups * q.group_size).reshape(n, groups, q.group_size)
+    y = codes.to(torch.float32) * t.scale.to(torch.float32)[..., None] + t.zero.to(torch.float32)[..., None]
+    return y.reshape(L, H, T - q.sink_tokens, groups * q.group_size)
+
+
+def _dequantize(q: QuantizedKV, which: str) -> torch.Tensor:
+    t: QuantizedTensor = getattr(q, which)
+    if q.compression == "none":
+        return t.data.to(q.dtype).reshape(q.shape)
+    assert t.sink is not None
+    grid, rot = (_key_grid(q), q.rotate_keys) if which == "keys" else (_value_grid(q), q.rotate_values)
+    out = torch.empty(q.shape, dtype=q.dtype, device=grid.device)
+    out[:, :, : q.sink_tokens] = t.sink
+    out[:, :, q.sink_tokens:] = _unrotate(grid, q.group_size, rot, q.shape[3])
+    return out
 
 
 def dequantize_kv(q: QuantizedKV, device: torch.device | str | None = None) -> KVCache:
     """The cache back, in its original dtype (on `device`, default where the quantised data is)."""
-    keys = _dequantize_tensor(q.keys, q.compression, q.shape, q.dtype, q.rotated)
-    values = _dequantize_tensor(q.values, q.compression, q.shape, q.dtype, q.rotated)
+    keys, values = _dequantize(q, "keys"), _dequantize(q, "values")
     if device is not None:
         keys, values = keys.to(device), values.to(device)
     return KVCache(keys=keys, values=values, first_layer=q.first_layer)
 
 
+def grid_view(q: QuantizedKV, x: torch.Tensor, which: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For checking the error bound: (x's body in q's quantised coordinates, q's grid values there, each
+    element's grid step), all float32 [L, H, Tb, C] and aligned element by element. `x` is the original keys or
+    values ([L, H, T, D]); `which` names it."""
+    if q.compression == "none":
+        raise ValueError("the compression 'none' has no grid")
+    t: QuantizedTensor = getattr(q, which)
+    assert t.scale is not None
+    L, H, T, D = q.shape
+    body = x[:, :, q.sink_tokens:]
+    if which == "keys":
+        want = _padded_rows(body, q.group_size, q.rotate_keys, pad=False)
+        step = t.scale.to(torch.float32).repeat_interleave(q.key_block_tokens, -1)[..., : T - q.sink_tokens]
+        return want, _key_grid(q), step.transpose(1, 2).reshape(want.shape)
+    want = _padded_rows(body, q.group_size, q.rotate_values, pad=True)
+    step = t.scale.to(torch.float32).repeat_interleave(q.group_size, -1)
+    return want, _value_grid(q), step.reshape(want.shape)
+
+
 # ----- wire format ---------------------------------------------------------------------------------------------
-def _layout(compression: str, shape: tuple[int, int, int, int], g: int, pdt: torch.dtype, dtype: torch.dtype
-            ) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-    """(dtype, shape) of data, scale, zero for one of keys/values (empty shape: absent)."""
-    if compression == "none":
-        return [(dtype, shape), (pdt, ()), (pdt, ())]
-    n = shape[0] * shape[1] * shape[2]
-    groups = -(-shape[3] // g) if shape[3] else 0
-    per_group = g if compression == "int8" else g // 2
-    return [(torch.uint8, (n, groups, per_group)), (pdt, (n, groups)), (pdt, (n, groups))]
+def _layout(q: QuantizedKV) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of sink, codes, scale, zero for keys, then for values (empty shape: absent)."""
+    L, H, T, D = q.shape
+    if q.compression == "none":
+        whole = [(torch.uint8, ()), (q.dtype, q.shape), (torch.uint8, ()), (torch.uint8, ())]
+        return whole + whole
+    g, s, pdt = q.group_size, q.sink_tokens, q.param_dtype
+    tb, groups = T - s, -(-D // g)
+    c = _n_channels(D, g, q.rotate_keys)
+    blocks = -(-tb // q.key_block_tokens)
+    sink = (q.sink_dtype, (L, H, s, D))
+    return [sink, (torch.uint8, (_num_codes(q.compression, L * H * c * tb),)), (pdt, (L * H, c, blocks)),
+            (pdt, (L * H, c, blocks)),
+            sink, (torch.uint8, (_num_codes(q.compression, L * H * tb * groups * g),)),
+            (pdt, (L * H * tb, groups)), (pdt, (L * H * tb, groups))]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out if shape else 0
+    return math.prod(shape) if shape else 0
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return _numel(shape) * torch.empty(0, dtype=dtype).element_size()
 
 
 def payload_nbytes(q: QuantizedKV) -> int:
@@ -240,8 +383,8 @@ def payload_nbytes(q: QuantizedKV) -> int:
     return _HEADER.size + q.keys.nbytes() + q.values.nbytes()
 
 
-def _raw(t: torch.Tensor) -> bytes:
-    if t.numel() == 0:
+def _raw(t: torch.Tensor | None) -> bytes:
+    if t is None or t.numel() == 0:
         return b""
     return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
@@ -249,12 +392,13 @@ def _raw(t: torch.Tensor) -> bytes:
 def to_bytes(q: QuantizedKV) -> bytes:
     """The self-describing binary payload (header + raw arrays; see the module docstring)."""
     L, H, T, D = q.shape
+    flags = (_FLAG_VALUES_ROTATED if q.rotate_values else 0) | (_FLAG_KEYS_ROTATED if q.rotate_keys else 0)
     head = _HEADER.pack(MAGIC, VERSION, COMPRESSIONS.index(q.compression), _DTYPES[q.dtype],
-                        _DTYPES[q.param_dtype], _FLAG_ROTATED if q.rotated else 0, q.group_size, q.first_layer,
-                        L, H, T, D)
+                        _DTYPES[q.param_dtype], _DTYPES[q.sink_dtype], flags, q.group_size, q.key_block_tokens,
+                        q.sink_tokens, q.first_layer, L, H, T, D)
     parts = [head]
     for t in (q.keys, q.values):
-        parts += [_raw(t.data), b"" if t.scale is None else _raw(t.scale), b"" if t.zero is None else _raw(t.zero)]
+        parts += [_raw(t.sink), _raw(t.data), _raw(t.scale), _raw(t.zero)]
     return b"".join(parts)
 
 
@@ -263,51 +407,56 @@ def from_bytes(payload: bytes | bytearray | memoryview) -> QuantizedKV:
     buf = bytearray(payload)
     if len(buf) < _HEADER.size:
         raise ValueError(f"KV payload of {len(buf)} bytes is shorter than its header")
-    magic, version, comp, dt, pdt, flags, g, first, L, H, T, D = _HEADER.unpack_from(buf)
+    magic, version, comp, dt, pdt, sdt, flags, g, block, s, first, L, H, T, D = _HEADER.unpack_from(buf)
     if magic != MAGIC:
         raise ValueError(f"not a KV payload (magic {magic!r})")
     if version != VERSION:
         raise ValueError(f"KV payload version {version} is not supported (expected {VERSION})")
-    if comp >= len(COMPRESSIONS) or dt not in _DTYPE_OF or pdt not in _DTYPE_OF or flags & ~_FLAG_ROTATED:
-        raise ValueError("corrupt KV payload header (unknown compression or dtype code)")
-    compression, dtype, param_dtype = COMPRESSIONS[comp], _DTYPE_OF[dt], _DTYPE_OF[pdt]
-    shape = (L, H, T, D)
-    rotated = bool(flags & _FLAG_ROTATED)
-    if g < 2 or g % 2 or (rotated and g & (g - 1)):
-        raise ValueError(f"corrupt KV payload header (group size {g})")
-    layout = _layout(compression, shape, g, param_dtype, dtype)
-    expected = _HEADER.size + 2 * sum(_numel(s) * torch.empty(0, dtype=t).element_size() for t, s in layout)
+    if (comp >= len(COMPRESSIONS) or any(c not in _DTYPE_OF for c in (dt, pdt, sdt))
+            or flags & ~(_FLAG_VALUES_ROTATED | _FLAG_KEYS_ROTATED)):
+        raise ValueError("corrupt KV payload header (unknown compression, dtype or flag)")
+    rot_v, rot_k = bool(flags & _FLAG_VALUES_ROTATED), bool(flags & _FLAG_KEYS_ROTATED)
+    if g < 2 or g % 2 or ((rot_v or rot_k) and g & (g - 1)) or block < 1 or s > T:
+        raise ValueError(f"corrupt KV payload header (group size {g}, key block {block}, sink tokens {s})")
+    name, dtype = COMPRESSIONS[comp], _DTYPE_OF[dt]
+    # a skeleton with the header's facts, to share `_layout` with the encoder
+    stub = torch.empty(0, dtype=_DTYPE_OF[pdt])
+    skeleton = QuantizedKV(compression=name, shape=(L, H, T, D), dtype=dtype, first_layer=first, group_size=g,
+                           keys=QuantizedTensor(stub, stub, stub, torch.empty(0, dtype=_DTYPE_OF[sdt])),
+                           values=QuantizedTensor(stub), sink_tokens=s, key_block_tokens=block,
+                           rotate_values=rot_v, rotate_keys=rot_k)
+    layout = _layout(skeleton)
+    expected = _HEADER.size + sum(_nbytes(t, shp) for t, shp in layout)
     if len(buf) != expected:
         raise ValueError(f"KV payload is {len(buf)} bytes, its header says {expected}")
     offset = _HEADER.size
     tensors: list[torch.Tensor | None] = []
-    for _ in range(2):
-        for t_dtype, t_shape in layout:
-            if not t_shape:
-                tensors.append(None)
-                continue
-            nbytes = _numel(t_shape) * torch.empty(0, dtype=t_dtype).element_size()
-            raw = (torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes
-                   else torch.empty(0, dtype=torch.uint8))
-            tensors.append(raw.view(t_dtype).reshape(t_shape))
-            offset += nbytes
-    kd, ks, kz, vd, vs, vz = tensors
+    for t_dtype, t_shape in layout:
+        if not t_shape:
+            tensors.append(None)
+            continue
+        nbytes = _nbytes(t_dtype, t_shape)
+        raw = (torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes
+               else torch.empty(0, dtype=torch.uint8))
+        tensors.append(raw.view(t_dtype).reshape(t_shape))
+        offset += nbytes
+    ks, kd, kscale, kz, vs, vd, vscale, vz = tensors
     assert kd is not None and vd is not None
-    return QuantizedKV(compression=compression, shape=shape, dtype=dtype, first_layer=first, group_size=g,
-                       keys=QuantizedTensor(kd, ks, kz), values=QuantizedTensor(vd, vs, vz), rotated=rotated)
+    return QuantizedKV(compression=name, shape=(L, H, T, D), dtype=dtype, first_layer=first, group_size=g,
+                       keys=QuantizedTensor(kd, kscale, kz, ks), values=QuantizedTensor(vd, vscale, vz, vs),
+                       sink_tokens=s, key_block_tokens=block, rotate_values=rot_v, rotate_keys=rot_k)
 
 
 # ----- codecs (the profiler's and the benchmark's view) ---------------------------------------------------------
 class KvQuantCodec:
     """KVCache <-> bytes at one compression level (quantize + to_bytes; from_bytes + dequantize)."""
 
-    def __init__(self, compression: str | Enum, group_size: int = KV_GROUP_SIZE, rotate: bool = True) -> None:
+    def __init__(self, compression: str | Enum, group_size: int = KV_GROUP_SIZE) -> None:
         self.compression = _compression_name(compression)
         self.group_size = group_size
-        self.rotate = rotate
 
     def encode(self, kv: KVCache) -> bytes:
-        return to_bytes(quantize_kv(kv, self.compression, self.group_size, self.rotate))
+        return to_bytes(quantize_kv(kv, self.compression, self.group_size))
 
     def decode(self, data: bytes) -> KVCache:
         return dequantize_kv(from_bytes(data))
