@@ -195,5 +195,6 @@ def test_demo_compares_with_every_baseline_and_writes_the_plot(monkeypatch, caps
     assert plan_from_dict(systems["thunderserve"]["plan"]).groups == plan_from_dict(doc["plan"]).groups
     assert all(s["max_rate_at_slo"] is not None for s in systems.values())
     assert (out_dir / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "compare.png" in (out_dir / "report.md").read_text()
-    assert "thunderserve" in err  # the comparison table went to stderr (stdout is the JSON)
+    report = (out_dir / "report.md").read_text()
+    assert "compare.png" in report and "thunderserve" in report and "distserve@inhouse-8xa100" in report
+    assert err.count("┏") == 2  # the plan table and the comparison table went to stderr (stdout is the JSON)
