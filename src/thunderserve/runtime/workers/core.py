@@ -329,10 +329,19 @@ class WorkerCore:
         try:
             return list(zip(batch, self.engine.prefill([p.prompt_ids for p in batch]), strict=True))
         except Exception as exc:  # noqa: BLE001
+            if self.engine_broken():
+                raise  # the worker goes down and its requests are retried elsewhere (see engine_broken)
             if len(batch) == 1:
                 self._fail(batch[0].request_id, f"prefill failed on worker {self.config.group_id}: {exc}")
                 return []
         return [pair for p in batch for pair in self._prefill_isolated([p])]
+
+    def engine_broken(self) -> str | None:
+        """Why the engine can no longer compute at all (a tensor-parallel group that lost a rank), else None.
+        Its errors are then not the requests' fault: the core raises instead of failing them, and the worker
+        server stops, so the router retries them on a healthy worker."""
+        reason = getattr(self.engine, "broken", None)
+        return str(reason) if reason else None
 
     def _choose_dest(self) -> str | None:
         try:
@@ -353,6 +362,8 @@ class WorkerCore:
         try:
             logits = self.engine.decode([DecodeInput(token_id=s.last_token, kv=s.kv) for s in batch])
         except Exception as exc:  # noqa: BLE001
+            if self.engine_broken():
+                raise  # the worker goes down and its requests are retried elsewhere (see engine_broken)
             for s in batch:
                 self._running.remove(s)
                 self._kv_used -= s.reserve_tokens

@@ -184,7 +184,7 @@ class WorkerServer:
         """An engine that can no longer compute (a tensor-parallel group that lost a rank) takes the worker
         down at once, before the step's failure events reach the router: the router then sees a dead worker
         and retries its requests elsewhere (as after kill -9) instead of failing them."""
-        reason = getattr(self.core.engine, "broken", None)
+        reason = self.core.engine_broken()
         if not reason:
             return False
         log.error("worker %s: engine is down (%s); stopping so its requests are retried elsewhere",
