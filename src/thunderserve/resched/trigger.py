@@ -2,7 +2,9 @@
 
 Fire when the planned mix no longer fits, for `hold_s` seconds in a row:
   - the observed mean prompt or output length drifts more than `enter_drift` (relative) from what the plan was
-    made for, or
+    made for, beyond `noise_z` standard errors of the observed mean (a window of heavy-tailed lengths, e.g.
+    coding answers with a standard deviation twice their mean, moves its mean by ~10% from one minute to the
+    next at 10 req/s: sampling noise is not a shift), or
   - the plan's predicted SLO attainment at the observed workload falls below the target (when a predictor is
     given).
 After firing, the observed workload becomes the new baseline, and the trigger stays quiet for `cooldown_s`.
@@ -12,6 +14,7 @@ steady load, or noise around a threshold, never makes the deployment flip back a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +22,7 @@ from thunderserve.resched.monitor import WorkloadEstimate
 
 ENTER_DRIFT = 0.30
 EXIT_DRIFT = 0.15
+NOISE_Z = 2.0  # standard errors of the observed mean discounted from a drift
 HOLD_S = 20.0
 COOLDOWN_S = 120.0
 
@@ -34,16 +38,25 @@ class ShiftTrigger:
     exit_drift: float = EXIT_DRIFT
     hold_s: float = HOLD_S
     cooldown_s: float = COOLDOWN_S
+    noise_z: float = NOISE_Z
     _bad_since: float | None = field(default=None, init=False)
     _quiet_until: float = field(default=float("-inf"), init=False)
     _armed: bool = field(default=True, init=False)
     fired_at: list[float] = field(default_factory=list, init=False)
 
     def drift(self, observed: WorkloadEstimate) -> float:
-        """Largest relative change of the mean prompt or output length versus the baseline."""
+        """Largest relative change of the mean prompt or output length versus the baseline, less `noise_z`
+        standard errors of the difference (so within the windows' sampling noise it is 0)."""
         b = self.baseline
-        return max(abs(observed.mean_prompt_tokens - b.mean_prompt_tokens) / max(b.mean_prompt_tokens, 1.0),
-                   abs(observed.mean_output_tokens - b.mean_output_tokens) / max(b.mean_output_tokens, 1.0))
+        z = self.noise_z
+
+        def rel(obs: float, se_obs: float, base: float, se_base: float) -> float:
+            return max(abs(obs - base) - z * math.hypot(se_obs, se_base), 0.0) / max(base, 1.0)
+
+        return max(rel(observed.mean_prompt_tokens, observed.prompt_se_tokens, b.mean_prompt_tokens,
+                       b.prompt_se_tokens),
+                   rel(observed.mean_output_tokens, observed.output_se_tokens, b.mean_output_tokens,
+                       b.output_se_tokens))
 
     def update(self, now_s: float, observed: WorkloadEstimate | None) -> bool:
         """True exactly when a re-plan should start now."""

@@ -242,6 +242,42 @@ class DynamicReplay(_Replay):
         if self.on_finish is not None:
             self.on_finish(r, now)
 
+    def rebalance(self) -> int:
+        """Requests queued at serving entry groups but not started go back to the router, which hands them
+        out again by the current shares, oldest first (after a re-route, a backlog the old shares piled on
+        one group is spread by the new ones instead of waiting there). Returns how many moved."""
+        back: list[int] = []
+        for _, o in sorted(self.objects.items()):
+            if o.dead or o.state is not GroupState.ACTIVE:
+                continue
+            if isinstance(o, _DynPrefill):
+                back += o.queue
+                o.queue.clear()
+            elif isinstance(o, _DynColocated):
+                back += o.waiting
+                o.waiting.clear()
+        for r in sorted(back, key=lambda r: (self.req.arrival[r], r)):
+            self._dispatch(r)
+        return len(back)
+
+    def progress(self) -> dict[int, int]:
+        """Tokens each unfinished request has produced so far, as a client (or the router) sees them: the
+        first token after prefill, one per decode step since it joined a batch. Requests with no token yet
+        are absent. (A sequence that joined a batch at step s0 finishes at step s0 + output - 2; the count is
+        step - s0 + 1.)"""
+        req = self.req
+        out: dict[int, int] = {}
+        for o in self.live:
+            if isinstance(o, _DynPrefill) or o.dead:
+                continue
+            step = o.step_idx
+            for end, r in o.fin:
+                out[r] = req.output[r] - 1 - (end - step)
+        for r in self.active:
+            if r not in out and not math.isnan(req.first[r]):
+                out[r] = 1
+        return out
+
     # -- operations a rescheduler applies --------------------------------------------------------------
     def install(self, plan: Plan, ready_at_s: float | None = None) -> None:
         """Start every group of `plan` (active now, or loading until `ready_at_s`) with its routing."""

@@ -12,7 +12,7 @@ from sim_builders import constant_workload, two_node_cluster
 from builders import make_model, make_plan
 from thunderserve.plan import Routing
 from thunderserve.sim import SimConfig, simulate
-from thunderserve.sim.dynamic import DynamicReplay, GroupState, _DynColocated, _DynDecode
+from thunderserve.sim.dynamic import DECODE, ENTRY, DynamicReplay, GroupState, _DynColocated, _DynDecode
 from thunderserve.sim.kernel import PRIORITY_DECIDE
 from thunderserve.sim.replay import _Requests
 
@@ -176,3 +176,61 @@ def test_with_no_group_left_requests_wait_and_stay_unfinished() -> None:
 def test_ideal_links_are_refused() -> None:
     with pytest.raises(ValueError, match="ideal_kv_links"):
         DynamicReplay(CLUSTER, MODEL, _Requests(*stream(n=5)), SimConfig(ideal_kv_links=True))
+
+
+def test_progress_counts_the_tokens_each_unfinished_request_produced_so_far() -> None:
+    reqs = stream(rate=30.0)
+    rep = replay_of(mixed_plan(), reqs)
+    snaps: list[tuple[dict[int, int], dict[int, int]]] = []
+
+    def snap() -> None:
+        prog = rep.progress()
+        on = {r: (rep.dst_obj[r] or rep.holder[r]).idx for r in prog  # type: ignore[union-attr]
+              if rep.stage[r] in (DECODE, ENTRY)}  # in a decode group, or in the colocated group it entered
+        snaps.append((prog, on))
+
+    at(rep, 3.0, snap)
+    at(rep, 3.5, snap)
+    rep.loop.run()
+    output = rep.req.output
+    (p1, g1), (p2, _) = snaps
+    assert p1 and p2
+    for prog in (p1, p2):
+        # the first token counts; a request still in progress has at least one token to go
+        assert all(1 <= k <= output[r] - 1 for r, k in prog.items())
+        assert all(not math.isnan(rep.req.first[r]) for r in prog)
+    both = [r for r in p1 if r in p2]
+    assert both and all(p2[r] >= p1[r] for r in both)
+    # sequences batched together advance together: one token per decode step of their group
+    by_group: dict[int, set[int]] = {}
+    for r in both:
+        if r in g1 and p1[r] > 1:
+            by_group.setdefault(g1[r], set()).add(p2[r] - p1[r])
+    assert by_group and all(len(steps) == 1 and min(steps) > 0 for steps in by_group.values())
+
+
+def test_rebalance_hands_a_backlog_out_again_by_the_new_shares() -> None:
+    lopsided = make_plan([("c0", "colocated", [["a:0"]], L), ("c1", "colocated", [["a:1"]], L)],
+                         entry={"c0": 1.0})
+    even = make_plan([("c0", "colocated", [["a:0"]], L), ("c1", "colocated", [["a:1"]], L)],
+                     entry={"c0": 0.5, "c1": 0.5})
+    reqs = stream(n=600, rate=60.0)
+    rep = replay_of(lopsided, reqs)
+    seen: list[tuple[int, int, int]] = []
+
+    def reroute() -> None:
+        c0 = rep.objects["c0"]
+        assert isinstance(c0, _DynColocated)
+        before = len(c0.waiting)
+        rep.set_routing(even)
+        moved = rep.rebalance()
+        seen.append((before, moved, len(c0.waiting)))
+
+    at(rep, 3.0, reroute)
+    rep.loop.run()
+    before, moved, after = seen[0]
+    assert before > 20 and moved == before  # c0's whole unstarted backlog went back to the router
+    assert abs(after - moved / 2) <= 2  # and half of it came back by the even shares
+    entry = np.asarray(rep.req.entry)
+    assert (entry == rep.objects["c1"].idx).sum() > 0
+    assert rep.finished == len(reqs[0]) and sum(rep.retries) == 0
