@@ -8,7 +8,7 @@
   (iii) steady load for 30 simulated minutes: no re-plan (lightweight and full policies).
 Each scenario compares the none / lightweight / full policies on one request stream (see sim.timeline and
 sim.resched_scenarios for the modelling). Plans use an iteration budget (deterministic), decisions a fixed
-time (lightweight 0.1 s, full 10 s; the measured wall-clock times are printed too).
+time (lightweight 0.5 s, full 10 s; the measured wall-clock times are printed too).
 
 Usage:
     .venv/bin/python benchmarks/bench_resched.py [--plot-dir out/] [--seeds 0,1,2] [--json]

@@ -5,8 +5,11 @@ Lightweight path (ThunderServe's answer to failures and workload shifts, in seco
   1. keep every group whose GPUs all survive, with its parallel layout (no weights reloaded);
   2. a group that lost GPUs is re-laid over its remaining GPUs when they can hold the model (a reload), else
      dropped; GPUs added by an event form new groups the same way (a load);
-  3. the lower level alone (`scheduler.orchestrate`) re-decides each group's phase and re-solves the routing LP
-     for the (new) workload estimate. A phase flip costs no weight reload, only draining in-flight work.
+  3. the lower level alone (`scheduler.orchestrate.lightweight_phases`: a multi-start descent over phase flips
+     and prefill+decode pair flips within a fixed budget of routing-LP solves) re-decides each group's phase
+     and the routing LP is re-solved for the (new) workload estimate. A phase flip costs no weight reload,
+     only in-flight work: decode <-> colocated hands the running batch over in seconds, but a flip into
+     prefill drains every running sequence first, so such flips must gain more than `DRAIN_MARGIN`.
 Full path: `scheduler.plan_deployment` on the surviving cluster, applied by restarting every group.
 """
 
@@ -17,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from thunderserve.costmodel.comm import Compression
+from thunderserve.errors import PlanError
 from thunderserve.plan import Group, Phase, Plan, group_perf_of
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
@@ -26,6 +31,11 @@ from thunderserve.spec.workload import WorkloadSpec
 WEIGHT_LOAD_BYTES_S = 2.0e9  # per GPU, host/NVMe to device; GPUs of a group load in parallel
 PROCESS_START_S = 15.0  # start a worker process, init CUDA and the communicators
 FLIP_DRAIN_S = 2.0  # typical wait for in-flight work on a flipped worker (handed over / drained)
+# A flip into prefill from a serving role waits for every running sequence to finish (tens of seconds to
+# minutes of decoding, the group serving nothing meanwhile). Unless the best assignment without such flips
+# falls short of the observed rate, one with them must beat it by this much (relative LP rate): more than
+# the estimate's own error against the simulator (~5%).
+DRAIN_MARGIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -92,14 +102,18 @@ def diff_plans(old: Plan, new: Plan, model: ModelSpec, cluster: Cluster) -> list
 
 
 def lightweight_replan(plan: Plan, cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
-                       *, added_gpus: frozenset[str] = frozenset(),
+                       *, added_gpus: frozenset[str] = frozenset(), rate_rps: float | None = None,
                        clock: Callable[[], float] = time.perf_counter) -> ReplanResult:
     """Keep surviving groups and layouts; re-lay or drop damaged ones; re-decide phases and routing.
 
     `cluster` is the cluster after the event; `added_gpus` are GPUs the event brought (they form new groups).
-    GPUs the running plan left idle stay idle: the lightweight path does not re-group.
+    GPUs the running plan left idle stay idle: the lightweight path does not re-group. `rate_rps`, the
+    observed request rate when known: flips into prefill (a drain) are avoided while the drain-free choice
+    serves it (`orchestrate.lightweight_phases`).
     """
     from thunderserve.scheduler import best_group_layout, orchestrate
+    from thunderserve.scheduler.context import PlanningContext
+    from thunderserve.scheduler.orchestrate import lightweight_phases
 
     start = clock()
     alive = {g.id for g in cluster.gpus}
@@ -117,7 +131,11 @@ def lightweight_replan(plan: Plan, cluster: Cluster, model: ModelSpec, workload:
             used |= set(remaining)
     spare = [g.id for g in cluster.gpus if g.id in added_gpus and g.id not in used]
     groups.extend(_groups_from_new_gpus(spare, cluster, model, {g.id for g in groups}))
-    new = orchestrate(groups, cluster, model, workload, slo, plan.kv_transfer.compression)
+    if not groups:
+        raise PlanError("groups: no groups to orchestrate")
+    ctx = PlanningContext(cluster, model, workload, slo, Compression(plan.kv_transfer.compression))
+    phased = lightweight_phases(ctx, groups, DRAIN_MARGIN, rate_rps)
+    new = orchestrate(phased, cluster, model, workload, slo, plan.kv_transfer.compression, fix_phases=True)
     elapsed = clock() - start
     return ReplanResult(new, elapsed, float(new.estimate.get("max_rate_at_slo", 0.0)),
                         tuple(diff_plans(plan, new, model, cluster)))

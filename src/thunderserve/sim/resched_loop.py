@@ -5,8 +5,10 @@ Controller lifecycle (one per policy run):
     tick every `tick_s`: live GPUs heartbeat; GPUs silent for `heartbeat_timeout_s` are declared dead
     (router sweep, then a re-plan if the plan used them); the workload monitor's estimate feeds the shift
     trigger -> re-plan request -> decide (the plan is computed at once; the decision ends after the measured
-    or fixed decision time, the old plan serving meanwhile) -> apply (routing at once; flips drain; loads
-    and restarts take their apply time) -> next queued request, if any.
+    or fixed decision time, the old plan serving meanwhile) -> apply (lightweight: stage 1, drops, loads
+    and flips into entry roles, with a routing for the groups keeping their role; stage 2, once those serve,
+    flips into decode and the new routing; each re-route hands queued, unstarted requests out again. Full:
+    a restart, every group back after its apply time) -> next queued request, if any.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from thunderserve.plan import Plan
+from thunderserve.errors import PlanError, SpecError
+from thunderserve.plan import Phase, Plan, Routing
 from thunderserve.resched.events import (
     EventKind,
     ReschedEvent,
@@ -28,8 +31,10 @@ from thunderserve.resched.events import (
     failed_gpus,
 )
 from thunderserve.resched.monitor import HeartbeatTracker, WorkloadEstimate, WorkloadMonitor
-from thunderserve.resched.replan import ReplanResult, full_replan, lightweight_replan
+from thunderserve.resched.reconcile import effective_routing
+from thunderserve.resched.replan import Change, ReplanResult, full_replan, lightweight_replan
 from thunderserve.resched.trigger import ShiftTrigger
+from thunderserve.scheduler import orchestrate
 from thunderserve.sim.config import SimConfig
 from thunderserve.sim.dynamic import DynamicReplay
 from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_DECIDE
@@ -56,6 +61,7 @@ class _Pending:
     detected_s: float
     workload: WorkloadSpec | None = None  # a shift: the observed workload to re-plan for
     added: frozenset[str] = frozenset()
+    rate_rps: float | None = None  # the observed request rate at detection (None: not known yet)
 
 
 @dataclass
@@ -72,6 +78,9 @@ class _Record:
     waiting_for: set[str] = field(default_factory=set)
     ready_s: float = float("nan")
     lost: int = 0
+    # staged rollout: flips into the decode role wait for these groups (their new entry roles) to serve
+    stage1: set[str] = field(default_factory=set)
+    stage2: list[Change] | None = None  # None: nothing pending
 
 
 class _Controller:
@@ -129,18 +138,22 @@ class _Controller:
 
     # -- observations ------------------------------------------------------------------------------------
     def _on_arrival(self, r: int, now: float) -> None:
-        self.monitor.observe_arrival(now, self.replay.req.prompt[r])
-        self.recent.observe_arrival(now, self.replay.req.prompt[r])
+        self.monitor.observe_arrival(now, self.replay.req.prompt[r], request=r)
+        self.recent.observe_arrival(now, self.replay.req.prompt[r], request=r)
 
     def _on_finish(self, r: int, now: float) -> None:
-        self.monitor.observe_completion(now, self.replay.req.output[r])
-        self.recent.observe_completion(now, self.replay.req.output[r])
+        self.monitor.observe_completion(now, self.replay.req.output[r], request=r)
+        self.recent.observe_completion(now, self.replay.req.output[r], request=r)
 
     def _on_state(self, gid: str, state: str, now: float) -> None:
         if state != "active" or now <= 0:
             return
         self.note("ready", f"group {gid} serves as {self.replay.objects[gid].group.phase.value}")
         for rec in self.records:
+            if gid in rec.stage1:
+                rec.stage1.discard(gid)
+                if not rec.stage1:  # as its own event, not inside the replay's state change
+                    self.loop.schedule(now, PRIORITY_DECIDE, self._stage2, rec)
             if gid in rec.waiting_for:
                 rec.waiting_for.discard(gid)
                 if not rec.waiting_for:
@@ -186,12 +199,14 @@ class _Controller:
         dead = sorted(set(self.tracker.dead(now)) - self.known_failed)
         if dead:
             self._failure_detected(dead)
-        estimate = self.monitor.estimate(now)
         # Arrivals ending is the end of the experiment, not a workload shift: the trigger stops with them.
         watching = self.policy is not ReschedPolicy.NONE and self.watch_from_s <= now <= self.last_arrival_s
+        progress = self.replay.progress() if watching else {}  # tokens so far of unfinished requests
+        estimate = self.monitor.estimate(now, progress) if watching else None
         if watching and self.trigger.update(now, estimate):
-            observed = self.recent.as_workload(now, name="observed") or self.monitor.as_workload(now, "observed")
-            seen = self.recent.estimate(now) or estimate
+            observed = (self.recent.as_workload(now, "observed", progress)
+                        or self.monitor.as_workload(now, "observed", progress))
+            seen = self.recent.estimate(now, progress) or estimate
             assert seen is not None and observed is not None
             event_s = self.last_shift_s if self.shift_pending else now
             self.shift_pending = False
@@ -199,7 +214,7 @@ class _Controller:
                 "shift", event_s, now, f"mean prompt {seen.mean_prompt_tokens:.0f}, "
                 f"mean output {seen.mean_output_tokens:.0f} tokens, {seen.rate_rps:.2f} req/s"))
             self.note("detect", f"workload shift ({self.detections[-1].detail})")
-            self._request(_Pending("workload shift", event_s, now, workload=observed))
+            self._request(_Pending("workload shift", event_s, now, workload=observed, rate_rps=seen.rate_rps))
         if self._keep_ticking(now):
             self.loop.schedule(now + self.config.tick_s, PRIORITY_DECIDE, self._tick, None)
 
@@ -222,7 +237,9 @@ class _Controller:
                   f"{lost} request(s) start over, {moved} re-routed")
         self._settle()
         if self.policy is not ReschedPolicy.NONE and set(gpus) & set(self.plan.gpus):
-            self._request(_Pending("fail:" + ",".join(nodes), first, now))
+            seen = self.monitor.estimate(now, self.replay.progress())
+            self._request(_Pending("fail:" + ",".join(nodes), first, now,
+                                   rate_rps=seen.rate_rps if seen is not None else None))
 
     # -- decide -----------------------------------------------------------------------------------------
     def _request(self, pending: _Pending) -> None:
@@ -235,13 +252,15 @@ class _Controller:
         while self.queue:  # later requests are answered by the same decision (it sees the latest state)
             nxt = self.queue.popleft()
             pending = _Pending(f"{pending.cause}+{nxt.cause}", pending.event_s, pending.detected_s,
-                               nxt.workload or pending.workload, pending.added | nxt.added)
+                               nxt.workload or pending.workload, pending.added | nxt.added,
+                               nxt.rate_rps if nxt.rate_rps is not None else pending.rate_rps)
         workload = pending.workload or self.workload
         cfg = self.config
         start = time.perf_counter()
         if self.policy is ReschedPolicy.LIGHTWEIGHT:
             added = frozenset(g for g in pending.added if g in self.known.by_id)
-            result = lightweight_replan(self.plan, self.known, self.model, workload, self.slo, added_gpus=added)
+            result = lightweight_replan(self.plan, self.known, self.model, workload, self.slo, added_gpus=added,
+                                        rate_rps=pending.rate_rps)
             fixed = cfg.light_decision_s
         else:
             sched = dataclasses.replace(cfg.scheduler, kv_compression=self.plan.kv_transfer.compression)
@@ -274,29 +293,85 @@ class _Controller:
             self.note("apply", f"restart: every group stops for {apply_s:.1f} s (reload + start); "
                       f"{lost} in-flight request(s) start over")
         else:
-            changes = rec.result.changes
-            for ch in changes:
-                if ch.kind == "drop" and ch.group is not None:
-                    replay.drop(ch.group)
-            for ch in changes:
-                if ch.group is None or ch.kind == "drop":
-                    continue
-                group = new.group(ch.group)
-                if ch.kind == "flip":
-                    replay.flip(group, self.config.flip_drain_s)
-                elif ch.kind in ("relayout", "add"):
-                    replay.load(group, ch.apply_time_s)
-                rec.waiting_for.add(group.id)
-                self.note("apply", f"{ch.kind} {ch.group}: {ch.detail} (>= {ch.apply_time_s:.1f} s)")
-            replay.set_routing(new)
-            self.note("apply", "new routing shares for new requests (a loading or flipping group's share "
-                      "queues there until it serves)")
+            for earlier in self.records:
+                if earlier is not rec and earlier.stage2 is not None:  # a staged rollout waits: finish it first
+                    earlier.stage1.clear()
+                    self._stage2(earlier)
+            self._apply_light(rec, self.plan)
         if not rec.waiting_for:
             rec.ready_s = now
         self.plan = new
         self.deciding = False
         if self.queue:
             self._decide()
+
+    def _apply_light(self, rec: _Record, old: Plan) -> None:
+        """Drops at once; loads and flips toward an entry role (prefill, colocated) or out of decode at once;
+        flips into the decode role of groups that take requests now only once those serve (make before
+        break: a colocated group turned decode stops taking requests in seconds, a group turned prefill
+        serves only after a full drain, so flipping both at once would leave no group taking requests).
+        Meanwhile new requests go to the groups keeping their role (`_interim_routing`)."""
+        new = rec.result.plan
+        replay = self.replay
+        changes = rec.result.changes
+        for ch in changes:
+            if ch.kind == "drop" and ch.group is not None:
+                replay.drop(ch.group)
+        old_phase = {g.id: g.phase for g in old.groups}
+        late = [ch for ch in changes if ch.kind == "flip" and ch.group is not None
+                and new.group(ch.group).phase is Phase.DECODE and old_phase.get(ch.group) is not Phase.DECODE]
+        early = [ch for ch in changes if ch.group is not None and ch.kind != "drop" and ch not in late]
+        for ch in early:
+            assert ch.group is not None
+            group = new.group(ch.group)
+            if ch.kind == "flip":
+                replay.flip(group, self.config.flip_drain_s)
+            elif ch.kind in ("relayout", "add"):
+                replay.load(group, ch.apply_time_s)
+            rec.waiting_for.add(group.id)
+            self.note("apply", f"{ch.kind} {ch.group}: {ch.detail} (>= {ch.apply_time_s:.1f} s)")
+        busy = {ch.group for ch in changes if ch.group is not None and ch not in late}  # incl. drops
+        interim = self._interim_routing(old, busy) if late and busy else None
+        if late and busy and interim is not None and interim.entry:
+            rec.stage1 = {ch.group for ch in early if ch.group is not None}
+            rec.stage2 = late
+            rec.waiting_for |= {ch.group for ch in late if ch.group is not None}
+            replay.set_routing(old.model_copy(update={"routing": interim}))
+            moved = replay.rebalance() if self.config.rebalance else 0
+            self.note("apply", f"routing over the groups keeping their role until {', '.join(sorted(busy))} "
+                      f"serve ({moved} queued request(s) re-dispatched); then "
+                      f"{', '.join(ch.group or '-' for ch in late)} turn decode")
+            return
+        rec.stage2 = late
+        self._stage2(rec)
+
+    def _interim_routing(self, old: Plan, busy: set[str]) -> Routing:
+        """Routing for the groups keeping their old role while `busy` ones drain or load: the routing LP for
+        those groups and the workload just decided for (the old shares may suit the old workload only);
+        the old shares restricted to them if that LP has no solution."""
+        keep = [g for g in old.groups if g.id not in busy]
+        try:
+            routing = orchestrate(keep, self.known, self.model, self.workload, self.slo,
+                                  old.kv_transfer.compression, fix_phases=True).routing
+        except (PlanError, SpecError):
+            routing = None
+        return routing if routing is not None else effective_routing(old, {g.id for g in keep})
+
+    def _stage2(self, rec: _Record) -> None:  # also a loop event (its argument is the record)
+        """Flips into the decode role and the new plan's routing (once; a later decision may come first)."""
+        if rec.stage2 is None:
+            return
+        new = rec.result.plan
+        for ch in rec.stage2:
+            assert ch.group is not None
+            self.replay.flip(new.group(ch.group), self.config.flip_drain_s)
+            rec.waiting_for.add(ch.group)
+            self.note("apply", f"{ch.kind} {ch.group}: {ch.detail} (>= {ch.apply_time_s:.1f} s)")
+        rec.stage2 = None
+        self.replay.set_routing(new)
+        moved = self.replay.rebalance() if self.config.rebalance else 0
+        self.note("apply", "new routing shares for new requests (a loading or flipping group's share "
+                  f"queues there until it serves); {moved} queued request(s) re-dispatched by them")
 
     # -- result -----------------------------------------------------------------------------------------
     def records_out(self) -> tuple[ReplanRecord, ...]:

@@ -14,13 +14,18 @@ Policies, compared on the same request stream (`ReschedPolicy`):
                and routing) -> apply: routing changes at once for new requests; a flipped group takes no new
                work of its old role, hands its queued-but-unstarted requests back to the router, finishes
                its in-flight work and serves its new role after max(FLIP_DRAIN_S, drain); re-laid or added
-               groups serve after `load_time_s` (weight reload + start).
+               groups serve after `load_time_s` (weight reload + start). Make before break: when groups
+               also turn prefill (a full drain) or load, the groups turning decode keep their old role under
+               a routing for the groups keeping theirs until those serve, then flip. On each re-route,
+               requests queued at serving entry groups but not started are handed out again by the new
+               shares (`TimelineConfig.rebalance`).
   full         detect -> decide with `resched.full_replan` (the two-level search on the known cluster) ->
                restart: every group stops for the new plan's apply time (weight reload + start), in-flight
                requests start over, then the new plan serves.
 Detection (all modelled in virtual time, see `sim.resched_loop`): failures by heartbeat timeout (GPUs beat
-every tick; silent for `heartbeat_timeout_s` = dead); workload shifts by a `WorkloadMonitor` (sliding window
-of arrivals and completions) feeding a `ShiftTrigger` (drift held for `hold_s`, hysteresis, cooldown), the
+every tick; silent for `heartbeat_timeout_s` = dead); workload shifts by a `WorkloadMonitor` (the requests
+that arrived in a sliding window, output lengths by Kaplan-Meier over the finished ones and the tokens so far of
+the unfinished ones, `DynamicReplay.progress`) feeding a `ShiftTrigger` (drift held for `hold_s`, hysteresis, cooldown), the
 re-plan targeting the monitor's window as a workload; additions at once (the node registers). Decision time
 is the measured wall-clock time of the re-plan call, or a fixed value (`TimelineConfig`), for determinism.
 The old plan serves during the decision.

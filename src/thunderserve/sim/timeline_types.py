@@ -39,16 +39,16 @@ class TimelineConfig:
 
     tick_s: float = 1.0  # controller period: heartbeats, monitor estimate, trigger update
     heartbeat_timeout_s: float = 3.0  # a GPU silent this long is declared dead
-    # Two WorkloadMonitors see every arrival and completion: the trigger's (a longer window, so that a few
-    # very long outputs do not look like a shift) and the re-plan's (a shorter one: after a shift it holds
-    # mostly the new mix when the trigger fires).
+    # Two WorkloadMonitors see every arrival, completion and the tokens so far of unfinished requests: the
+    # trigger's (a longer window, so that a few very long outputs do not look like a shift) and the re-plan's
+    # (a shorter one: after a shift it holds mostly the new mix when the trigger fires).
     monitor_window_s: float = 60.0
     plan_window_s: float = 30.0
     enter_drift: float = ENTER_DRIFT  # ShiftTrigger thresholds (see resched.trigger)
     exit_drift: float = EXIT_DRIFT
     hold_s: float = HOLD_S
-    # The trigger starts watching after this long: a simulation starts empty, and until the longest requests
-    # had time to finish, completions over-represent short outputs (a running service is past that).
+    # The trigger starts watching after this long: a simulation starts empty and cold (the first window is
+    # short, and its output lengths rest on few finished requests); a running service is past that.
     watch_after_s: float = 120.0
     # Quiet time after a shift re-plan. A lightweight re-plan costs seconds and no reload, so it may refine
     # its decision as the window fills with the new mix; a full one restarts everything, so it waits longer.
@@ -61,6 +61,9 @@ class TimelineConfig:
     # until it serves (True); False: the router spreads them over the serving groups (which, with share
     # routing, can leave a small group a backlog it never drains).
     route_to_loading: bool = True
+    # On a lightweight re-route, requests queued at serving entry groups but not started go back to the
+    # router and are handed out again by the new shares (the router can take back what no worker started).
+    rebalance: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # the full re-plan's search
     drain_limit_s: float = 3600.0  # after the last arrival, stop waiting for requests nobody can serve
 
