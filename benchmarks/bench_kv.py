@@ -24,12 +24,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--num-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--storage-references", default="bf16,fp16",
+                        help="plain 16-bit cache storage measured the same way, as a yardstick ('' for none)")
     parser.add_argument("--json", type=Path, default=None, help="also write the full result here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    result = bench_kv(model=args.model, num_tokens=args.num_tokens)
+    refs = [r for r in args.storage_references.split(",") if r]
+    result = bench_kv(model=args.model, num_tokens=args.num_tokens, storage_references=refs)
     print(format_table(result))
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.json:

@@ -27,7 +27,7 @@ import json
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -69,6 +69,9 @@ PROMPT_SETS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_PROMPTS = PROMPT_SETS["everyday"]
 COMPRESSIONS = ("int8", "int4")
+# Plain 16-bit storage of the cache (no codec): the yardstick for the codecs' agreement, since any lossy cache
+# meets the reference run's near-ties (see `divergence_gaps`).
+STORAGE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RATIO_TOKENS = 512
 
 
@@ -77,12 +80,30 @@ def _prompt_ids(engine: Any, prompts: Sequence[str]) -> list[list[int]]:
 
 
 def _round_trip(kv: KVCache, compression: str) -> KVCache:
+    """The cache as the decode side sees it: a codec's wire round trip, or a plain cast for a storage dtype."""
+    if compression in STORAGE_DTYPES:
+        dt = STORAGE_DTYPES[compression]
+        return KVCache(keys=kv.keys.to(dt).to(kv.keys.dtype), values=kv.values.to(dt).to(kv.values.dtype),
+                       first_layer=kv.first_layer)
     return dequantize_kv(from_bytes(to_bytes(quantize_kv(kv, compression))), device=kv.keys.device)
 
 
+def _top2_gap(logits: torch.Tensor) -> float:
+    """Top-1 minus top-2 logit: how far the greedy pick was from a tie."""
+    top = torch.topk(logits.float(), 2).values
+    return float(top[0] - top[1])
+
+
+class _Run(NamedTuple):
+    tokens: list[list[int]]
+    first_logits: torch.Tensor | None  # the first decode step's logits [batch, vocab]
+    prefill_kvs: list[KVCache]  # exact prefill caches
+    gaps: list[list[float]]  # top-1 minus top-2 logit at every step, per prompt
+
+
 def _greedy(engine: Any, prompt_ids: list[list[int]], num_tokens: int, compression: str | None,
-            forced: list[list[int]] | None = None) -> tuple[list[list[int]], torch.Tensor | None, list[KVCache]]:
-    """Greedy tokens per prompt, the first decode step's logits [batch, vocab], and the prefill caches (exact).
+            forced: list[list[int]] | None = None) -> _Run:
+    """Greedy decoding of every prompt from its prefill cache, passed through `compression` (None: exact).
 
     With `forced`, each step is fed the forced (reference) token instead of the model's own pick, so the
     returned tokens are next-token predictions along the reference continuation (teacher forcing).
@@ -92,6 +113,7 @@ def _greedy(engine: Any, prompt_ids: list[list[int]], num_tokens: int, compressi
                    for r in results]
     kvs = [r.kv if compression is None else _round_trip(r.kv, compression) for r in results]
     tokens = [[int(r.logits.argmax())] for r in results]
+    gaps = [[_top2_gap(r.logits)] for r in results]
     fed = [list(seq) for seq in tokens] if forced is None else [[f[0]] for f in forced]
     first_logits = None
     while len(tokens[0]) < num_tokens:
@@ -100,8 +122,9 @@ def _greedy(engine: Any, prompt_ids: list[list[int]], num_tokens: int, compressi
             first_logits = torch.stack(outs)
         for i, o in enumerate(outs):
             tokens[i].append(int(o.argmax()))
+            gaps[i].append(_top2_gap(o))
             fed[i].append(tokens[i][-1] if forced is None else forced[i][len(fed[i])])
-    return tokens, first_logits, prefill_kvs
+    return _Run(tokens, first_logits, prefill_kvs, gaps)
 
 
 def _agreement(ref: list[list[int]], got: list[list[int]]) -> float:
@@ -145,17 +168,49 @@ def _long_prompt_cache(engine: Any, ids: list[list[int]], num_tokens: int) -> KV
     return engine.prefill([joined])[0].kv
 
 
+def _fidelity(engine: Any, ids: Mapping[str, list[list[int]]], refs: Mapping[str, _Run], compression: str,
+              num_tokens: int) -> dict[str, Any]:
+    """Agreement (free-running, teacher-forced) and first-step logit error of `compression`, pooled and per set."""
+    per_set: dict[str, Any] = {}
+    pooled: dict[str, list[list[int]]] = {"ref": [], "free": [], "forced": []}
+    max_err = 0.0
+    for name, p in ids.items():
+        ref = refs[name]
+        run = _greedy(engine, p, num_tokens, compression)
+        forced = _greedy(engine, p, num_tokens, compression, forced=ref.tokens).tokens
+        assert run.first_logits is not None and ref.first_logits is not None
+        err = float((run.first_logits - ref.first_logits).abs().max())
+        max_err = max(max_err, err)
+        div = _first_divergence(ref.tokens, run.tokens)
+        per_set[name] = {"token_agreement": _agreement(ref.tokens, run.tokens),
+                         "token_agreement_teacher_forced": _agreement(ref.tokens, forced),
+                         "max_logit_error": err, "first_divergence": div,
+                         "divergence_gaps": [g[d] if d < len(g) else None for g, d in zip(ref.gaps, div, strict=True)]}
+        pooled["ref"] += ref.tokens
+        pooled["free"] += run.tokens
+        pooled["forced"] += forced
+    return {"token_agreement": _agreement(pooled["ref"], pooled["free"]),
+            "token_agreement_teacher_forced": _agreement(pooled["ref"], pooled["forced"]),
+            "max_logit_error": max_err, "per_set": per_set}
+
+
 def bench_kv(model: str = "smollm2", num_tokens: int = 64, prompts: list[str] | None = None, *,
              prompt_sets: Mapping[str, Sequence[str]] | None = None, compressions: Sequence[str] = COMPRESSIONS,
-             repeats: int = 5, ratio_tokens: int = RATIO_TOKENS, engine: Any = None) -> dict[str, Any]:
+             storage_references: Sequence[str] = (), repeats: int = 5, ratio_tokens: int = RATIO_TOKENS,
+             engine: Any = None) -> dict[str, Any]:
     """Per compression: compression_ratio_vs_fp16, compression_ratio_bench_prompts, quantize_gbps,
     dequantize_gbps, and pooled token_agreement, token_agreement_teacher_forced, max_logit_error, with the same
-    three (and first_divergence) per prompt set under "per_set" (see the module docstring). `prompts` runs one
-    set named "custom"; by default every set of PROMPT_SETS runs. The run's facts are under "config"."""
+    three (and first_divergence, divergence_gaps) per prompt set under "per_set" (see the module docstring).
+    `storage_references` (names of STORAGE_DTYPES) adds the same fidelity figures for a cache merely stored in
+    that dtype under "storage_reference". `prompts` runs one set named "custom"; by default every set of
+    PROMPT_SETS runs. The run's facts are under "config"."""
     if num_tokens < 2:
         raise ValueError("num_tokens must be at least 2 (the logit error needs one decode step)")
     if ratio_tokens < 1:
         raise ValueError("ratio_tokens must be at least 1")
+    unknown = [r for r in storage_references if r not in STORAGE_DTYPES]
+    if unknown:
+        raise ValueError(f"unknown storage reference {unknown[0]!r} (known: {', '.join(STORAGE_DTYPES)})")
     if engine is None:
         from thunderserve.runtime.engine import load_engine
 
@@ -165,7 +220,7 @@ def bench_kv(model: str = "smollm2", num_tokens: int = 64, prompts: list[str] | 
     out: dict[str, Any] = {}
     with torch.no_grad():
         refs = {name: _greedy(engine, p, num_tokens, None) for name, p in ids.items()}
-        prefill_kvs = [kv for _, _, kvs in refs.values() for kv in kvs]
+        prefill_kvs = [kv for run in refs.values() for kv in run.prefill_kvs]
         long_kv = _long_prompt_cache(engine, [p for v in ids.values() for p in v], ratio_tokens)
         first = quantize_kv(long_kv, "int4")
         out["config"] = {"model": model, "num_tokens": num_tokens, "ratio_tokens": long_kv.num_tokens,
@@ -176,46 +231,39 @@ def bench_kv(model: str = "smollm2", num_tokens: int = 64, prompts: list[str] | 
                          "group_size": first.group_size, "sink_tokens": first.sink_tokens,
                          "key_block_tokens": first.key_block_tokens}
         for c in compressions:
-            per_set: dict[str, Any] = {}
-            pooled: dict[str, list[list[int]]] = {"ref": [], "free": [], "forced": []}
-            max_err = 0.0
-            for name, p in ids.items():
-                ref_tokens, ref_logits, _ = refs[name]
-                tokens, logits, _ = _greedy(engine, p, num_tokens, c)
-                forced, _, _ = _greedy(engine, p, num_tokens, c, forced=ref_tokens)
-                assert logits is not None and ref_logits is not None
-                err = float((logits - ref_logits).abs().max())
-                max_err = max(max_err, err)
-                per_set[name] = {"token_agreement": _agreement(ref_tokens, tokens),
-                                 "token_agreement_teacher_forced": _agreement(ref_tokens, forced),
-                                 "max_logit_error": err, "first_divergence": _first_divergence(ref_tokens, tokens)}
-                pooled["ref"] += ref_tokens
-                pooled["free"] += tokens
-                pooled["forced"] += forced
             q_gbps, dq_gbps = _codec_speed(long_kv, c, repeats)
             out[c] = {"compression_ratio_vs_fp16": _ratio([long_kv], c),
                       "compression_ratio_bench_prompts": _ratio(prefill_kvs, c),
                       "quantize_gbps": q_gbps, "dequantize_gbps": dq_gbps,
-                      "token_agreement": _agreement(pooled["ref"], pooled["free"]),
-                      "token_agreement_teacher_forced": _agreement(pooled["ref"], pooled["forced"]),
-                      "max_logit_error": max_err, "per_set": per_set}
+                      **_fidelity(engine, ids, refs, c, num_tokens)}
+        if storage_references:
+            out["storage_reference"] = {r: _fidelity(engine, ids, refs, r, num_tokens) for r in storage_references}
     return out
 
 
+def _divergences(s: Mapping[str, Any]) -> str:
+    """First divergence per prompt, with the reference's top-2 logit gap there: `12@0.004`; `-` for none."""
+    return " ".join("-" if g is None else f"{d}@{g:.3g}"
+                    for d, g in zip(s["first_divergence"], s["divergence_gaps"], strict=True))
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of a `bench_kv` result: one row per compression and prompt set."""
+    """A plain-text table of a `bench_kv` result: one row per compression (then storage reference) and set."""
     cfg = result["config"]
     lines = [f"model={cfg['model']} tokens/prompt={cfg['num_tokens']} kv dtype={cfg['kv_dtype']} "
              f"group={cfg['group_size']} sinks={cfg['sink_tokens']} key block={cfg['key_block_tokens']}",
              f"{'compression':<12}{'set':<11}{'x fewer bytes':>14}{'(bench)':>9}{'quant GB/s':>11}"
-             f"{'dequant GB/s':>13}{'agreement':>10}{'forced':>8}{'max |dlogit|':>13}  first divergence"]
-    for c in (k for k in result if k != "config"):
-        r = result[c]
-        rows = [("all", r, "")] + [(n, s, " ".join(map(str, s["first_divergence"])))
-                                  for n, s in r["per_set"].items()]
+             f"{'dequant GB/s':>13}{'agreement':>10}{'forced':>8}{'max |dlogit|':>13}"
+             "  first divergence@reference top-2 gap"]
+    entries = [(c, r, False) for c, r in result.items() if c not in ("config", "storage_reference")]
+    entries += [(f"{c} store", r, True) for c, r in result.get("storage_reference", {}).items()]
+    for c, r, storage in entries:
+        rows = [("all", r, "")] + [(n, s, _divergences(s)) for n, s in r["per_set"].items()]
         for name, s, div in rows:
-            lead = (f"{r['compression_ratio_vs_fp16']:>14.2f}{r['compression_ratio_bench_prompts']:>9.2f}"
-                    f"{r['quantize_gbps']:>11.2f}{r['dequantize_gbps']:>13.2f}" if name == "all" else " " * 47)
+            lead = " " * 47
+            if name == "all" and not storage:
+                lead = (f"{r['compression_ratio_vs_fp16']:>14.2f}{r['compression_ratio_bench_prompts']:>9.2f}"
+                        f"{r['quantize_gbps']:>11.2f}{r['dequantize_gbps']:>13.2f}")
             lines.append(f"{c:<12}{name:<11}{lead}{s['token_agreement']:>10.3f}"
                          f"{s['token_agreement_teacher_forced']:>8.3f}{s['max_logit_error']:>13.4f}  {div}")
     return "\n".join(lines)
@@ -225,9 +273,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="KV compression on a real model (bytes, speed, agreement)")
     parser.add_argument("--model", default="smollm2", help="HuggingFace model directory, .gguf file or smollm2")
     parser.add_argument("--num-tokens", type=int, default=64, help="greedy tokens decoded per prompt")
+    parser.add_argument("--storage-references", default="",
+                        help=f"comma-separated plain storage dtypes to measure too ({', '.join(STORAGE_DTYPES)})")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args(argv)
-    result = bench_kv(model=args.model, num_tokens=args.num_tokens)
+    refs = [r for r in args.storage_references.split(",") if r]
+    result = bench_kv(model=args.model, num_tokens=args.num_tokens, storage_references=refs)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
 
 

@@ -182,23 +182,27 @@ def bench_serve(
 
 
 def bench_kv(
-    model: str = typer.Option("smollm2", "--model", help="HuggingFace model directory, or smollm2"),
-    num_tokens: int = typer.Option(64, "--num-tokens", help="Prompt tokens whose KV cache is measured"),
+    model: str = typer.Option("smollm2", "--model", help="HuggingFace model directory, .gguf file, or smollm2"),
+    num_tokens: int = typer.Option(64, "--num-tokens", help="Greedy tokens generated per prompt"),
+    storage_references: str = typer.Option(
+        "", "--storage-references", help="Also measure a cache merely stored as these dtypes: bf16,fp16"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """KV compression on a real model: bytes, error and codec time per compression level."""
+    """KV compression on a real model: bytes, codec speed, greedy-token agreement and logit error per level."""
     try:
         from thunderserve.cli_bench_kv import bench_kv as run_bench_kv
+        from thunderserve.cli_bench_kv import format_table
     except ImportError as exc:
         raise ThunderServeError(f"bench-kv needs thunderserve.cli_bench_kv: {exc}") from None
+    refs = [r.strip() for r in storage_references.split(",") if r.strip()]
     try:
-        result = run_bench_kv(model=model, num_tokens=num_tokens)
+        result = run_bench_kv(model=model, num_tokens=num_tokens, storage_references=refs)
     except ValueError as exc:
         raise ThunderServeError(f"bench-kv: {exc}") from None
     if as_json:
         print_json(result)
         return
-    out.print_json(data=result)
+    out.print(format_table(result), highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

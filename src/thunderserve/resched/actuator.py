@@ -12,10 +12,12 @@ after N steps), so reconcile and the controller are tested without processes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from thunderserve.plan.model import Plan, Routing
+from thunderserve.resched.monitor import InFlight
 from thunderserve.resched.reconcile import Action, ActionKind, ActionRefused, DeploymentState, GroupState
 
 if TYPE_CHECKING:
@@ -61,6 +63,10 @@ class RouterActuator:
     def running_plan(self) -> Plan:
         return self.router.plan
 
+    def in_flight(self) -> Mapping[str, InFlight]:
+        """Accepted, unfinished requests (the workload monitor counts their outputs as censored)."""
+        return self.router.in_flight()
+
 
 @dataclass
 class FakeActuator:
@@ -78,6 +84,7 @@ class FakeActuator:
     applied: list[Action] = field(default_factory=list)
     loads: dict[str, int] = field(default_factory=dict)
     target: Plan | None = None
+    requests: dict[str, InFlight] = field(default_factory=dict)  # what `in_flight` shows (tests set it)
 
     def state(self) -> DeploymentState:
         return self.deployment
@@ -115,6 +122,9 @@ class FakeActuator:
 
     def record_target(self, plan: Plan) -> None:
         self.target = plan
+
+    def in_flight(self) -> Mapping[str, InFlight]:
+        return dict(self.requests)
 
     def running_plan(self) -> Plan:
         """The fake's state as a plan (model and cluster of the last target)."""

@@ -1,9 +1,12 @@
 """The re-scheduling controller of a running deployment: detect, decide, reconcile (an asyncio task).
 
 Controller lifecycle (one per API server, started and stopped by its lifespan):
-    observe   the router reports every finished request (`observe`: its arrival, prompt and output length)
-              to a `WorkloadMonitor`; worker liveness (transport errors and heartbeat timeouts, detected by
-              the router) is read from the actuator's state every `tick_s`
+    observe   a `WorkloadMonitor` fed by request: every `tick_s` the deployment's accepted, unfinished requests
+              (`in_flight`: arrival, prompt, tokens so far) join the window as they arrive, and the router
+              reports each one's end (`observe`); output lengths are Kaplan-Meier over finished and in-flight
+              requests, so after a shift long answers count before they finish (the simulator's monitor is
+              fed the same way). Worker liveness (transport errors and heartbeat timeouts, detected by the
+              router) is read from the actuator's state every `tick_s`
     detect    `ReschedDecider` (pure, clock passed in): a group that died since the last look is a failure
               of its GPUs; otherwise, once `warmup_s` of observations gave a baseline, `ShiftTrigger` says
               when the workload drifted (hysteresis: hold, cooldown, re-arm)
@@ -24,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,7 +40,7 @@ from thunderserve.resched.events import (
     event_workload,
     failed_gpus,
 )
-from thunderserve.resched.monitor import DEFAULT_WINDOW_S, WorkloadEstimate, WorkloadMonitor
+from thunderserve.resched.monitor import DEFAULT_WINDOW_S, InFlight, WorkloadEstimate, WorkloadMonitor
 from thunderserve.resched.reconcile import Action, Actuator, DeploymentState, effective_routing, reconcile
 from thunderserve.resched.replan import Change, ReplanResult, diff_plans, lightweight_replan
 from thunderserve.resched.trigger import COOLDOWN_S, ENTER_DRIFT, EXIT_DRIFT, HOLD_S, ShiftTrigger
@@ -107,11 +110,14 @@ class ControlRecord:
 
 
 class ControlledDeployment(Actuator, Protocol):
-    """What the controller drives: an actuator that also shows the running plan and records the target."""
+    """What the controller drives: an actuator that also shows the running plan and its unfinished requests,
+    and records the target."""
 
     def record_target(self, plan: Plan) -> None: ...
 
     def running_plan(self) -> Plan: ...
+
+    def in_flight(self) -> Mapping[str, InFlight]: ...
 
 
 # ---- decisions (pure) ---------------------------------------------------------------------------------
@@ -196,6 +202,8 @@ class ReschedController:
         self.lost_gpus: set[str] = set()
         self.workload = context.workload  # the workload the target was planned for
         self.monitor = WorkloadMonitor(config.monitor_window_s)
+        self._tracked: set[str] = set()  # unfinished requests whose arrival the monitor has
+        self._produced: dict[str, int] = {}  # tokens so far of the unfinished ones, as last sampled
         self.decider = ReschedDecider(config)
         self.history: list[ControlRecord] = []
         self._lock = asyncio.Lock()
@@ -205,11 +213,29 @@ class ReschedController:
 
     # ---- inputs -------------------------------------------------------------------------------------
     def observe(self, record: Any) -> None:
-        """Router observer: a finished request's arrival, prompt and output length feed the monitor."""
+        """Router observer: a request ended. A finished one's output length is known; a failed or cancelled
+        one stays censored in the window (its answer's length is unknown)."""
+        rid = str(record.request_id)
+        tracked = rid in self._tracked
+        self._tracked.discard(rid)
+        self._produced.pop(rid, None)
         if getattr(record, "outcome", None) != "finished":
             return
-        self.monitor.observe_arrival(float(record.arrival_s), int(record.prompt_tokens))
-        self.monitor.observe_completion(float(record.finish_s), int(record.completion_tokens))
+        if not tracked:  # arrived and finished between two samples
+            self.monitor.observe_arrival(float(record.arrival_s), int(record.prompt_tokens), request=rid)
+        self.monitor.observe_completion(float(record.finish_s), int(record.completion_tokens), request=rid)
+
+    def sample_in_flight(self) -> dict[str, int]:
+        """Feed the monitor the requests that arrived since the last sample; tokens so far of every unfinished
+        one (the censoring bounds of the output-length estimate)."""
+        snapshot = self.deployment.in_flight()
+        new = sorted(((rid, f) for rid, f in snapshot.items() if rid not in self._tracked),
+                     key=lambda item: item[1].arrival_s)
+        for rid, f in new:
+            self.monitor.observe_arrival(f.arrival_s, f.prompt_tokens, request=rid)
+            self._tracked.add(rid)
+        self._produced = {rid: f.completion_tokens for rid, f in snapshot.items()}
+        return self._produced
 
     @property
     def known_cluster(self) -> Cluster:
@@ -241,7 +267,8 @@ class ReschedController:
         """Look once; decide and reconcile if something changed. Returns the record of what was done."""
         async with self._lock:
             now = self.clock()
-            decision = self.decider.observe(now, self.deployment.state(), self.monitor.estimate(now))
+            estimate = self.monitor.estimate(now, self.sample_in_flight())
+            decision = self.decider.observe(now, self.deployment.state(), estimate)
             if decision is None:
                 if not self._interrupted:
                     return None
@@ -283,7 +310,7 @@ class ReschedController:
             path, desired = "explicit", decision.plan
             changes = self._diff(self.target, desired, cluster)
         else:
-            workload = decision.workload or (self.monitor.as_workload(now, "observed")
+            workload = decision.workload or (self.monitor.as_workload(now, "observed", self._produced)
                                              if decision.observe_workload or decision.lost_gpus else None) \
                 or self.workload
             try:

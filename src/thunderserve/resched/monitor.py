@@ -47,6 +47,15 @@ class WorkloadEstimate:
 
 
 @dataclass(frozen=True)
+class InFlight:
+    """A request accepted and not yet ended, as a deployment reports it: its output is right-censored."""
+
+    arrival_s: float
+    prompt_tokens: int
+    completion_tokens: int  # tokens produced so far
+
+
+@dataclass(frozen=True)
 class OutputDistribution:
     """A discrete output-length distribution (Kaplan-Meier): `tokens[i]` has probability `mass[i]`."""
 
@@ -123,19 +132,23 @@ class WorkloadMonitor:
         self._arrivals: deque[tuple[float, int, Hashable | None]] = deque()  # (time, prompt, request)
         self._outputs: deque[tuple[float, int]] = deque()  # anonymous completions (time, output)
         self._done: dict[Hashable, int] = {}  # output length of finished requests still in the window
+        self._ids: set[Hashable] = set()  # ids of the arrivals in the window
         self._first_s: float | None = None
 
     def observe_arrival(self, now_s: float, prompt_tokens: int, request: Hashable | None = None) -> None:
         if self._first_s is None:
             self._first_s = now_s
         self._arrivals.append((now_s, prompt_tokens, request))
+        if request is not None:
+            self._ids.add(request)
         self._trim(now_s)
 
     def observe_completion(self, now_s: float, output_tokens: int, request: Hashable | None = None) -> None:
-        """A finished request: by id (its arrival was observed with that id), or anonymously."""
+        """A finished request: by id (its arrival was observed with that id; ignored once that arrival left the
+        window), or anonymously."""
         if request is None:
             self._outputs.append((now_s, output_tokens))
-        else:
+        elif request in self._ids:
             self._done[request] = output_tokens
         self._trim(now_s)
 
@@ -147,6 +160,7 @@ class WorkloadMonitor:
             _, _, rid = self._arrivals.popleft()
             if rid is not None:
                 self._done.pop(rid, None)
+                self._ids.discard(rid)
 
     def _by_request(self) -> bool:
         return any(rid is not None for _, _, rid in self._arrivals)

@@ -34,6 +34,7 @@ from typing import Any
 
 from thunderserve.plan.model import Phase, Plan, Routing
 from thunderserve.policy.routing import WeightedChooser
+from thunderserve.resched.monitor import InFlight
 from thunderserve.runtime.kv.transport import FrameConnection, TransportError
 from thunderserve.runtime.workers.protocol import GenerateRequest, WorkerState
 
@@ -340,6 +341,11 @@ class Router:
 
     def _held_at(self, group_id: str) -> bool:
         return any(group_id in t.locations for t in self._requests.values())
+
+    def in_flight(self) -> dict[str, InFlight]:
+        """Accepted requests not yet ended, by client request id (prompt known, output so far)."""
+        return {rid: InFlight(t.arrival_s, t.prompt_tokens, t.completion_tokens)
+                for rid, t in self._requests.items() if t.accepted}
 
     def workers(self) -> list[WorkerInfo]:
         now = self.clock()

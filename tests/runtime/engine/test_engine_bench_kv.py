@@ -12,7 +12,8 @@ from thunderserve.runtime.engine import load_engine
 
 METRICS = {"compression_ratio_vs_fp16", "compression_ratio_bench_prompts", "quantize_gbps", "dequantize_gbps",
            "token_agreement", "token_agreement_teacher_forced", "max_logit_error", "per_set"}
-PER_SET = {"token_agreement", "token_agreement_teacher_forced", "max_logit_error", "first_divergence"}
+PER_SET = {"token_agreement", "token_agreement_teacher_forced", "max_logit_error", "first_divergence",
+           "divergence_gaps"}
 
 
 def test_bench_kv_reports_every_metric(tiny_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -31,6 +32,9 @@ def test_bench_kv_reports_every_metric(tiny_dir: Path, capsys) -> None:  # type:
         assert len(s["first_divergence"]) == 3 and all(0 <= d <= 6 for d in s["first_divergence"])
         # a prompt that never diverges agrees on all of its tokens
         assert (r["token_agreement"] == 1.0) == all(d == 6 for d in s["first_divergence"])
+        # a gap is reported exactly where a prompt diverged, and a top-2 gap is never negative
+        assert [g is None for g in s["divergence_gaps"]] == [d == 6 for d in s["first_divergence"]]
+        assert all(g >= 0 for g in s["divergence_gaps"] if g is not None)
         assert r["token_agreement_teacher_forced"] >= r["token_agreement"] - 0.5
         assert r["quantize_gbps"] > 0 and r["dequantize_gbps"] > 0
         # the 64-token prompt's ratio is the cost model's (head_dim 16 here: value groups of 16), header aside
@@ -55,3 +59,20 @@ def test_bench_kv_runs_every_prompt_set_and_pools_them(tiny_dir: Path) -> None:
     assert r["token_agreement"] == pytest.approx(pooled)
     assert r["max_logit_error"] == max(s["max_logit_error"] for s in r["per_set"].values())
     assert set(PROMPT_SETS) == {"everyday", "technical", "open"} and all(len(p) == 8 for p in PROMPT_SETS.values())
+
+
+def test_storage_references_measure_plain_16_bit_caches(tiny_dir: Path) -> None:
+    result = bench_kv(model=str(tiny_dir), num_tokens=5, prompts=["hello world", "tell me a story"],
+                      compressions=("int4",), storage_references=("fp16", "bf16"), repeats=1, ratio_tokens=32,
+                      engine=load_engine(tiny_dir))
+    refs = result["storage_reference"]
+    assert set(refs) == {"fp16", "bf16"}
+    for r in refs.values():
+        assert set(r) == {"token_agreement", "token_agreement_teacher_forced", "max_logit_error", "per_set"}
+        assert set(r["per_set"]["custom"]) == PER_SET
+    # fp16 keeps 3 more mantissa bits than bf16: its first-step logits move less
+    assert refs["fp16"]["max_logit_error"] <= refs["bf16"]["max_logit_error"]
+    assert "fp16 store" in format_table(result)
+    with pytest.raises(ValueError, match="unknown storage reference 'fp8'"):
+        bench_kv(model=str(tiny_dir), num_tokens=3, prompts=["hi"], storage_references=("fp8",),
+                 engine=load_engine(tiny_dir))

@@ -21,7 +21,7 @@ from thunderserve.resched.controller import (
     survivor_plan,
 )
 from thunderserve.resched.events import parse_event
-from thunderserve.resched.monitor import WorkloadEstimate
+from thunderserve.resched.monitor import InFlight, WorkloadEstimate
 from thunderserve.resched.reconcile import ActionKind, ActionStatus, DeploymentState
 from thunderserve.resched.replan import ReplanResult, lightweight_replan
 from thunderserve.spec import SloSpec, WorkloadSpec
@@ -59,6 +59,7 @@ class Rec:
     prompt_tokens: int
     completion_tokens: int
     outcome: str = "finished"
+    request_id: str = ""
 
 
 def make_controller(replan: Any = lightweight_replan, config: ControllerConfig = ControllerConfig(),
@@ -114,8 +115,8 @@ def test_workload_shift_fires_after_warmup_and_hold_and_replans_for_the_observed
     for step in range(80):  # one request per 0.5 s; prompts jump from 100 to 1000 tokens at t = 20 s
         clock.now_s = step * 0.5
         prompt = 100 if clock.now_s < 20 else 1000
-        ctl.observe(Rec(clock.now_s - 0.4, clock.now_s, prompt, 50))
-        ctl.observe(Rec(clock.now_s, clock.now_s, prompt, 50, outcome="failed"))  # ignored
+        ctl.observe(Rec(clock.now_s - 0.4, clock.now_s, prompt, 50, request_id=f"ok{step}"))
+        ctl.observe(Rec(clock.now_s, clock.now_s, prompt, 50, "failed", f"bad{step}"))  # ignored
         if (r := asyncio.run(ctl.tick())) is not None:
             records.append((clock.now_s, r))
     assert ctl.decider.trigger is not None
@@ -124,6 +125,26 @@ def test_workload_shift_fires_after_warmup_and_hold_and_replans_for_the_observed
     assert 25.0 <= fired_s <= 40.0  # drift past 30 % a few seconds after 20 s, then held 5 s
     assert seen and seen[0].mean_prompt_tokens > 300  # planned for the observed (shifted) window
     assert ctl.workload is seen[0]
+
+
+def test_unfinished_requests_count_in_the_output_estimate_before_they_finish() -> None:
+    """After a shift to long answers only the new mix's short ones have finished; the in-flight requests the
+    deployment reports still raise the output-length estimate (censored at their tokens so far)."""
+    ctl, fake, clock = make_controller()
+    for i in range(40):  # short answers, finished
+        ctl.observe(Rec(i * 0.5, i * 0.5 + 1.0, 100, 20, request_id=f"s{i}"))
+    clock.now_s = 21.0
+    finished_only = ctl.monitor.estimate(clock.now_s, ctl.sample_in_flight())
+    assert finished_only is not None and finished_only.mean_output_tokens == pytest.approx(20)
+    fake.requests = {f"l{i}": InFlight(10.0 + i * 0.5, 100, 150) for i in range(20)}  # 150 tokens and counting
+    with_in_flight = ctl.monitor.estimate(clock.now_s, ctl.sample_in_flight())
+    assert with_in_flight is not None and with_in_flight.num_arrivals == 60
+    assert with_in_flight.mean_output_tokens > 20 + 150 * 20 / 60 * 0.9
+    # each one ends exactly once: finished ones become exact lengths, a failed one stays censored
+    fake.requests = {}
+    ctl.observe(Rec(10.0, 22.0, 100, 400, request_id="l0"))
+    ctl.observe(Rec(10.5, 22.0, 100, 3, "failed", "l1"))
+    assert "l0" not in ctl._tracked and "l1" not in ctl._tracked and ctl.monitor.estimate(22.0) is not None
 
 
 def test_admin_events_and_explicit_plans() -> None:
