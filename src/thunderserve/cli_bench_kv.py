@@ -9,6 +9,12 @@ first position that differs, `num_tokens` when none does); `token_agreement_teac
 tokens and counts matching next-token picks (per-step fidelity, without that cascade). Agreements are reported
 per prompt set and pooled over all of them.
 
+Why prompts flip: `divergence_gaps` gives, per prompt, the reference's top-1 minus top-2 logit where it first
+diverged; `config.reference_min_top2_gap` the smallest such gap over each prompt's decoded tokens (its nearest
+tie); `top2_margin_shift_median`/`_p90` how far a level moves the reference's top-2 margin per teacher-forced
+decode step. A level flips a prompt when its shift exceeds that prompt's nearest tie. `storage_references` runs
+the same for a cache merely stored as bf16 or fp16 (no codec), the yardsticks.
+
 Bytes: `compression_ratio_vs_fp16` is fp16 bytes over payload bytes (every byte: header, codes, scales, zero
 points, 16-bit sink tokens) for one real prompt of `ratio_tokens` tokens (default 512, the length the cost model
 quotes; the bench prompts joined and cut to length); `compression_ratio_bench_prompts` is the same over the bench
@@ -88,10 +94,10 @@ def _round_trip(kv: KVCache, compression: str) -> KVCache:
     return dequantize_kv(from_bytes(to_bytes(quantize_kv(kv, compression))), device=kv.keys.device)
 
 
-def _top2_gap(logits: torch.Tensor) -> float:
-    """Top-1 minus top-2 logit: how far the greedy pick was from a tie."""
-    top = torch.topk(logits.float(), 2).values
-    return float(top[0] - top[1])
+def _top2(logits: torch.Tensor) -> tuple[float, int, int]:
+    """(top-1 minus top-2 logit: how far the greedy pick was from a tie, top-1 id, top-2 id)."""
+    top = torch.topk(logits.float(), 2)
+    return float(top.values[0] - top.values[1]), int(top.indices[0]), int(top.indices[1])
 
 
 class _Run(NamedTuple):
@@ -99,21 +105,38 @@ class _Run(NamedTuple):
     first_logits: torch.Tensor | None  # the first decode step's logits [batch, vocab]
     prefill_kvs: list[KVCache]  # exact prefill caches
     gaps: list[list[float]]  # top-1 minus top-2 logit at every step, per prompt
+    pairs: list[list[tuple[int, int]]]  # the top-1 and top-2 token ids at every step, per prompt
+    margins: list[list[float]]  # with `watch`: logit of the watched top-1 minus the watched top-2, per step
 
 
 def _greedy(engine: Any, prompt_ids: list[list[int]], num_tokens: int, compression: str | None,
-            forced: list[list[int]] | None = None) -> _Run:
+            forced: list[list[int]] | None = None, watch: list[list[tuple[int, int]]] | None = None) -> _Run:
     """Greedy decoding of every prompt from its prefill cache, passed through `compression` (None: exact).
 
     With `forced`, each step is fed the forced (reference) token instead of the model's own pick, so the
-    returned tokens are next-token predictions along the reference continuation (teacher forcing).
+    returned tokens are next-token predictions along the reference continuation (teacher forcing). With
+    `watch` (the reference's top-2 pairs), `margins` holds this run's logit difference of each pair.
     """
     results = engine.prefill(prompt_ids)
     prefill_kvs = [KVCache(keys=r.kv.keys.clone(), values=r.kv.values.clone(), first_layer=r.kv.first_layer)
                    for r in results]
     kvs = [r.kv if compression is None else _round_trip(r.kv, compression) for r in results]
-    tokens = [[int(r.logits.argmax())] for r in results]
-    gaps = [[_top2_gap(r.logits)] for r in results]
+    tokens: list[list[int]] = [[] for _ in results]
+    gaps: list[list[float]] = [[] for _ in results]
+    pairs: list[list[tuple[int, int]]] = [[] for _ in results]
+    margins: list[list[float]] = [[] for _ in results]
+
+    def record(i: int, logits: torch.Tensor) -> None:
+        gap, a, b = _top2(logits)
+        tokens[i].append(a)
+        gaps[i].append(gap)
+        pairs[i].append((a, b))
+        if watch is not None:
+            wa, wb = watch[i][len(tokens[i]) - 1]
+            margins[i].append(float(logits[wa].float() - logits[wb].float()))
+
+    for i, r in enumerate(results):
+        record(i, r.logits)
     fed = [list(seq) for seq in tokens] if forced is None else [[f[0]] for f in forced]
     first_logits = None
     while len(tokens[0]) < num_tokens:
@@ -121,10 +144,9 @@ def _greedy(engine: Any, prompt_ids: list[list[int]], num_tokens: int, compressi
         if first_logits is None:
             first_logits = torch.stack(outs)
         for i, o in enumerate(outs):
-            tokens[i].append(int(o.argmax()))
-            gaps[i].append(_top2_gap(o))
+            record(i, o)
             fed[i].append(tokens[i][-1] if forced is None else forced[i][len(fed[i])])
-    return _Run(tokens, first_logits, prefill_kvs, gaps)
+    return _Run(tokens, first_logits, prefill_kvs, gaps, pairs, margins)
 
 
 def _agreement(ref: list[list[int]], got: list[list[int]]) -> float:
@@ -174,10 +196,14 @@ def _fidelity(engine: Any, ids: Mapping[str, list[list[int]]], refs: Mapping[str
     per_set: dict[str, Any] = {}
     pooled: dict[str, list[list[int]]] = {"ref": [], "free": [], "forced": []}
     max_err = 0.0
+    shifts: list[float] = []  # per teacher-forced step: how far the reference's top-2 margin moved
     for name, p in ids.items():
         ref = refs[name]
         run = _greedy(engine, p, num_tokens, compression)
-        forced = _greedy(engine, p, num_tokens, compression, forced=ref.tokens).tokens
+        teacher = _greedy(engine, p, num_tokens, compression, forced=ref.tokens, watch=ref.pairs)
+        forced = teacher.tokens
+        shifts += [abs(m - g) for ms, gs in zip(teacher.margins, ref.gaps, strict=True)
+                   for m, g in zip(ms[1:], gs[1:], strict=True)]  # step 0 comes from the exact prefill
         assert run.first_logits is not None and ref.first_logits is not None
         err = float((run.first_logits - ref.first_logits).abs().max())
         max_err = max(max_err, err)
@@ -191,7 +217,9 @@ def _fidelity(engine: Any, ids: Mapping[str, list[list[int]]], refs: Mapping[str
         pooled["forced"] += forced
     return {"token_agreement": _agreement(pooled["ref"], pooled["free"]),
             "token_agreement_teacher_forced": _agreement(pooled["ref"], pooled["forced"]),
-            "max_logit_error": max_err, "per_set": per_set}
+            "max_logit_error": max_err, "top2_margin_shift_median": statistics.median(shifts),
+            "top2_margin_shift_p90": statistics.quantiles(shifts, n=10)[-1] if len(shifts) > 1 else shifts[0],
+            "per_set": per_set}
 
 
 def bench_kv(model: str = "smollm2", num_tokens: int = 64, prompts: list[str] | None = None, *,
@@ -229,7 +257,8 @@ def bench_kv(model: str = "smollm2", num_tokens: int = 64, prompts: list[str] | 
                          "kv_dtype": str(long_kv.keys.dtype).removeprefix("torch."),
                          "kv_shape_per_token": list(long_kv.keys.shape[:2]) + [long_kv.keys.shape[3]],
                          "group_size": first.group_size, "sink_tokens": first.sink_tokens,
-                         "key_block_tokens": first.key_block_tokens}
+                         "key_block_tokens": first.key_block_tokens,
+                         "reference_min_top2_gap": {name: [min(g) for g in run.gaps] for name, run in refs.items()}}
         for c in compressions:
             q_gbps, dq_gbps = _codec_speed(long_kv, c, repeats)
             out[c] = {"compression_ratio_vs_fp16": _ratio([long_kv], c),
@@ -250,10 +279,13 @@ def _divergences(s: Mapping[str, Any]) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of a `bench_kv` result: one row per compression (then storage reference) and set."""
     cfg = result["config"]
+    nearest = sorted(g for gaps in cfg["reference_min_top2_gap"].values() for g in gaps)
+    ties = ", ".join(f"< {t:g}: {sum(g < t for g in nearest)}" for t in (0.01, 0.05, 0.1))
     lines = [f"model={cfg['model']} tokens/prompt={cfg['num_tokens']} kv dtype={cfg['kv_dtype']} "
              f"group={cfg['group_size']} sinks={cfg['sink_tokens']} key block={cfg['key_block_tokens']}",
+             f"prompts whose reference run has a near-tie (top-2 logit gap) of {len(nearest)}: {ties}",
              f"{'compression':<12}{'set':<11}{'x fewer bytes':>14}{'(bench)':>9}{'quant GB/s':>11}"
-             f"{'dequant GB/s':>13}{'agreement':>10}{'forced':>8}{'max |dlogit|':>13}"
+             f"{'dequant GB/s':>13}{'agreement':>10}{'forced':>8}{'max |dlogit|':>13}{'margin shift':>14}"
              "  first divergence@reference top-2 gap"]
     entries = [(c, r, False) for c, r in result.items() if c not in ("config", "storage_reference")]
     entries += [(f"{c} store", r, True) for c, r in result.get("storage_reference", {}).items()]
@@ -264,8 +296,10 @@ def format_table(result: dict[str, Any]) -> str:
             if name == "all" and not storage:
                 lead = (f"{r['compression_ratio_vs_fp16']:>14.2f}{r['compression_ratio_bench_prompts']:>9.2f}"
                         f"{r['quantize_gbps']:>11.2f}{r['dequantize_gbps']:>13.2f}")
+            shift = (f"{r['top2_margin_shift_median']:>6.4f}/{r['top2_margin_shift_p90']:<7.4f}" if name == "all"
+                     else " " * 14)
             lines.append(f"{c:<12}{name:<11}{lead}{s['token_agreement']:>10.3f}"
-                         f"{s['token_agreement_teacher_forced']:>8.3f}{s['max_logit_error']:>13.4f}  {div}")
+                         f"{s['token_agreement_teacher_forced']:>8.3f}{s['max_logit_error']:>13.4f}{shift}  {div}")
     return "\n".join(lines)
 
 

@@ -10,8 +10,10 @@ from thunderserve.cli_bench_kv import PROMPT_SETS, bench_kv, format_table, main
 from thunderserve.costmodel.comm import compression_ratio
 from thunderserve.runtime.engine import load_engine
 
-METRICS = {"compression_ratio_vs_fp16", "compression_ratio_bench_prompts", "quantize_gbps", "dequantize_gbps",
-           "token_agreement", "token_agreement_teacher_forced", "max_logit_error", "per_set"}
+FIDELITY = {"token_agreement", "token_agreement_teacher_forced", "max_logit_error", "top2_margin_shift_median",
+            "top2_margin_shift_p90", "per_set"}
+METRICS = FIDELITY | {"compression_ratio_vs_fp16", "compression_ratio_bench_prompts", "quantize_gbps",
+                      "dequantize_gbps"}
 PER_SET = {"token_agreement", "token_agreement_teacher_forced", "max_logit_error", "first_divergence",
            "divergence_gaps"}
 
@@ -41,6 +43,12 @@ def test_bench_kv_reports_every_metric(tiny_dir: Path, capsys) -> None:  # type:
         assert 1 / r["compression_ratio_vs_fp16"] == pytest.approx(compression_ratio(c, group_size=16,
                                                                                      num_tokens=64), rel=0.05)
     assert result["int8"]["max_logit_error"] < result["int4"]["max_logit_error"]
+    assert result["int8"]["top2_margin_shift_p90"] < result["int4"]["top2_margin_shift_p90"]
+    nearest = cfg["reference_min_top2_gap"]["custom"]
+    assert len(nearest) == 3 and all(g >= 0 for g in nearest)
+    for c in ("int8", "int4"):  # a prompt flips only where the reference had a tie at most that close
+        s = result[c]["per_set"]["custom"]
+        assert all(g is None or g >= m for g, m in zip(s["divergence_gaps"], nearest, strict=True))
     assert result["int8"]["compression_ratio_vs_fp16"] > 1.5
     assert result["int4"]["compression_ratio_vs_fp16"] > result["int8"]["compression_ratio_vs_fp16"]
     table = format_table(result)
@@ -68,7 +76,7 @@ def test_storage_references_measure_plain_16_bit_caches(tiny_dir: Path) -> None:
     refs = result["storage_reference"]
     assert set(refs) == {"fp16", "bf16"}
     for r in refs.values():
-        assert set(r) == {"token_agreement", "token_agreement_teacher_forced", "max_logit_error", "per_set"}
+        assert set(r) == FIDELITY and 0 <= r["top2_margin_shift_median"] <= r["top2_margin_shift_p90"]
         assert set(r["per_set"]["custom"]) == PER_SET
     # fp16 keeps 3 more mantissa bits than bf16: its first-step logits move less
     assert refs["fp16"]["max_logit_error"] <= refs["bf16"]["max_logit_error"]
