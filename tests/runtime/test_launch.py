@@ -103,3 +103,23 @@ def test_cuda_devices_follow_plan_gpu_indices() -> None:
     plan = pd_plan(num_prefill=1, num_decode=2)  # p0 on n0:0, d0 on n0:1, d1 on n0:2
     assert cuda_devices(plan, 2) == {"p0": ("cuda:0",), "d0": ("cuda:1",), "d1": ("cuda:0",)}
     assert cuda_devices(plan, 0) == {}
+
+
+def test_ray_actors_number_their_gpus_by_stage_then_rank() -> None:
+    """Under Ray an actor sees its GPUs as cuda:0..n-1: rank r of stage s takes cuda:{s*tp + r}; TP groups keep
+    their ranks (the actor spawns the followers) unless collapsed."""
+    from builders import make_plan
+
+    from thunderserve.runtime.launch.ray import RayLauncher
+    from thunderserve.runtime.launch.serve import Deployment, ServeConfig
+
+    plan = make_plan([("c0", "colocated", [["n0:0", "n0:1"], ["n0:2", "n0:3"]], [0, 1, 2]),
+                      ("c1", "colocated", [["n1:0"]], [0, 2])], entry={"c0": 0.5, "c1": 0.5})
+    dep = Deployment(plan, ServeConfig(model="m", backend="ray", device="cuda"))
+    assert isinstance(dep.launcher, RayLauncher)
+    assert dep._devices() == {"c0": ("cuda:0", "cuda:2"), "c1": ("cuda:0",)}
+    assert dep._rank_devices() == {"c0": (("cuda:0", "cuda:2"), ("cuda:1", "cuda:3"))}
+    collapsed = Deployment(plan, ServeConfig(model="m", backend="ray", device="cuda", collapse_tp=True))
+    assert collapsed._devices() == {"c0": ("cuda:0", "cuda:1"), "c1": ("cuda:0",)}
+    assert collapsed._rank_devices() == {}
+    assert Deployment(plan, ServeConfig(model="m", backend="ray", device="cpu"))._rank_devices() == {}

@@ -1,8 +1,13 @@
-"""Ray backend: workers as actors placed on the Ray nodes standing for the plan's nodes (two fake nodes)."""
+"""Ray backend: workers as actors placed on the Ray nodes standing for the plan's nodes (two fake nodes); a
+tensor-parallel group's actor runs its follower ranks on its node and gives the same tokens as `transformers`."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from runtime_builders import request, run_request
@@ -11,25 +16,60 @@ from builders import make_plan
 from thunderserve.runtime.launch import LaunchError, worker_specs
 from thunderserve.runtime.router import Finished, Router
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from tiny_llama import build_tiny_llama, reference_greedy  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 
-def test_ray_launcher_places_groups_on_their_nodes_and_serves() -> None:
+def _followers(pid: int) -> list[int]:
+    """Spawned child processes of `pid` (multiprocessing's resource tracker aside)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmd = fh.read()
+            except (OSError, ValueError):
+                continue
+            if parent == pid and b"resource_tracker" not in cmd:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ray_launcher_places_groups_on_their_nodes_and_serves(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
     from thunderserve.runtime.launch.ray import RayLauncher, node_resource
 
+    model_dir = build_tiny_llama(tmp_path / "tiny-llama")
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {node_resource("n0"): 1}, "object_store_memory": 80 * 1024**2,
+        "num_cpus": 1, "resources": {node_resource("n0"): 2}, "object_store_memory": 80 * 1024**2,
         "include_dashboard": False})
     node1 = cluster.add_node(num_cpus=1, resources={node_resource("n1"): 1}, object_store_memory=80 * 1024**2)
     head_id = cluster.head_node.node_id
-    plan = make_plan([("p0", "prefill", [["n0:0"]], [0, 2]), ("d0", "decode", [["n1:0"]], [0, 2])],
+    # p0: prefill at TP=2 on n0 (its actor is rank 0, the follower a child process); d0: decode on n1
+    plan = make_plan([("p0", "prefill", [["n0:0", "n0:1"]], [0, 2]), ("d0", "decode", [["n1:0"]], [0, 2])],
                      entry={"p0": 1.0}, kv={"p0": {"d0": 1.0}})
-    launcher = RayLauncher(plan, address=cluster.address, ready_timeout_s=120)
+    launcher = RayLauncher(plan, address=cluster.address, ready_timeout_s=180)
+    followers: list[int] = []
     try:
-        endpoints = launcher.start(worker_specs(plan, "fake"))
+        specs = worker_specs(plan, str(model_dir))
+        assert {s.config.group_id: s.tp for s in specs} == {"p0": 2, "d0": 1}
+        endpoints = launcher.start(specs)
+        followers = _followers(endpoints["p0"].pid)
+        assert len(followers) == 1 and _alive(followers[0])
         assert launcher.node_ids == {"d0": node1.node_id, "p0": head_id}
         assert {g: e.node for g, e in endpoints.items()} == {"d0": "n1", "p0": "n0"}
 
@@ -37,8 +77,13 @@ def test_ray_launcher_places_groups_on_their_nodes_and_serves() -> None:
             router = Router(plan, {g: (e.host, e.control_port) for g, e in endpoints.items()})
             await router.start()
             try:
-                out = await run_request(router, request("over ray", max_tokens=6))
-                assert isinstance(out.terminal, Finished) and len(out.token_ids) == 6
+                from thunderserve.runtime.workers.server import build_engine
+
+                for prompt in ("over ray", "tell me a story"):
+                    out = await run_request(router, request(prompt, max_tokens=6))
+                    assert isinstance(out.terminal, Finished) and len(out.token_ids) == 6
+                    ids = build_engine(str(model_dir)).encode(prompt)
+                    assert out.token_ids == reference_greedy(model_dir, ids, 6), prompt
                 d0 = next(w for w in router.workers() if w.group_id == "d0")
                 assert d0.pid == launcher.worker_pids()["d0"]
             finally:
@@ -52,3 +97,7 @@ def test_ray_launcher_places_groups_on_their_nodes_and_serves() -> None:
         launcher.stop()
         ray.shutdown()
         cluster.shutdown()
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in followers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in followers), "a TP follower outlived its Ray actor"

@@ -3,8 +3,11 @@
 Placement convention: a Ray node that hosts plan node `<name>` advertises the custom resource
 `ts_node_<name>` (e.g. `ray start --resources '{"ts_node_n0": 8}'`, one unit per GPU), and a group's actor
 asks for one unit of its node's resource per GPU it uses there. The actor runs the same `serve_worker` as a
-local process, on a thread with its own event loop; the router reaches it over TCP as usual. Workers bound
-to 0.0.0.0 advertise their node's IP. Actors are owned by the driver, so they die with it (no orphans).
+local process, on a thread with its own event loop; the router reaches it over TCP as usual. A tensor-parallel
+group's actor is its rank 0 and spawns the follower ranks as child processes on the same node (TP stays inside
+a node, over gloo or NCCL as locally); with GPUs it asks Ray for stages x ranks GPUs. Workers bound to 0.0.0.0
+advertise their node's IP. Actors are owned by the driver, so they die with it (no orphans; followers exit
+when their rank 0 does).
 The model path must exist on every node. Without an address, a local Ray is started that advertises every
 plan node's resource (the whole plan on this machine).
 """
@@ -119,7 +122,8 @@ class RayLauncher:
                     self.stop()
                     raise LaunchError(f"no Ray node advertises resource '{name}' for group {gid} "
                                       f"(start the node with --resources '{{\"{name}\": <gpus>}}')")
-            num_gpus = float(self.plan.group(gid).pp) if self.use_gpus else 0.0
+            # one GPU per pipeline stage and tensor-parallel rank (the rank-0 actor spawns its followers)
+            num_gpus = float(self.plan.group(gid).pp * max(spec.tp, 1)) if self.use_gpus else 0.0
             actor = actor_cls.options(num_cpus=0, num_gpus=num_gpus, resources=res).remote()
             self._actors[gid] = actor
             futures[gid] = actor.start.remote(spec, self.ready_timeout_s)

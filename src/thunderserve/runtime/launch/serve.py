@@ -38,6 +38,7 @@ from thunderserve.runtime.launch.base import (
     WorkerEndpoint,
     cuda_devices,
     cuda_rank_devices,
+    group_tp,
     worker_specs,
 )
 from thunderserve.runtime.launch.demo import LOCAL_DEVICE
@@ -70,7 +71,7 @@ class ServeConfig:
     cluster: str | None = None  # cluster the plan runs on, for re-planning (default: the plan's own if
     #                             built in, else one LOCAL-CPU device per plan GPU id)
     resched_workload: str = "conversation"  # planned for until enough requests were observed
-    collapse_tp: bool = False  # each stage on its first GPU in one process (always so under Ray, for now)
+    collapse_tp: bool = False  # each stage on its first GPU in one process (no tensor-parallel ranks)
 
 
 def served_names(plan: Plan, model: str) -> tuple[str, tuple[str, ...]]:
@@ -103,7 +104,7 @@ class Deployment:
                              kv_capacity_tokens=self.config.kv_capacity_tokens)
         specs = worker_specs(self.plan, self.config.model, cpu_threads=self.config.cpu_threads,
                              host=self.config.worker_host, knobs=knobs, devices=self._devices(),
-                             collapse_tp=self.config.collapse_tp or self.config.backend == "ray",
+                             collapse_tp=self.config.collapse_tp,
                              rank_devices=self._rank_devices())
         self.endpoints = self.launcher.start(specs)
         self.router = Router(self.plan, {g: (e.host, e.control_port) for g, e in self.endpoints.items()},
@@ -115,14 +116,14 @@ class Deployment:
         return self.launcher.worker_pids()
 
     def _devices(self) -> dict[str, tuple[str, ...]]:
-        """Per-group, per-stage torch devices: local CUDA devices by plan GPU index; under Ray, the GPUs Ray
-        gave the actor (one per stage, numbered from 0); CPU when there is no GPU or for the fake engine."""
+        """Per-group, per-stage torch devices of the worker (TP rank 0): local CUDA devices by plan GPU index;
+        under Ray, the GPUs Ray gave the actor (see `_rank_devices`); CPU without GPUs or for the fake engine."""
         if self.config.device == "cpu" or self.config.model.startswith("fake"):
             return {}
         if self.config.backend == "ray":
             if self.config.device != "cuda":
                 return {}
-            return {g.id: tuple(f"cuda:{i}" for i in range(g.pp)) for g in self.plan.groups}
+            return {gid: ranks[0] for gid, ranks in self._ray_rank_devices().items()}
         import torch
 
         count = torch.cuda.device_count()
@@ -131,12 +132,26 @@ class Deployment:
         return cuda_devices(self.plan, count)
 
     def _rank_devices(self) -> dict[str, tuple[tuple[str, ...], ...]]:
-        """Local CUDA devices of each group's TP ranks ([rank][stage], by plan GPU index); CPU otherwise."""
-        if self.config.backend != "local" or self.config.device == "cpu" or self.config.model.startswith("fake"):
+        """CUDA devices of each group's TP ranks ([rank][stage]): local ones by plan GPU index, under Ray the
+        actor's; CPU otherwise."""
+        if self.config.device == "cpu" or self.config.model.startswith("fake"):
             return {}
+        if self.config.backend == "ray":
+            if self.config.device != "cuda":
+                return {}
+            return {gid: ranks for gid, ranks in self._ray_rank_devices().items() if len(ranks) > 1}
         import torch
 
         return cuda_rank_devices(self.plan, torch.cuda.device_count())
+
+    def _ray_rank_devices(self) -> dict[str, tuple[tuple[str, ...], ...]]:
+        """Under Ray an actor sees the GPUs it was given as cuda:0..n-1 (n = stages x TP ranks): rank r of
+        stage s takes cuda:{s*tp + r} (tp = 1 when collapsed)."""
+        out = {}
+        for g in self.plan.groups:
+            tp = 1 if self.config.collapse_tp else group_tp(g)
+            out[g.id] = tuple(tuple(f"cuda:{s * tp + r}" for s in range(g.pp)) for r in range(tp))
+        return out
 
     def stop(self) -> None:
         self.launcher.stop()
