@@ -285,8 +285,8 @@ def format_table(result: dict[str, Any]) -> str:
              f"group={cfg['group_size']} sinks={cfg['sink_tokens']} key block={cfg['key_block_tokens']}",
              f"prompts whose reference run has a near-tie (top-2 logit gap) of {len(nearest)}: {ties}",
              f"{'compression':<12}{'set':<11}{'x fewer bytes':>14}{'(bench)':>9}{'quant GB/s':>11}"
-             f"{'dequant GB/s':>13}{'agreement':>10}{'forced':>8}{'max |dlogit|':>13}{'margin shift':>14}"
-             "  first divergence@reference top-2 gap"]
+             f"{'dequant GB/s':>13}{'agreement':>10}{'forced':>8}{'max |dlogit|':>13}{'margin shift':>16}"
+             "  first divergence@reference top-2 gap (margin shift: median/p90)"]
     entries = [(c, r, False) for c, r in result.items() if c not in ("config", "storage_reference")]
     entries += [(f"{c} store", r, True) for c, r in result.get("storage_reference", {}).items()]
     for c, r, storage in entries:
@@ -296,8 +296,8 @@ def format_table(result: dict[str, Any]) -> str:
             if name == "all" and not storage:
                 lead = (f"{r['compression_ratio_vs_fp16']:>14.2f}{r['compression_ratio_bench_prompts']:>9.2f}"
                         f"{r['quantize_gbps']:>11.2f}{r['dequantize_gbps']:>13.2f}")
-            shift = (f"{r['top2_margin_shift_median']:>6.4f}/{r['top2_margin_shift_p90']:<7.4f}" if name == "all"
-                     else " " * 14)
+            shift = (f"{r['top2_margin_shift_median']:.4f}/{r['top2_margin_shift_p90']:.4f}".rjust(16)
+                     if name == "all" else " " * 16)
             lines.append(f"{c:<12}{name:<11}{lead}{s['token_agreement']:>10.3f}"
                          f"{s['token_agreement_teacher_forced']:>8.3f}{s['max_logit_error']:>13.4f}{shift}  {div}")
     return "\n".join(lines)
