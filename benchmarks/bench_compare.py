@@ -75,7 +75,7 @@ def sweep(args: argparse.Namespace, scales: list[float]) -> None:
 
     With --tpot-scales, each (TTFT scale, TPOT scale) pair is run instead of equal scales."""
     cluster, model = load_cluster(args.cluster), load_model(args.model)
-    config = CompareConfig(planner_time_limit_s=args.time_limit, curves=False)
+    config = CompareConfig(planner_time_limit_s=args.time_limit, curves=False, verify_top=args.verify_top)
     rows: list[dict[str, Any]] = []
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--model", default="llama-30b")
     ap.add_argument("--workloads", default="coding,conversation")
     ap.add_argument("--time-limit", type=float, default=10.0)
+    ap.add_argument("--verify-top", type=int, default=0,
+                    help="ThunderServe's planner re-scores its K best candidates by simulation (0: off)")
     ap.add_argument("--out", help="write every comparison document to this JSON file")
     ap.add_argument("--plot-dir", help="write one comparison plot per workload here")
     ap.add_argument("--slo-scales", help="comma-separated SLO scales: sweep them instead of the default-SLO "
@@ -140,7 +142,7 @@ def main() -> None:
                       console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(name, total=None)
             doc = run_comparison(cluster, model, workload, slo, baseline_cluster=home,
-                                 config=CompareConfig(planner_time_limit_s=args.time_limit),
+                                 config=CompareConfig(planner_time_limit_s=args.time_limit, verify_top=args.verify_top),
                                  progress=reporter(bar, task, name))
         console.print(comparison_table(doc))
         console.print(f"[dim]{name}: {time.perf_counter() - t0:.0f} s[/dim]")

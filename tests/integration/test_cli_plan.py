@@ -198,3 +198,14 @@ def test_demo_compares_with_every_baseline_and_writes_the_plot(monkeypatch, caps
     report = (out_dir / "report.md").read_text()
     assert "compare.png" in report and "thunderserve" in report and "distserve@inhouse-8xa100" in report
     assert err.count("┏") == 2  # the plan table and the comparison table went to stderr (stdout is the JSON)
+
+
+def test_plan_verify_top_rescores_by_simulation(monkeypatch, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cluster = write(tmp_path, "mini.yaml", CLUSTER)
+    code, out, err = run(monkeypatch, capsys, "plan", "--cluster", cluster, *FAST, "--verify-top", "2", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["estimate"]["verified_max_rate_rps"] > 0
+    assert "verified by simulation" in err and "kept" in err
+    code, _, err = run(monkeypatch, capsys, "plan", "--cluster", cluster, *FAST, "--verify-top", "-1")
+    assert code == 2 and "--verify-top" in err and "Traceback" not in err

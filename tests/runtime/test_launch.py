@@ -109,7 +109,6 @@ def test_ray_actors_number_their_gpus_by_stage_then_rank() -> None:
     """Under Ray an actor sees its GPUs as cuda:0..n-1: rank r of stage s takes cuda:{s*tp + r}; TP groups keep
     their ranks (the actor spawns the followers) unless collapsed."""
     from builders import make_plan
-
     from thunderserve.runtime.launch.ray import RayLauncher
     from thunderserve.runtime.launch.serve import Deployment, ServeConfig
 

@@ -122,6 +122,10 @@ def print_plan_summary(plan: Plan, cluster: Cluster, to_stderr: bool = False,
                   soft_wrap=True, highlight=False)
     if result is not None:
         con.print(f"search: {result.iterations} tabu iterations in {result.decision_time_s:.1f} s", highlight=False)
+        if result.verified:
+            rows = ", ".join(f"{e:.2f} -> {v:.2f}" for e, v in result.verified)
+            con.print(f"verified by simulation (estimated -> simulated max rate, req/s): {rows}; kept "
+                      f"{plan.estimate.get('verified_max_rate_rps', 0):.2f}", soft_wrap=True, highlight=False)
 
 
 # ------------------------------------------------------------------ commands
@@ -129,10 +133,21 @@ def print_plan_summary(plan: Plan, cluster: Cluster, to_stderr: bool = False,
 
 def run_plan(inputs: Inputs, config: SchedulerConfig, rate_rps: float | None = None,
              show_progress: bool = True) -> PlanResult:
-    """Plan with a progress bar on stderr."""
+    """Plan with a progress bar on stderr; with `config.verify_top` > 1 the top candidates are re-scored by
+    simulation (`sim.rescore`)."""
+    rescore = None
+    if config.verify_top > 1:
+        from thunderserve.sim import rescore as sim_rescore
+
+        def rescore(plans: list[Plan]) -> list[float]:
+            if show_progress:
+                console.print(f"verifying the top {len(plans)} candidates by simulation ...", highlight=False)
+            return sim_rescore(plans, inputs.cluster, inputs.model, inputs.workload, inputs.slo,
+                               rate_hints_rps=[float(p.estimate.get("max_rate_at_slo") or 0) or None
+                                               for p in plans])
     with search_progress(show_progress) as progress:
         return plan_deployment(inputs.cluster, inputs.model, inputs.workload, inputs.slo, config, rate_rps,
-                               progress)
+                               progress, rescore)
 
 
 def plan_cmd(
@@ -147,15 +162,19 @@ def plan_cmd(
     time_limit: float = typer.Option(10.0, "--time-limit", help="Seconds the tabu search may run"),
     seed: int = typer.Option(0, "--seed", help="Seed of the tabu search (same seed, same plan)"),
     kv_compression: str = typer.Option("int4", "--kv-compression", help="KV transfer compression: none|int8|int4"),
+    verify_top: int = typer.Option(0, "--verify-top", help="Re-score the K best candidates (distinct parallel "
+                                   "shapes first) by simulation and keep the best simulated one (0: off)"),
     output: Path | None = typer.Option(None, "-o", "--output", help="Write the plan JSON here"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Plan groups, phases, parallel layouts and routing for a cluster, model, workload and SLO."""
     _positive("--rate", rate)
     _positive("--time-limit", time_limit)
+    if verify_top < 0:
+        raise SpecError(f"must be 0 or more, got {verify_top}", field="--verify-top")
     comp = _compression(kv_compression)
     inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
-    config = SchedulerConfig(time_limit_s=time_limit, seed=seed, kv_compression=comp)
+    config = SchedulerConfig(time_limit_s=time_limit, seed=seed, kv_compression=comp, verify_top=verify_top)
     result = run_plan(inputs, config, rate)
     if output is not None:
         try:

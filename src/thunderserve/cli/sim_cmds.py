@@ -254,6 +254,8 @@ def compare_cmd(
     seed: int = SeedOpt,
     time_limit: float = typer.Option(10.0, "--time-limit", help="Planner time limit (ThunderServe and HexGen), s"),
     no_curves: bool = typer.Option(False, "--no-curves", help="Skip the attainment-vs-rate curve runs"),
+    verify_top: int = typer.Option(0, "--verify-top", help="ThunderServe's planner re-scores its K best "
+                                   "candidates by simulation (0: off)"),
     chunked_only: bool = typer.Option(False, "--chunked-only",
                                       help="Do not also try the prefill-first policy for colocated-only systems"),
     slo: float | None = SloScaleOpt,
@@ -275,13 +277,15 @@ def compare_cmd(
     _positive("--time-limit", time_limit)
     if warmup < 0:
         raise SpecError("must be >= 0", field="--warmup")
+    if verify_top < 0:
+        raise SpecError("must be >= 0", field="--verify-top")
     inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
     other = load_cluster(baseline_cluster) if baseline_cluster else None
     names = tuple(x.strip() for x in baselines.split(",") if x.strip()) if baselines else \
         CompareConfig().baselines
     config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed), sim=SimConfig(warmup_s=warmup),
                            planner_time_limit_s=time_limit, baselines=names, curves=not no_curves or plot is not None,
-                           try_prefill_first=not chunked_only, seed=seed)
+                           try_prefill_first=not chunked_only, seed=seed, verify_top=verify_top)
     with _progress() as bar:
         task = bar.add_task("comparing", total=None)
 

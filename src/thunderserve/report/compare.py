@@ -55,6 +55,7 @@ class CompareConfig:
     try_prefill_first: bool = True
     curves: bool = True
     seed: int = 0
+    verify_top: int = 0  # ThunderServe's planner re-scores its K best candidates by simulation (0: off)
 
 
 def default_planners(config: CompareConfig) -> dict[str, PlannerFn]:
@@ -63,9 +64,13 @@ def default_planners(config: CompareConfig) -> dict[str, PlannerFn]:
 
     def thunderserve(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec) -> Plan:
         from thunderserve.scheduler import SchedulerConfig, plan_deployment
+        from thunderserve.sim import rescore
 
-        cfg = SchedulerConfig(time_limit_s=config.planner_time_limit_s, seed=config.seed)
-        result = plan_deployment(cluster, model, workload, slo, config=cfg)
+        cfg = SchedulerConfig(time_limit_s=config.planner_time_limit_s, seed=config.seed,
+                              verify_top=config.verify_top)
+        result = plan_deployment(cluster, model, workload, slo, config=cfg, rescore=lambda plans: rescore(
+            plans, cluster, model, workload, slo,
+            rate_hints_rps=[float(p.estimate.get("max_rate_at_slo") or 0) or None for p in plans]))
         est = dict(result.plan.estimate)
         est.setdefault("planner_max_rate_rps", result.max_rate_at_slo)
         return result.plan.model_copy(update={"estimate": est})

@@ -24,6 +24,9 @@ class SchedulerConfig:
     tabu_tenure: int = 12  # iterations a moved GPU / flipped group stays tabu
     neighbourhood_size: int = 16  # candidate moves sampled and scored per iteration
     time_budget_fraction_initial: float = 0.3  # share of the time limit the initial solution may use
+    # After the search, re-score the best `verify_top` distinct candidates with the caller's rescorer (the
+    # simulator) and keep the best simulated one; 0 or 1: keep the search's best (no rescorer needed).
+    verify_top: int = 0
 
 
 @dataclass(frozen=True)
@@ -36,3 +39,6 @@ class PlanResult:
     iterations: int  # tabu iterations run
     history: tuple[float, ...]  # best search objective (routing LP served rate, req/s) after each iteration
     start_objective: float = 0.0  # the search objective of the bandwidth-aware starting grouping
+    # with verify_top: (estimated, re-scored) max rate of each candidate, best estimate first; the chosen plan
+    # is the one with the highest re-scored rate
+    verified: tuple[tuple[float, float], ...] = ()

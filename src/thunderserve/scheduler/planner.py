@@ -3,6 +3,10 @@
 bandwidth-aware initial grouping (`initial`) -> initial phases (`orchestrate.choose_phases` on the
 initial layouts) -> tabu search over grouping and phase (`tabu`) -> final plan: usable groups that carry
 traffic, renamed by phase (p0.., d0.., c0..), routing from the LP, estimate from the analytic model.
+Optionally (`verify_top` K > 1 and a `rescore` callable, e.g. the simulator's `sim.rescore`), the K best distinct
+candidates the search evaluated are finalised and re-scored, and the best re-scored one is returned: the
+analytic estimate ranks plans well on the whole but can misjudge a regime (e.g. pipelined decode at a very tight
+TPOT), which a simulation of the few top candidates catches at planning cost (outside the time limit).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from thunderserve.spec.slo import SloSpec
 from thunderserve.spec.workload import WorkloadSpec
 
 FINALISE_RESERVE_S = 1.0  # time kept for the final plan's routing and estimate
+Rescorer = Callable[[list[Plan]], list[float]]  # plans -> their re-scored max rate at the SLO (req/s)
 PHASE_PREFIX = {Phase.PREFILL: "p", Phase.DECODE: "d", Phase.COLOCATED: "c"}
 
 
@@ -158,14 +163,51 @@ def _final_plan(ctx: PlanningContext, ev: Evaluator, state: State, rate_rps: flo
     return plan.model_copy(update={"estimate": est})
 
 
+def _shape(groups: list[Group]) -> tuple[tuple[str, int, int], ...]:
+    """A candidate's parallel shape: the sorted (phase, pipeline stages, TP degree) of its groups."""
+    return tuple(sorted((g.phase.value, g.pp, min(st.tp for st in g.stages)) for g in groups))
+
+
+def _candidates(ctx: PlanningContext, ev: Evaluator, best: State, k: int, rate_rps: float | None) -> list[Plan]:
+    """Up to `k` plans to re-score: the search's best, then the best-valued evaluated state of each other
+    parallel shape (a different mix of phases and layouts is where the estimate may misjudge), then the next
+    best by value. States that do not finalise into a plan are skipped."""
+    states = [best]
+    shapes = {_shape(ev.evaluate(best)[1])}
+    ranked = [st for st, _ in ev.best_evaluated() if st != best]
+    for st in ranked:  # one per new shape, best value first
+        if len(states) >= k:
+            break
+        shape = _shape(ev.evaluate(st)[1])
+        if shape not in shapes:
+            shapes.add(shape)
+            states.append(st)
+    for st in ranked:  # fill up by value
+        if len(states) >= k:
+            break
+        if st not in states:
+            states.append(st)
+    plans: list[Plan] = []
+    for st in states:
+        try:
+            plans.append(_final_plan(ctx, ev, st, rate_rps))
+        except PlanError:
+            continue
+    return plans
+
+
 def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
                     config: SchedulerConfig = SchedulerConfig(), rate_rps: float | None = None,
-                    progress: Callable[[float], None] | None = None) -> PlanResult:
+                    progress: Callable[[float], None] | None = None, rescore: Rescorer | None = None
+                    ) -> PlanResult:
     """Plan groups, phases, layouts and routing maximising the estimated request rate at the SLO.
 
     `rate_rps` (optional) is the rate the estimate's attainment/latencies are reported at (default: the max
-    rate). Raises InfeasibleError when the model cannot fit on the whole cluster.
+    rate). With `config.verify_top` > 1, `rescore` re-scores that many top candidates (see the module
+    docstring). Raises InfeasibleError when the model cannot fit on the whole cluster.
     """
+    if config.verify_top > 1 and rescore is None:
+        raise ValueError("verify_top needs a rescore function (e.g. thunderserve.sim.rescore)")
     t0 = time.monotonic()
     # the search stops early enough for the final routing and estimate to fit in the time limit
     deadline = t0 + config.time_limit_s - min(FINALISE_RESERVE_S, 0.1 * config.time_limit_s)
@@ -176,9 +218,18 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
     ev = Evaluator(ctx)
     start = _best_start(ctx, config, ev, t0 + config.time_limit_s * config.time_budget_fraction_initial)
     result = _two_phase_search(ctx, start, config, deadline, progress, ev)
-    plan = _final_plan(ctx, ev, result.state, rate_rps)
+    verified: tuple[tuple[float, float], ...] = ()
+    if config.verify_top > 1 and rescore is not None:
+        plans = _candidates(ctx, ev, result.state, config.verify_top, rate_rps)
+        rates = rescore(plans)
+        verified = tuple((float(p.estimate["max_rate_at_slo"]), float(r)) for p, r in zip(plans, rates, strict=True))
+        pick = max(range(len(plans)), key=lambda i: (rates[i], -i))  # ties: the better estimate
+        plan = plans[pick].model_copy(update={"estimate": {**plans[pick].estimate,
+                                                           "verified_max_rate_rps": float(rates[pick])}})
+    else:
+        plan = _final_plan(ctx, ev, result.state, rate_rps)
     if progress is not None:
         progress(1.0)
     return PlanResult(plan=plan, max_rate_at_slo=float(plan.estimate["max_rate_at_slo"]),
                       decision_time_s=time.monotonic() - t0, iterations=result.iterations,
-                      history=result.history, start_objective=ev.evaluate(start)[0].value_rps)
+                      history=result.history, start_objective=ev.evaluate(start)[0].value_rps, verified=verified)

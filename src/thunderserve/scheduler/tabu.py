@@ -86,6 +86,11 @@ class Evaluator:
                 out.append(Group(id=f"g{i}", phase=phase, stages=lay.stages))
         return out
 
+    def best_evaluated(self) -> list[tuple[State, Score]]:
+        """Every state scored so far that serves requests at the SLO, highest LP value first."""
+        scored = [(st, r[0]) for st, r in self._cache.items() if r[0].value_rps > 0]
+        return sorted(scored, key=lambda item: -item[1].value_rps)
+
     def evaluate(self, state: State) -> tuple[Score, list[Group], LpResult | None]:
         if state in self._cache:
             return self._cache[state]

@@ -6,6 +6,7 @@ import itertools
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from sched_builders import cluster, context
@@ -132,3 +133,28 @@ def test_random_module_not_used_globally() -> None:
     random.seed(999)
     b = MoveSampler(ctx, SchedulerConfig(seed=5)).rng.random()
     assert a == b
+
+
+def test_verify_top_rescores_distinct_candidates_and_keeps_the_best_rescored() -> None:
+    c = cluster((("a", "TOY", 2), ("b", "SLOW", 2), ("c", "FAST", 2)), default_gbps=25)
+    ctx = context(c)
+    config = SchedulerConfig(time_limit_s=30, max_iterations=60, patience=30, seed=0)
+    plain = plan_deployment(c, ctx.model, ctx.workload, ctx.slo, config)
+    seen: list[list] = []
+
+    def prefer_last(plans):  # type: ignore[no-untyped-def]
+        """A rescorer that disagrees with the estimate: the last candidate is best."""
+        seen.append(plans)
+        return [float(i) for i in range(len(plans))]
+
+    verified = plan_deployment(c, ctx.model, ctx.workload, ctx.slo, replace(config, verify_top=4),
+                               rescore=prefer_last)
+    (plans,) = seen
+    assert 2 <= len(plans) <= 4 and plans[0].to_dict() == plain.plan.to_dict()  # the search's best comes first
+    shapes = [tuple(sorted((g.phase.value, g.pp, g.stages[0].tp) for g in p.groups)) for p in plans]
+    assert len(set(shapes)) == len(shapes)  # distinct parallel shapes first (this space has plenty)
+    assert verified.plan.groups == plans[-1].groups and verified.plan.estimate["verified_max_rate_rps"] == len(plans) - 1
+    assert [v for _, v in verified.verified] == [float(i) for i in range(len(plans))]
+    assert [e for e, _ in verified.verified][0] == plain.max_rate_at_slo
+    with pytest.raises(ValueError, match="rescore"):
+        plan_deployment(c, ctx.model, ctx.workload, ctx.slo, replace(config, verify_top=2))
