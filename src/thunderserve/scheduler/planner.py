@@ -3,10 +3,11 @@
 bandwidth-aware initial grouping (`initial`) -> initial phases (`orchestrate.choose_phases` on the
 initial layouts) -> tabu search over grouping and phase (`tabu`) -> final plan: usable groups that carry
 traffic, renamed by phase (p0.., d0.., c0..), routing from the LP, estimate from the analytic model.
-Optionally (`verify_top` K > 1 and a `rescore` callable, e.g. the simulator's `sim.rescore`), the K best distinct
-candidates the search evaluated are finalised and re-scored, and the best re-scored one is returned: the
-analytic estimate ranks plans well on the whole but can misjudge a regime (e.g. pipelined decode at a very tight
-TPOT), which a simulation of the few top candidates catches at planning cost (outside the time limit).
+Optionally (`verify_top` K > 1 and a `rescore` callable, e.g. the simulator's `sim.rescore`), the K best
+candidates the search evaluated (distinct parallel shapes first) and the standard homogeneous replica layouts
+(`replica_candidates`) are finalised and re-scored, and the best re-scored one is returned: the analytic
+estimate ranks plans well on the whole but can misjudge a regime (e.g. pipelined decode at a very tight TPOT),
+which a simulation of a few candidates catches at planning cost (outside the time limit).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import replace
 
 from thunderserve.costmodel.perf import MEMORY_UTILIZATION
 from thunderserve.errors import InfeasibleError, PlanError
-from thunderserve.plan.model import Group, KvTransfer, Phase, Plan
+from thunderserve.plan.model import Group, KvTransfer, Phase, Plan, Stage
 from thunderserve.plan.validate import validate_plan
 from thunderserve.scheduler.config import PlanResult, SchedulerConfig
 from thunderserve.scheduler.context import PlanningContext
@@ -146,6 +147,11 @@ def _final_plan(ctx: PlanningContext, ev: Evaluator, state: State, rate_rps: flo
     else:  # nothing meets the SLO: keep every group that can take part
         has_decode = any(g.phase is Phase.DECODE for g in groups)
         groups = [g for g in groups if g.phase is not Phase.PREFILL or has_decode]
+    return _plan_of(ctx, groups, rate_rps)
+
+
+def _plan_of(ctx: PlanningContext, groups: list[Group], rate_rps: float | None) -> Plan:
+    """Groups renamed by phase (p0.., d0.., c0..), routed by the LP, validated, with the analytic estimate."""
     counters = {ph: 0 for ph in Phase}
     named = []
     for g in groups:
@@ -161,6 +167,35 @@ def _final_plan(ctx: PlanningContext, ev: Evaluator, state: State, rate_rps: flo
     validate_plan(plan, ctx.cluster, ctx.model)
     est = plan_estimate(ctx, plan, rate_rps, extra={"lp_rate_rps": final_lp.value_rps})
     return plan.model_copy(update={"estimate": est})
+
+
+def replica_candidates(ctx: PlanningContext, rate_rps: float | None) -> list[Plan]:
+    """The standard homogeneous layouts, one plan per TP degree t: every node carved into colocated
+    single-stage TP-t replicas wherever the model fits on t of its GPUs (nodes where it does not stay idle).
+    They are in the planner's search space but far from where a local search walks when the estimate
+    misjudges a regime; `verify_top` re-scores them next to the search's candidates."""
+    by_node: dict[str, list[str]] = {}
+    for g in ctx.cluster.gpus:
+        by_node.setdefault(g.node, []).append(g.id)
+    plans = []
+    for t in (1, 2, 4, 8):
+        groups = []
+        for node, ids in sorted(by_node.items()):
+            for i in range(len(ids) // t):
+                stages = (Stage(gpus=tuple(ids[i * t:(i + 1) * t]), layers=(0, ctx.model.num_layers)),)
+                if ctx.perf(stages).fits:
+                    groups.append(Group(id=f"{node}-{i}", phase=Phase.COLOCATED, stages=stages))
+        if groups:
+            try:
+                plans.append(_plan_of(ctx, groups, rate_rps))
+            except (PlanError, InfeasibleError):
+                continue
+    return plans
+
+
+def _signature(plan: Plan) -> tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]:
+    """A plan's groups as (phase, GPUs per stage), order-free: equal for plans that differ only in names."""
+    return tuple(sorted((g.phase.value, tuple(s.gpus for s in g.stages)) for g in plan.groups))
 
 
 def _shape(groups: list[Group]) -> tuple[tuple[str, int, int], ...]:
@@ -221,6 +256,8 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
     verified: tuple[tuple[float, float], ...] = ()
     if config.verify_top > 1 and rescore is not None:
         plans = _candidates(ctx, ev, result.state, config.verify_top, rate_rps)
+        seen = {_signature(p) for p in plans}
+        plans += [p for p in replica_candidates(ctx, rate_rps) if _signature(p) not in seen]
         rates = rescore(plans)
         verified = tuple((float(p.estimate["max_rate_at_slo"]), float(r)) for p, r in zip(plans, rates, strict=True))
         pick = max(range(len(plans)), key=lambda i: (rates[i], -i))  # ties: the better estimate

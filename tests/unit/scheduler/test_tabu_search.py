@@ -13,6 +13,8 @@ from sched_builders import cluster, context
 
 from thunderserve.plan import Phase
 from thunderserve.scheduler import SchedulerConfig, plan_deployment
+from thunderserve.scheduler.context import PlanningContext
+from thunderserve.scheduler.planner import replica_candidates
 from thunderserve.scheduler.tabu import MOVE_WEIGHTS, Evaluator, MoveSampler, Score, canonical, tabu_search
 
 ALL = (Phase.PREFILL, Phase.DECODE, Phase.COLOCATED)
@@ -150,9 +152,17 @@ def test_verify_top_rescores_distinct_candidates_and_keeps_the_best_rescored() -
     verified = plan_deployment(c, ctx.model, ctx.workload, ctx.slo, replace(config, verify_top=4),
                                rescore=prefer_last)
     (plans,) = seen
-    assert 2 <= len(plans) <= 4 and plans[0].to_dict() == plain.plan.to_dict()  # the search's best comes first
-    shapes = [tuple(sorted((g.phase.value, g.pp, g.stages[0].tp) for g in p.groups)) for p in plans]
+    assert plans[0].to_dict() == plain.plan.to_dict()  # the search's best comes first
+    replicas = replica_candidates(PlanningContext(c, ctx.model, ctx.workload, ctx.slo, config.kv_compression), None)
+    signature = [sorted((g.phase.value, tuple(s.gpus for s in g.stages)) for g in p.groups) for p in plans]
+    searched = [p for p in plans if p.to_dict() not in [r.to_dict() for r in replicas]]
+    assert 2 <= len(searched) <= 4 and len(plans) <= len(searched) + len(replicas)
+    assert all(signature.count(x) == 1 for x in signature)  # no plan twice
+    shapes = [tuple(sorted((g.phase.value, g.pp, g.stages[0].tp) for g in p.groups)) for p in searched]
     assert len(set(shapes)) == len(shapes)  # distinct parallel shapes first (this space has plenty)
+    # the replica layouts: single-stage colocated TP-t groups inside one node, one plan per t
+    assert replicas and all(g.phase is Phase.COLOCATED and g.pp == 1 and len({x.split(":")[0] for x in g.gpus}) == 1
+                            for r in replicas for g in r.groups)
     assert verified.plan.groups == plans[-1].groups and verified.plan.estimate["verified_max_rate_rps"] == len(plans) - 1
     assert [v for _, v in verified.verified] == [float(i) for i in range(len(plans))]
     assert [e for e, _ in verified.verified][0] == plain.max_rate_at_slo
