@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -111,3 +113,39 @@ async def run_request(router: Router, req: GenerateRequest) -> Outcome:
 
 def phases(dep: FakeDeployment) -> dict[str, Phase]:
     return {w.group_id: Phase(w.role) for w in dep.router.workers()}
+
+
+# ---- processes (no orphans) ------------------------------------------------------------------------------
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def child_pids(pid: int, spawned_only: bool = False) -> list[int]:
+    """Child processes of `pid`; `spawned_only` leaves out multiprocessing's resource tracker."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and not (spawned_only and b"resource_tracker" in cmd):
+            out.append(int(entry))
+    return out
+
+
+def wait_gone(pids: Sequence[int], timeout_s: float = 10.0) -> list[int]:
+    """Wait until every pid is gone; the ones still alive after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if pid_alive(p)]

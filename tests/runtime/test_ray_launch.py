@@ -4,13 +4,11 @@ tensor-parallel group's actor runs its follower ranks on its node and gives the 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from runtime_builders import request, run_request
+from runtime_builders import child_pids, pid_alive, request, run_request, wait_gone
 
 from builders import make_plan
 from thunderserve.runtime.launch import LaunchError, worker_specs
@@ -20,31 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from tiny_llama import build_tiny_llama, reference_greedy  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _followers(pid: int) -> list[int]:
-    """Spawned child processes of `pid` (multiprocessing's resource tracker aside)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    cmd = fh.read()
-            except (OSError, ValueError):
-                continue
-            if parent == pid and b"resource_tracker" not in cmd:
-                out.append(int(entry))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_ray_launcher_places_groups_on_their_nodes_and_serves(tmp_path: Path) -> None:
@@ -68,8 +41,8 @@ def test_ray_launcher_places_groups_on_their_nodes_and_serves(tmp_path: Path) ->
         specs = worker_specs(plan, str(model_dir))
         assert {s.config.group_id: s.tp for s in specs} == {"p0": 2, "d0": 1}
         endpoints = launcher.start(specs)
-        followers = _followers(endpoints["p0"].pid)
-        assert len(followers) == 1 and _alive(followers[0])
+        followers = child_pids(endpoints["p0"].pid, spawned_only=True)
+        assert len(followers) == 1 and pid_alive(followers[0])
         assert launcher.node_ids == {"d0": node1.node_id, "p0": head_id}
         assert {g: e.node for g, e in endpoints.items()} == {"d0": "n1", "p0": "n0"}
 
@@ -97,7 +70,4 @@ def test_ray_launcher_places_groups_on_their_nodes_and_serves(tmp_path: Path) ->
         launcher.stop()
         ray.shutdown()
         cluster.shutdown()
-    deadline = time.monotonic() + 15
-    while any(_alive(p) for p in followers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in followers), "a TP follower outlived its Ray actor"
+    assert wait_gone(followers, 15) == [], "a TP follower outlived its Ray actor"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from runtime_builders import request  # noqa: E402
+from runtime_builders import child_pids, pid_alive, request, wait_gone  # noqa: E402
 from tiny_llama import build_tiny_llama, reference_greedy  # noqa: E402
 
 from thunderserve.plan import Group, Phase, Plan, Routing, Stage  # noqa: E402
@@ -56,7 +56,7 @@ def tp2(model_dir: Path) -> Iterator[TensorParallelEngine]:
         yield engine
     finally:
         engine.close()
-    assert not any(_alive(p) for p in engine.follower_pids)
+    assert not any(pid_alive(p) for p in engine.follower_pids)
 
 
 def run_until_idle(core: WorkerCore, max_steps: int = 2000) -> list[dict[str, Any]]:
@@ -101,35 +101,6 @@ def _disaggregated(prefill_engine: Any, decode_engine: Any, max_tokens: int = 12
     return {f"r{i}": tokens(events, f"r{i}") for i in range(len(PROMPTS))}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        return False
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return out
-
-
-def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
-
-
 def _plan(groups: list[tuple[str, str, list[list[str]]]], kv: dict[str, dict[str, float]] | None = None) -> Plan:
     """Groups of (id, phase, GPUs per stage) over the tiny model's 2 layers (split evenly across stages)."""
     gs = []
@@ -156,7 +127,7 @@ def test_worker_specs_run_tp_groups_unless_collapsed() -> None:
 
 
 def test_tp2_colocated_worker_matches_tp1(tp1: Any, tp2: TensorParallelEngine, model_dir: Path) -> None:
-    assert tp2.tp == 2 and len(tp2.follower_pids) == 1 and all(_alive(p) for p in tp2.follower_pids)
+    assert tp2.tp == 2 and len(tp2.follower_pids) == 1 and all(pid_alive(p) for p in tp2.follower_pids)
     expected = _colocated(tp1)
     assert _colocated(tp2) == expected
     assert expected["r1"] == reference_greedy(model_dir, tp1.encode(PROMPTS[1]), 12)
@@ -217,8 +188,8 @@ def test_launched_tp_groups_serve_and_leave_no_orphans(model_dir: Path) -> None:
     launcher = LocalLauncher(ready_timeout_s=240)
     endpoints = launcher.start(worker_specs(plan, str(model_dir)))
     try:
-        followers = _children(endpoints["d0"].pid)
-        assert followers and all(_alive(p) for p in followers)
+        followers = child_pids(endpoints["d0"].pid)
+        assert followers and all(pid_alive(p) for p in followers)
 
         async def use() -> None:
             router = Router(plan, {g: (e.host, e.control_port) for g, e in endpoints.items()})
@@ -235,7 +206,7 @@ def test_launched_tp_groups_serve_and_leave_no_orphans(model_dir: Path) -> None:
         asyncio.run(use())
     finally:
         launcher.stop(timeout_s=15)
-    assert _wait_gone([*followers, *(e.pid for e in endpoints.values())]) == []
+    assert wait_gone([*followers, *(e.pid for e in endpoints.values())]) == []
 
 
 @pytest.mark.slow
@@ -244,10 +215,10 @@ def test_kill_9_of_the_rank0_worker_takes_its_followers_down(model_dir: Path) ->
     endpoints = launcher.start(worker_specs(_plan([("c0", "colocated", [["n0:0", "n0:1"]])]), str(model_dir)))
     try:
         worker = endpoints["c0"].pid
-        followers = _children(worker)
+        followers = child_pids(worker)
         assert followers
         os.kill(worker, signal.SIGKILL)
-        assert _wait_gone([worker, *followers], timeout_s=10) == []
+        assert wait_gone([worker, *followers], timeout_s=10) == []
     finally:
         launcher.stop(timeout_s=5)
 
@@ -275,7 +246,7 @@ def _crash_a_follower(model: str, out: Any) -> None:
     except RuntimeError as exc:
         later = str(exc)
     out.put({"ok_before": ok, "raised": raised, "errors": len(errors), "broken": core.engine_broken(),
-             "seconds": time.monotonic() - t0, "later": later, "follower_alive": _alive(follower)})
+             "seconds": time.monotonic() - t0, "later": later, "follower_alive": pid_alive(follower)})
     engine.close()
 
 
