@@ -170,26 +170,45 @@ def _plan_of(ctx: PlanningContext, groups: list[Group], rate_rps: float | None) 
 
 
 def replica_candidates(ctx: PlanningContext, rate_rps: float | None) -> list[Plan]:
-    """The standard homogeneous layouts, one plan per TP degree t: every node carved into colocated
-    single-stage TP-t replicas wherever the model fits on t of its GPUs (nodes where it does not stay idle).
-    They are in the planner's search space but far from where a local search walks when the estimate
-    misjudges a regime; `verify_top` re-scores them next to the search's candidates."""
+    """The standard homogeneous layouts: every node carved into colocated single-stage TP-t replicas wherever
+    the model fits on t of its GPUs (nodes where it does not stay idle), one plan per t, plus one plan with
+    each GPU type at the t whose replicas the estimate rates highest in total (vLLM's per-type choice). They
+    are in the planner's search space but far from where a local search walks when the estimate misjudges a
+    regime; `verify_top` re-scores them next to the search's candidates."""
     by_node: dict[str, list[str]] = {}
     for g in ctx.cluster.gpus:
         by_node.setdefault(g.node, []).append(g.id)
-    plans = []
-    for t in (1, 2, 4, 8):
-        groups = []
-        for node, ids in sorted(by_node.items()):
-            for i in range(len(ids) // t):
-                stages = (Stage(gpus=tuple(ids[i * t:(i + 1) * t]), layers=(0, ctx.model.num_layers)),)
-                if ctx.perf(stages).fits:
-                    groups.append(Group(id=f"{node}-{i}", phase=Phase.COLOCATED, stages=stages))
-        if groups:
-            try:
-                plans.append(_plan_of(ctx, groups, rate_rps))
-            except (PlanError, InfeasibleError):
-                continue
+
+    def replicas(node: str, ids: list[str], t: int) -> list[Group]:
+        out = []
+        for i in range(len(ids) // t):
+            stages = (Stage(gpus=tuple(ids[i * t:(i + 1) * t]), layers=(0, ctx.model.num_layers)),)
+            if ctx.perf(stages).fits:
+                out.append(Group(id=f"{node}-{i}", phase=Phase.COLOCATED, stages=stages))
+        return out
+
+    degrees = (1, 2, 4, 8)
+    layouts = [[g for node, ids in sorted(by_node.items()) for g in replicas(node, ids, t)] for t in degrees]
+    per_type: list[Group] = []
+    for gpu_type in ctx.cluster.gpu_types():
+        nodes = [(n, ids) for n, ids in sorted(by_node.items()) if ctx.cluster.by_id[ids[0]].spec.name == gpu_type]
+        options = [[g for n, ids in nodes for g in replicas(n, ids, t)] for t in degrees]
+        rated = [(sum(ctx.colocated_capacity(g.stages) for g in gs), -i) for i, gs in enumerate(options) if gs]
+        if rated:
+            per_type += options[-max(rated)[1]]
+    layouts.append(per_type)
+    plans: list[Plan] = []
+    seen: set[tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]] = set()
+    for groups in layouts:
+        if not groups:
+            continue
+        try:
+            plan = _plan_of(ctx, groups, rate_rps)
+        except (PlanError, InfeasibleError):
+            continue
+        if _signature(plan) not in seen:
+            seen.add(_signature(plan))
+            plans.append(plan)
     return plans
 
 
