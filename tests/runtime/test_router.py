@@ -135,3 +135,27 @@ async def test_rejections_and_overload() -> None:
         second = await run_request(dep.router, request("b", max_tokens=3))
         assert isinstance(second.terminal, Failed) and second.terminal.code == "overloaded"
         assert isinstance((await collect(first)).terminal, Finished)
+
+
+async def test_rebalanced_routing_moves_unstarted_requests_exactly_once() -> None:
+    """p0 builds a prefill backlog; the routing moves entry to p1 with rebalance: p0 hands back what it has
+    not started, the router routes it to p1, and every request finishes once with the model's tokens."""
+    plan = pd_plan(num_prefill=2, entry={"p0": 1.0, "p1": 0.0})
+    async with fake_deployment(plan, engine_kwargs={"step_delay_s": 0.05},
+                               worker_kwargs={"prefill_token_budget": 8}) as dep:
+        records: list[RequestRecord] = []
+        dep.router.add_observer(records.append)
+        prompts = [f"queued {i}" for i in range(8)]
+        handles = [await dep.router.submit(request(p, max_tokens=4)) for p in prompts]
+        await _wait_for(lambda: dep.servers["p0"].core.state(0).queued_prefill >= 4)
+        await dep.router.update_routing(Routing(entry={"p1": 1.0}, kv={"p0": {"d0": 1.0}, "p1": {"d0": 1.0}}),
+                                        rebalance=True)
+        outs = [await collect(h) for h in handles]
+        for p, out in zip(prompts, outs, strict=True):
+            assert out.terminal == Finished("length", len(p), 4)
+            assert out.token_ids == dep.engines["p0"].greedy(list(p.encode()), 4)
+        moved = dep.router.moved_total
+        assert moved >= 3 and sum(dep.engines["p1"].prefill_calls) == moved  # p1 prefilled exactly those
+        assert sum(dep.engines["p0"].prefill_calls) + moved == len(prompts)  # nothing prefilled twice
+        assert sorted(r.outcome for r in records) == ["finished"] * 8 and all(r.retries == 0 for r in records)
+        assert dep.router.num_pending == 0

@@ -2,7 +2,8 @@
 
 `RouterActuator` drives a running deployment through its `Router`: a flip is a live `set_role` (the worker
 keeps its weights and finishes what it holds), routing is `update_routing` (new requests at once, KV shares
-at every worker between steps), a drop takes the group out (a live worker drains up to `drain_timeout_s`,
+at every worker between steps, and requests queued unstarted at entry workers routed again by the new shares,
+as the simulator's re-route does), a drop takes the group out (a live worker drains up to `drain_timeout_s`,
 then stops; what it still holds is retried elsewhere by the router). Starting workers at runtime is not
 something this deployment can do: (re)starts are refused, and reconcile reports them.
 
@@ -45,7 +46,7 @@ class RouterActuator:
             await self.router.set_role(action.group, action.phase)
         elif action.kind is ActionKind.ROUTING:
             assert action.routing is not None
-            await self.router.update_routing(action.routing)
+            await self.router.update_routing(action.routing, rebalance=True)
         elif action.kind is ActionKind.DROP:
             assert action.group is not None
             try:

@@ -153,6 +153,7 @@ class _Track:
     delivered_ids: list[int] = field(default_factory=list)
     delivered_chars: int = 0
     retries: int = 0
+    moves: int = 0  # times an entry worker handed it back unstarted and it was routed again (re-routing)
 
 
 @dataclass
@@ -212,6 +213,7 @@ class Router:
         self._requests: dict[str, _Track] = {}  # by client request id
         self._attempts: dict[str, str] = {}  # worker-side attempt id -> client request id
         self.retries_total = 0
+        self.moved_total = 0  # requests handed back unstarted and routed again after a routing change
         self._monitor: asyncio.Task[None] | None = None
         self._observers: list[Callable[[RequestRecord], None]] = []
         self._closed = False
@@ -304,13 +306,30 @@ class Router:
         self.plan = self.plan.model_copy(update={"groups": tuple(
             g.with_phase(phase) if g.id == group_id else g for g in self.plan.groups)})
 
-    async def update_routing(self, routing: Routing) -> None:
-        """New entry shares here, new KV shares at every worker (applied between their steps)."""
+    async def update_routing(self, routing: Routing, rebalance: bool = False) -> None:
+        """New entry shares here, new KV shares at every worker (applied between their steps). With
+        `rebalance`, entry workers hand back the requests they have not started, which are routed again by
+        the new shares (a backlog built under the old routing does not stay where it queued)."""
         self._entry.update(routing.entry)
         for gid, link in self._links.items():
             if link.alive:
                 await self._send(link, {"type": "set_routing", "kv_shares": routing.kv.get(gid, {})})
         self.plan = self.plan.model_copy(update={"routing": routing})
+        if rebalance:
+            await self._reclaim_unstarted()
+
+    async def _reclaim_unstarted(self) -> None:
+        """Ask each entry worker for the requests it holds that produced nothing yet; the ones it has not
+        started come back as `reclaimed` events (see `_redispatch`), the others stay where they run."""
+        by_group: dict[str, list[str]] = {}
+        for t in self._requests.values():
+            if t.first_token_s is None and not t.delivered_ids and len(t.locations) == 1:
+                (g,) = t.locations
+                link = self._links.get(g)
+                if link is not None and link.alive:
+                    by_group.setdefault(g, []).append(t.attempt_id)
+        for g, ids in sorted(by_group.items()):
+            await self._send(self._links[g], {"type": "reclaim", "request_ids": ids})
 
     async def remove_group(self, group_id: str, drain_timeout_s: float = 0.0) -> None:
         """Take a group out of the deployment: wait (up to `drain_timeout_s`) for the requests it holds to
@@ -455,6 +474,8 @@ class Router:
                 await self._retry(track, str(ev["message"]))
             else:
                 await self._end(track, Failed(503, str(ev["message"]), code="worker_error"), "failed")
+        elif kind == "reclaimed":
+            await self._redispatch(track)
         elif kind == "handoff":
             dest = str(ev["to"])
             if ev.get("state") == "start":
@@ -486,6 +507,27 @@ class Router:
                     await self._end(track, Finished(str(out["finish_reason"]), track.prompt_tokens,
                                                     track.completion_tokens), "finished")
                     return
+
+    async def _redispatch(self, track: _Track) -> None:
+        """A worker handed the request back unstarted: route it again by the current shares, as a new attempt
+        (not a retry: nothing was lost). Exactly once holds because the old worker no longer holds it."""
+        if track.handle.done:
+            return
+        live = set(self.entry_groups())
+        try:
+            group = self._entry.choose(exclude=[g for g in self._entry.shares if g not in live])
+        except LookupError:
+            await self._retry(track, "handed back on a routing change, and no live worker can take it")
+            return
+        self._attempts.pop(track.attempt_id, None)
+        track.moves += 1
+        self.moved_total += 1
+        rid = track.handle.request_id
+        track.attempt_id = f"{rid}~m{track.moves}"
+        self._attempts[track.attempt_id] = rid
+        track.locations = {group}
+        req = dataclasses.replace(track.request, request_id=track.attempt_id)
+        await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
 
     async def _retry(self, track: _Track, reason: str) -> None:
         """The current attempt is lost: cancel its leftovers and re-submit what is left to a live entry

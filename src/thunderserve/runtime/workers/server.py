@@ -4,8 +4,9 @@ Worker lifecycle:
     start     load the engine once (weights stay for the process lifetime: `weights_token` never changes),
               open the control server and the KV receiver, report (control port, KV port) to the launcher
     serve     the router connects to the control port; the worker says `hello`, the router sends
-              `configure` (role, KV shares, peer KV addresses); from then on: `submit`/`cancel` requests,
-              `set_role`/`set_routing` changes applied between steps, `events` and `heartbeat` frames back
+              `configure` (role, KV shares, peer KV addresses); from then on: `submit`/`cancel`/`reclaim`
+              requests, `set_role`/`set_routing` changes, all queued in arrival order and applied together
+              between steps (a burst of submits joins one prefill batch), `events` and `heartbeat` back
     step loop while the core has work, run `core.step()` on a single-thread executor (the engine computes
               off the event loop, so heartbeats and transfers keep flowing) and ship resulting KV caches
     stop      `shutdown` from the router, SIGTERM/SIGINT, or the parent process dying (watchdog) -> close the
@@ -21,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,6 +66,8 @@ class WorkerServer:
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._send_tasks: set[asyncio.Task[Any]] = set()
+        # core calls from control messages, applied in order on the compute thread between steps
+        self._inbox: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._stop_started = False
         self._stop_task: asyncio.Task[None] | None = None  # a stop the worker started itself (broken engine)
         self.kv_bytes_sent: dict[str, int] = {}
@@ -129,23 +133,41 @@ class WorkerServer:
     async def _handle_control(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
         if kind == "submit":
-            await self._run(self.core.submit, GenerateRequest.from_dict(msg["request"]))
+            self._post(self.core.submit, GenerateRequest.from_dict(msg["request"]))
         elif kind == "cancel":
-            await self._run(self.core.cancel, str(msg["request_id"]))
+            self._post(self.core.cancel, str(msg["request_id"]))
+        elif kind == "reclaim":
+            self._post(self.core.reclaim, [str(r) for r in msg.get("request_ids", [])])
         elif kind in ("configure", "set_routing"):
             if "peers" in msg:
                 self._peers = {g: (str(a[0]), int(a[1])) for g, a in msg["peers"].items()}
             if kind == "configure" and "role" in msg:
-                await self._run(self.core.set_role, Phase(msg["role"]))
-            await self._run(self.core.set_kv_routing, msg.get("kv_shares"), msg.get("down"))
+                self._post(self.core.set_role, Phase(msg["role"]))
+            self._post(self.core.set_kv_routing, msg.get("kv_shares"), msg.get("down"))
         elif kind == "set_role":
-            await self._run(self.core.set_role, Phase(msg["role"]))
+            self._post(self.core.set_role, Phase(msg["role"]))
         elif kind == "shutdown":
             self.request_stop()
         else:
             log.warning("worker %s: unknown control message %r", self.config.group_id, kind)
         self._wake.set()
         self._flush_wake.set()
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue a core call from a control message; the step loop applies every queued call, in arrival
+        order, on the compute thread before its next step. So messages that arrive during a step are all
+        taken in at once (a burst of submits is prefilled as one batch), not one per step."""
+        self._inbox.append((fn, args))
+
+    def _apply_inbox(self) -> None:
+        """(compute thread) Apply the queued control calls in order; one that raises is logged, not fatal."""
+        while self._inbox:
+            fn, args = self._inbox.popleft()
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - a bad message must not stop the worker
+                log.exception("worker %s: control call %s failed", self.config.group_id,
+                              getattr(fn, "__name__", fn))
 
     async def _send_router(self, header: dict[str, Any]) -> None:
         conn = self._router
@@ -160,8 +182,12 @@ class WorkerServer:
     async def _step_loop(self) -> None:
         while not self._stopped.is_set():
             self._wake.clear()
+            if self._inbox:
+                await self._run(self._apply_inbox)
+                self._flush_wake.set()
             if not self.core.has_work():
-                await self._wake.wait()
+                if not self._inbox:
+                    await self._wake.wait()
                 continue
             try:
                 result = await self._run(self.core.step)
