@@ -159,3 +159,16 @@ async def test_rebalanced_routing_moves_unstarted_requests_exactly_once() -> Non
         assert sum(dep.engines["p0"].prefill_calls) + moved == len(prompts)  # nothing prefilled twice
         assert sorted(r.outcome for r in records) == ["finished"] * 8 and all(r.retries == 0 for r in records)
         assert dep.router.num_pending == 0
+
+
+async def test_a_burst_of_prompts_is_prefilled_as_one_batch() -> None:
+    """Control messages that arrive while a step runs are all taken in before the next step (not one per step),
+    so prompts that arrive together share a prefill batch."""
+    async with fake_deployment(pd_plan(), engine_kwargs={"step_delay_s": 0.3}) as dep:
+        first = await dep.router.submit(request("warm", max_tokens=2))
+        await _wait_for(lambda: bool(dep.engines["p0"].prefill_calls))  # p0 is inside a slow step now
+        burst = await asyncio.gather(*[dep.router.submit(request(f"burst {i}", max_tokens=2)) for i in range(6)])
+        outs = [await collect(h) for h in [first, *burst]]
+        assert all(isinstance(o.terminal, Finished) for o in outs)
+        calls = dep.engines["p0"].prefill_calls[1:]
+        assert sum(calls) == 6 and len(calls) <= 2  # one batch (two if the burst straddled a step's end)
