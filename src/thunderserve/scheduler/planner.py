@@ -1,7 +1,7 @@
 """`plan_deployment`: the two-level planner end to end.
 
 bandwidth-aware initial grouping (`initial`) -> initial phases (`orchestrate.choose_phases` on the
-initial layouts) -> tabu search over grouping and phase (`tabu`) -> final plan: usable groups that carry
+initial layouts) -> tabu search over grouping and phase (`tabu`) -> final plan (`finalise`): usable groups that carry
 traffic, renamed by phase (p0.., d0.., c0..), routing from the LP, estimate from the analytic model.
 Optionally (`verify_top` K > 1 and a `rescore` callable, e.g. the simulator's `sim.rescore`), the K best
 candidates the search evaluated (distinct parallel shapes first) and the standard homogeneous replica layouts
@@ -17,15 +17,13 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from thunderserve.costmodel.perf import MEMORY_UTILIZATION
-from thunderserve.errors import InfeasibleError, PlanError
-from thunderserve.plan.model import Group, KvTransfer, Phase, Plan, Stage
-from thunderserve.plan.validate import validate_plan
+from thunderserve.errors import InfeasibleError
+from thunderserve.plan.model import Group, Phase, Plan
 from thunderserve.scheduler.config import PlanResult, SchedulerConfig
 from thunderserve.scheduler.context import PlanningContext
-from thunderserve.scheduler.estimate import plan_estimate
+from thunderserve.scheduler.finalise import final_plan, replica_candidates, search_candidates, signature
 from thunderserve.scheduler.initial import initial_groups
 from thunderserve.scheduler.orchestrate import choose_phases
-from thunderserve.scheduler.routing_lp import route
 from thunderserve.scheduler.tabu import Evaluator, Score, SearchResult, State, canonical, tabu_search
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
@@ -34,7 +32,6 @@ from thunderserve.spec.workload import WorkloadSpec
 
 FINALISE_RESERVE_S = 1.0  # time kept for the final plan's routing and estimate
 Rescorer = Callable[[list[Plan]], list[float]]  # plans -> their re-scored max rate at the SLO (req/s)
-PHASE_PREFIX = {Phase.PREFILL: "p", Phase.DECODE: "d", Phase.COLOCATED: "c"}
 
 
 def _infeasible(cluster: Cluster, model: ModelSpec) -> InfeasibleError:
@@ -139,117 +136,6 @@ def _two_phase_search(ctx: PlanningContext, start: State, config: SchedulerConfi
                         first.history + second.history, second.evaluations)
 
 
-def _final_plan(ctx: PlanningContext, ev: Evaluator, state: State, rate_rps: float | None) -> Plan:
-    _, groups, lp = ev.evaluate(state)
-    if lp is not None and lp.value_rps > 0:
-        busy = set(lp.entry_rps) | {d for dests in lp.kv_rps.values() for d in dests}
-        groups = [g for g in groups if g.id in busy]
-    else:  # nothing meets the SLO: keep every group that can take part
-        has_decode = any(g.phase is Phase.DECODE for g in groups)
-        groups = [g for g in groups if g.phase is not Phase.PREFILL or has_decode]
-    return _plan_of(ctx, groups, rate_rps)
-
-
-def _plan_of(ctx: PlanningContext, groups: list[Group], rate_rps: float | None) -> Plan:
-    """Groups renamed by phase (p0.., d0.., c0..), routed by the LP, validated, with the analytic estimate."""
-    counters = {ph: 0 for ph in Phase}
-    named = []
-    for g in groups:
-        named.append(g.model_copy(update={"id": f"{PHASE_PREFIX[g.phase]}{counters[g.phase]}"}))
-        counters[g.phase] += 1
-    try:
-        final_lp = route(ctx, named)
-    except PlanError as exc:
-        raise InfeasibleError(f"no deployment can serve requests on cluster {ctx.cluster.name} with phases "
-                              f"{', '.join(p.value for p in sorted({g.phase for g in named}))}: {exc}") from None
-    plan = Plan(model=ctx.model.name, cluster=ctx.cluster.name, kv_transfer=KvTransfer(compression=ctx.compression),
-                groups=tuple(named), routing=final_lp.routing())
-    validate_plan(plan, ctx.cluster, ctx.model)
-    est = plan_estimate(ctx, plan, rate_rps, extra={"lp_rate_rps": final_lp.value_rps})
-    return plan.model_copy(update={"estimate": est})
-
-
-def replica_candidates(ctx: PlanningContext, rate_rps: float | None) -> list[Plan]:
-    """The standard homogeneous layouts: every node carved into colocated single-stage TP-t replicas wherever
-    the model fits on t of its GPUs (nodes where it does not stay idle), one plan per t, plus one plan with
-    each GPU type at the t whose replicas the estimate rates highest in total (vLLM's per-type choice). They
-    are in the planner's search space but far from where a local search walks when the estimate misjudges a
-    regime; `verify_top` re-scores them next to the search's candidates."""
-    by_node: dict[str, list[str]] = {}
-    for g in ctx.cluster.gpus:
-        by_node.setdefault(g.node, []).append(g.id)
-
-    def replicas(node: str, ids: list[str], t: int) -> list[Group]:
-        out = []
-        for i in range(len(ids) // t):
-            stages = (Stage(gpus=tuple(ids[i * t:(i + 1) * t]), layers=(0, ctx.model.num_layers)),)
-            if ctx.perf(stages).fits:
-                out.append(Group(id=f"{node}-{i}", phase=Phase.COLOCATED, stages=stages))
-        return out
-
-    degrees = (1, 2, 4, 8)
-    layouts = [[g for node, ids in sorted(by_node.items()) for g in replicas(node, ids, t)] for t in degrees]
-    per_type: list[Group] = []
-    for gpu_type in ctx.cluster.gpu_types():
-        nodes = [(n, ids) for n, ids in sorted(by_node.items()) if ctx.cluster.by_id[ids[0]].spec.name == gpu_type]
-        options = [[g for n, ids in nodes for g in replicas(n, ids, t)] for t in degrees]
-        rated = [(sum(ctx.colocated_capacity(g.stages) for g in gs), -i) for i, gs in enumerate(options) if gs]
-        if rated:
-            per_type += options[-max(rated)[1]]
-    layouts.append(per_type)
-    plans: list[Plan] = []
-    seen: set[tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]] = set()
-    for groups in layouts:
-        if not groups:
-            continue
-        try:
-            plan = _plan_of(ctx, groups, rate_rps)
-        except (PlanError, InfeasibleError):
-            continue
-        if _signature(plan) not in seen:
-            seen.add(_signature(plan))
-            plans.append(plan)
-    return plans
-
-
-def _signature(plan: Plan) -> tuple[tuple[str, tuple[tuple[str, ...], ...]], ...]:
-    """A plan's groups as (phase, GPUs per stage), order-free: equal for plans that differ only in names."""
-    return tuple(sorted((g.phase.value, tuple(s.gpus for s in g.stages)) for g in plan.groups))
-
-
-def _shape(groups: list[Group]) -> tuple[tuple[str, int, int], ...]:
-    """A candidate's parallel shape: the sorted (phase, pipeline stages, TP degree) of its groups."""
-    return tuple(sorted((g.phase.value, g.pp, min(st.tp for st in g.stages)) for g in groups))
-
-
-def _candidates(ctx: PlanningContext, ev: Evaluator, best: State, k: int, rate_rps: float | None) -> list[Plan]:
-    """Up to `k` plans to re-score: the search's best, then the best-valued evaluated state of each other
-    parallel shape (a different mix of phases and layouts is where the estimate may misjudge), then the next
-    best by value. States that do not finalise into a plan are skipped."""
-    states = [best]
-    shapes = {_shape(ev.evaluate(best)[1])}
-    ranked = [st for st, _ in ev.best_evaluated() if st != best]
-    for st in ranked:  # one per new shape, best value first
-        if len(states) >= k:
-            break
-        shape = _shape(ev.evaluate(st)[1])
-        if shape not in shapes:
-            shapes.add(shape)
-            states.append(st)
-    for st in ranked:  # fill up by value
-        if len(states) >= k:
-            break
-        if st not in states:
-            states.append(st)
-    plans: list[Plan] = []
-    for st in states:
-        try:
-            plans.append(_final_plan(ctx, ev, st, rate_rps))
-        except PlanError:
-            continue
-    return plans
-
-
 def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
                     config: SchedulerConfig = SchedulerConfig(), rate_rps: float | None = None,
                     progress: Callable[[float], None] | None = None, rescore: Rescorer | None = None
@@ -274,16 +160,16 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
     result = _two_phase_search(ctx, start, config, deadline, progress, ev)
     verified: tuple[tuple[float, float], ...] = ()
     if config.verify_top > 1 and rescore is not None:
-        plans = _candidates(ctx, ev, result.state, config.verify_top, rate_rps)
-        seen = {_signature(p) for p in plans}
-        plans += [p for p in replica_candidates(ctx, rate_rps) if _signature(p) not in seen]
+        plans = search_candidates(ctx, ev, result.state, config.verify_top, rate_rps)
+        seen = {signature(p) for p in plans}
+        plans += [p for p in replica_candidates(ctx, rate_rps) if signature(p) not in seen]
         rates = rescore(plans)
         verified = tuple((float(p.estimate["max_rate_at_slo"]), float(r)) for p, r in zip(plans, rates, strict=True))
         pick = max(range(len(plans)), key=lambda i: (rates[i], -i))  # ties: the better estimate
         plan = plans[pick].model_copy(update={"estimate": {**plans[pick].estimate,
                                                            "verified_max_rate_rps": float(rates[pick])}})
     else:
-        plan = _final_plan(ctx, ev, result.state, rate_rps)
+        plan = final_plan(ctx, ev, result.state, rate_rps)
     if progress is not None:
         progress(1.0)
     return PlanResult(plan=plan, max_rate_at_slo=float(plan.estimate["max_rate_at_slo"]),

@@ -14,7 +14,7 @@ from sched_builders import cluster, context
 from thunderserve.plan import Phase
 from thunderserve.scheduler import SchedulerConfig, plan_deployment
 from thunderserve.scheduler.context import PlanningContext
-from thunderserve.scheduler.planner import replica_candidates
+from thunderserve.scheduler.finalise import replica_candidates
 from thunderserve.scheduler.tabu import MOVE_WEIGHTS, Evaluator, MoveSampler, Score, canonical, tabu_search
 
 ALL = (Phase.PREFILL, Phase.DECODE, Phase.COLOCATED)
