@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     refs = [r for r in args.storage_references.split(",") if r]
-    result = bench_kv(model=args.model, num_tokens=args.num_tokens, storage_references=refs)
+    result = bench_kv(model=args.model, num_tokens=args.num_tokens, storage_references=refs,
+                      progress=lambda done, total, what: print(f"[{done}/{total}] {what}", file=sys.stderr))
     print(format_table(result))
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.json:

@@ -32,7 +32,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -191,8 +191,9 @@ def _long_prompt_cache(engine: Any, ids: list[list[int]], num_tokens: int) -> KV
 
 
 def _fidelity(engine: Any, ids: Mapping[str, list[list[int]]], refs: Mapping[str, _Run], compression: str,
-              num_tokens: int) -> dict[str, Any]:
-    """Agreement (free-running, teacher-forced) and first-step logit error of `compression`, pooled and per set."""
+              num_tokens: int, tick: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Agreement (free-running, teacher-forced) and first-step logit error of `compression`, pooled and per set;
+    `tick(what)` after each prompt set."""
     per_set: dict[str, Any] = {}
     pooled: dict[str, list[list[int]]] = {"ref": [], "free": [], "forced": []}
     max_err = 0.0
@@ -215,6 +216,7 @@ def _fidelity(engine: Any, ids: Mapping[str, list[list[int]]], refs: Mapping[str
         pooled["ref"] += ref.tokens
         pooled["free"] += run.tokens
         pooled["forced"] += forced
+        tick(f"{compression} {name}")
     return {"token_agreement": _agreement(pooled["ref"], pooled["free"]),
             "token_agreement_teacher_forced": _agreement(pooled["ref"], pooled["forced"]),
             "max_logit_error": max_err, "top2_margin_shift_median": statistics.median(shifts),
@@ -225,13 +227,14 @@ def _fidelity(engine: Any, ids: Mapping[str, list[list[int]]], refs: Mapping[str
 def bench_kv(model: str = "smollm2", num_tokens: int = 64, prompts: list[str] | None = None, *,
              prompt_sets: Mapping[str, Sequence[str]] | None = None, compressions: Sequence[str] = COMPRESSIONS,
              storage_references: Sequence[str] = (), repeats: int = 5, ratio_tokens: int = RATIO_TOKENS,
-             engine: Any = None) -> dict[str, Any]:
+             engine: Any = None, progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Per compression: compression_ratio_vs_fp16, compression_ratio_bench_prompts, quantize_gbps,
     dequantize_gbps, and pooled token_agreement, token_agreement_teacher_forced, max_logit_error, with the same
     three (and first_divergence, divergence_gaps) per prompt set under "per_set" (see the module docstring).
     `storage_references` (names of STORAGE_DTYPES) adds the same fidelity figures for a cache merely stored in
     that dtype under "storage_reference". `prompts` runs one set named "custom"; by default every set of
-    PROMPT_SETS runs. The run's facts are under "config"."""
+    PROMPT_SETS runs. The run's facts are under "config". `progress(done, total, what)` is called as the
+    reference and each (level, prompt set) run finish."""
     if num_tokens < 2:
         raise ValueError("num_tokens must be at least 2 (the logit error needs one decode step)")
     if ratio_tokens < 1:
@@ -245,9 +248,21 @@ def bench_kv(model: str = "smollm2", num_tokens: int = 64, prompts: list[str] | 
         engine = load_engine(model)
     sets = {"custom": list(prompts)} if prompts else {k: list(v) for k, v in (prompt_sets or PROMPT_SETS).items()}
     ids = {name: _prompt_ids(engine, texts) for name, texts in sets.items()}
+    total = len(ids) * (1 + len(compressions) + len(storage_references))
+    done = 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+
     out: dict[str, Any] = {}
     with torch.no_grad():
-        refs = {name: _greedy(engine, p, num_tokens, None) for name, p in ids.items()}
+        refs: dict[str, _Run] = {}
+        for name, p in ids.items():
+            refs[name] = _greedy(engine, p, num_tokens, None)
+            tick(f"reference {name}")
         prefill_kvs = [kv for run in refs.values() for kv in run.prefill_kvs]
         long_kv = _long_prompt_cache(engine, [p for v in ids.values() for p in v], ratio_tokens)
         first = quantize_kv(long_kv, "int4")
@@ -264,9 +279,10 @@ def bench_kv(model: str = "smollm2", num_tokens: int = 64, prompts: list[str] | 
             out[c] = {"compression_ratio_vs_fp16": _ratio([long_kv], c),
                       "compression_ratio_bench_prompts": _ratio(prefill_kvs, c),
                       "quantize_gbps": q_gbps, "dequantize_gbps": dq_gbps,
-                      **_fidelity(engine, ids, refs, c, num_tokens)}
+                      **_fidelity(engine, ids, refs, c, num_tokens, tick)}
         if storage_references:
-            out["storage_reference"] = {r: _fidelity(engine, ids, refs, r, num_tokens) for r in storage_references}
+            out["storage_reference"] = {r: _fidelity(engine, ids, refs, r, num_tokens, tick)
+                                        for r in storage_references}
     return out
 
 

@@ -195,10 +195,17 @@ def bench_kv(
     except ImportError as exc:
         raise ThunderServeError(f"bench-kv needs thunderserve.cli_bench_kv: {exc}") from None
     refs = [r.strip() for r in storage_references.split(",") if r.strip()]
-    try:
-        result = run_bench_kv(model=model, num_tokens=num_tokens, storage_references=refs)
-    except ValueError as exc:
-        raise ThunderServeError(f"bench-kv: {exc}") from None
+    with Progress(TextColumn("bench-kv {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def tick(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        try:
+            result = run_bench_kv(model=model, num_tokens=num_tokens, storage_references=refs, progress=tick)
+        except ValueError as exc:
+            raise ThunderServeError(f"bench-kv: {exc}") from None
     if as_json:
         print_json(result)
         return

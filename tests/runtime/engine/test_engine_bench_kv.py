@@ -70,9 +70,12 @@ def test_bench_kv_runs_every_prompt_set_and_pools_them(tiny_dir: Path) -> None:
 
 
 def test_storage_references_measure_plain_16_bit_caches(tiny_dir: Path) -> None:
+    ticks: list[tuple[int, int, str]] = []
     result = bench_kv(model=str(tiny_dir), num_tokens=5, prompts=["hello world", "tell me a story"],
                       compressions=("int4",), storage_references=("fp16", "bf16"), repeats=1, ratio_tokens=32,
-                      engine=load_engine(tiny_dir))
+                      engine=load_engine(tiny_dir), progress=lambda d, t, w: ticks.append((d, t, w)))
+    assert [d for d, _, _ in ticks] == [1, 2, 3, 4] and {t for _, t, _ in ticks} == {4}
+    assert [w for _, _, w in ticks] == ["reference custom", "int4 custom", "fp16 custom", "bf16 custom"]
     refs = result["storage_reference"]
     assert set(refs) == {"fp16", "bf16"}
     for r in refs.values():
