@@ -168,7 +168,7 @@ def _ratio(kvs: Sequence[KVCache], compression: str) -> float:
 def _codec_speed(kv: KVCache, compression: str, repeats: int) -> tuple[float, float]:
     """(quantize GB/s, dequantize GB/s) on one cache, in bytes of the uncompressed cache."""
     raw = 2 * kv.keys.numel() * kv.keys.element_size()
-    q = quantize_kv(kv, compression)
+    dequantize_kv(quantize_kv(kv, compression))  # warm-up, untimed
     enc, dec = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()

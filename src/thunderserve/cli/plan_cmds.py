@@ -137,16 +137,13 @@ def run_plan(inputs: Inputs, config: SchedulerConfig, rate_rps: float | None = N
     simulation (`sim.rescore`)."""
     rescore = None
     if config.verify_top > 1:
-        from thunderserve.sim import rescore as sim_rescore
+        from thunderserve.sim import rescorer
 
-        def rescore(plans: list[Plan]) -> list[float]:
-            def tick(done: int, total: int) -> None:
-                if show_progress:
-                    console.print(f"verified {done}/{total} candidates by simulation", highlight=False)
+        def tick(done: int, total: int) -> None:
+            if show_progress:
+                console.print(f"verified {done}/{total} candidates by simulation", highlight=False)
 
-            return sim_rescore(plans, inputs.cluster, inputs.model, inputs.workload, inputs.slo,
-                               rate_hints_rps=[float(p.estimate.get("max_rate_at_slo") or 0) or None
-                                               for p in plans], progress=tick)
+        rescore = rescorer(inputs.cluster, inputs.model, inputs.workload, inputs.slo, progress=tick)
     with search_progress(show_progress) as progress:
         return plan_deployment(inputs.cluster, inputs.model, inputs.workload, inputs.slo, config, rate_rps,
                                progress, rescore)

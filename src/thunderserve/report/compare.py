@@ -64,13 +64,12 @@ def default_planners(config: CompareConfig) -> dict[str, PlannerFn]:
 
     def thunderserve(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec) -> Plan:
         from thunderserve.scheduler import SchedulerConfig, plan_deployment
-        from thunderserve.sim import rescore
+        from thunderserve.sim import rescorer
 
         cfg = SchedulerConfig(time_limit_s=config.planner_time_limit_s, seed=config.seed,
                               verify_top=config.verify_top)
-        result = plan_deployment(cluster, model, workload, slo, config=cfg, rescore=lambda plans: rescore(
-            plans, cluster, model, workload, slo,
-            rate_hints_rps=[float(p.estimate.get("max_rate_at_slo") or 0) or None for p in plans]))
+        result = plan_deployment(cluster, model, workload, slo, config=cfg,
+                                 rescore=rescorer(cluster, model, workload, slo))
         est = dict(result.plan.estimate)
         est.setdefault("planner_max_rate_rps", result.max_rate_at_slo)
         return result.plan.model_copy(update={"estimate": est})

@@ -260,6 +260,11 @@ class Router:
     def num_pending(self) -> int:
         return len(self._requests)
 
+    def _choose_entry(self) -> str:
+        """A live entry group by the current shares; LookupError when none can take requests."""
+        live = set(self.entry_groups())
+        return self._entry.choose(exclude=[g for g in self._entry.shares if g not in live])
+
     def entry_groups(self) -> list[str]:
         """Groups that can take a new request now (alive, routed to, not in the decode role)."""
         return [g for g in self._entry.shares if g in self._links and self._links[g].alive
@@ -278,9 +283,8 @@ class Router:
             handle._put(Failed(503, f"server overloaded ({len(self._requests)} requests pending)",
                                code="overloaded"))
             return handle
-        live = set(self.entry_groups())
         try:
-            group = self._entry.choose(exclude=[g for g in self._entry.shares if g not in live])
+            group = self._choose_entry()
         except LookupError:
             handle._put(Failed(503, "no live worker can take requests", code="no_worker"))
             return handle
@@ -323,7 +327,7 @@ class Router:
         started come back as `reclaimed` events (see `_redispatch`), the others stay where they run."""
         by_group: dict[str, list[str]] = {}
         for t in self._requests.values():
-            if t.first_token_s is None and not t.delivered_ids and len(t.locations) == 1:
+            if t.first_token_s is None and len(t.locations) == 1:
                 (g,) = t.locations
                 link = self._links.get(g)
                 if link is not None and link.alive:
@@ -513,20 +517,25 @@ class Router:
         (not a retry: nothing was lost). Exactly once holds because the old worker no longer holds it."""
         if track.handle.done:
             return
-        live = set(self.entry_groups())
         try:
-            group = self._entry.choose(exclude=[g for g in self._entry.shares if g not in live])
+            group = self._choose_entry()
         except LookupError:
             await self._retry(track, "handed back on a routing change, and no live worker can take it")
             return
-        self._attempts.pop(track.attempt_id, None)
         track.moves += 1
         self.moved_total += 1
-        rid = track.handle.request_id
-        track.attempt_id = f"{rid}~m{track.moves}"
-        self._attempts[track.attempt_id] = rid
+        await self._send_attempt(track, f"{track.handle.request_id}~m{track.moves}", group)
+
+    async def _send_attempt(self, track: _Track, attempt_id: str, group: str) -> None:
+        """Submit what is left of the request to `group` as attempt `attempt_id` (resuming after the output
+        already delivered); the previous attempt's id no longer maps to it."""
+        self._attempts.pop(track.attempt_id, None)
+        track.attempt_id = attempt_id
+        self._attempts[attempt_id] = track.handle.request_id
         track.locations = {group}
-        req = dataclasses.replace(track.request, request_id=track.attempt_id)
+        req = dataclasses.replace(track.request, request_id=attempt_id,
+                                  resume_token_ids=tuple(track.delivered_ids),
+                                  resume_text_chars=track.delivered_chars)
         await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
 
     async def _retry(self, track: _Track, reason: str) -> None:
@@ -548,9 +557,8 @@ class Router:
             suffix = f" (gave up after {track.retries} retries)" if track.retries else ""
             self._terminal(track, Failed(503, reason + suffix, code="worker_failed"), "failed")
             return
-        live = set(self.entry_groups())
         try:
-            group = self._entry.choose(exclude=[g for g in self._entry.shares if g not in live])
+            group = self._choose_entry()
         except LookupError:
             self._terminal(track, Failed(503, f"{reason}; no live worker can take the request over",
                                          code="worker_failed"), "failed")
@@ -558,15 +566,9 @@ class Router:
         track.retries += 1
         self.retries_total += 1
         rid = track.handle.request_id
-        track.attempt_id = f"{rid}~r{track.retries}"
-        track.locations = {group}
-        self._attempts[track.attempt_id] = rid
         log.warning("request %s: %s; retry %d on %s after %d delivered tokens", rid, reason, track.retries,
                     group, len(track.delivered_ids))
-        req = dataclasses.replace(track.request, request_id=track.attempt_id,
-                                  resume_token_ids=tuple(track.delivered_ids),
-                                  resume_text_chars=track.delivered_chars)
-        await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
+        await self._send_attempt(track, f"{rid}~r{track.retries}", group)
 
     async def _end(self, track: _Track, event: RouterEvent | None, outcome: str) -> None:
         """Terminal transition (exactly once per request); failures cancel leftovers at live workers."""

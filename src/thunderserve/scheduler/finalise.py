@@ -55,20 +55,20 @@ def replica_candidates(ctx: PlanningContext, rate_rps: float | None) -> list[Pla
     for g in ctx.cluster.gpus:
         by_node.setdefault(g.node, []).append(g.id)
 
-    def replicas(node: str, ids: list[str], t: int) -> list[Group]:
-        out = []
-        for i in range(len(ids) // t):
-            stages = (Stage(gpus=tuple(ids[i * t:(i + 1) * t]), layers=(0, ctx.model.num_layers)),)
-            if ctx.perf(stages).fits:
-                out.append(Group(id=f"{node}-{i}", phase=Phase.COLOCATED, stages=stages))
-        return out
-
     degrees = (1, 2, 4, 8)
-    layouts = [[g for node, ids in sorted(by_node.items()) for g in replicas(node, ids, t)] for t in degrees]
+    replicas: dict[tuple[str, int], list[Group]] = {}  # (node, t) -> its TP-t replicas that hold the model
+    for node, ids in by_node.items():
+        for t in degrees:
+            stages = [(Stage(gpus=tuple(ids[i * t:(i + 1) * t]), layers=(0, ctx.model.num_layers)),)
+                      for i in range(len(ids) // t)]
+            replicas[node, t] = [Group(id=f"{node}-{i}", phase=Phase.COLOCATED, stages=st)
+                                 for i, st in enumerate(stages) if ctx.perf(st).fits]
+    nodes = sorted(by_node)
+    layouts = [[g for n in nodes for g in replicas[n, t]] for t in degrees]
     per_type: list[Group] = []
     for gpu_type in ctx.cluster.gpu_types():
-        nodes = [(n, ids) for n, ids in sorted(by_node.items()) if ctx.cluster.by_id[ids[0]].spec.name == gpu_type]
-        options = [[g for n, ids in nodes for g in replicas(n, ids, t)] for t in degrees]
+        of_type = [n for n in nodes if ctx.cluster.by_id[by_node[n][0]].spec.name == gpu_type]
+        options = [[g for n in of_type for g in replicas[n, t]] for t in degrees]
         rated = [(sum(ctx.colocated_capacity(g.stages) for g in gs), -i) for i, gs in enumerate(options) if gs]
         if rated:
             per_type += options[-max(rated)[1]]
@@ -98,7 +98,17 @@ def _shape(groups: list[Group]) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted((g.phase.value, g.pp, min(st.tp for st in g.stages)) for g in groups))
 
 
-def search_candidates(ctx: PlanningContext, ev: Evaluator, best: State, k: int, rate_rps: float | None) -> list[Plan]:
+def verify_candidates(ctx: PlanningContext, ev: Evaluator, best: State, k: int, rate_rps: float | None
+                      ) -> list[Plan]:
+    """What `verify_top` re-scores: `search_candidates` (the search's best first), then the replica layouts
+    not among them."""
+    plans = search_candidates(ctx, ev, best, k, rate_rps)
+    seen = {signature(p) for p in plans}
+    return plans + [p for p in replica_candidates(ctx, rate_rps) if signature(p) not in seen]
+
+
+def search_candidates(ctx: PlanningContext, ev: Evaluator, best: State, k: int, rate_rps: float | None
+                      ) -> list[Plan]:
     """Up to `k` plans to re-score: the search's best, then the best-valued evaluated state of each other
     parallel shape (a different mix of phases and layouts is where the estimate may misjudge), then the next
     best by value. States that do not finalise into a plan are skipped."""

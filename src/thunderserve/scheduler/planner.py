@@ -21,7 +21,7 @@ from thunderserve.errors import InfeasibleError
 from thunderserve.plan.model import Group, Phase, Plan
 from thunderserve.scheduler.config import PlanResult, SchedulerConfig
 from thunderserve.scheduler.context import PlanningContext
-from thunderserve.scheduler.finalise import final_plan, replica_candidates, search_candidates, signature
+from thunderserve.scheduler.finalise import final_plan, verify_candidates
 from thunderserve.scheduler.initial import initial_groups
 from thunderserve.scheduler.orchestrate import choose_phases
 from thunderserve.scheduler.tabu import Evaluator, Score, SearchResult, State, canonical, tabu_search
@@ -160,9 +160,7 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
     result = _two_phase_search(ctx, start, config, deadline, progress, ev)
     verified: tuple[tuple[float, float], ...] = ()
     if config.verify_top > 1 and rescore is not None:
-        plans = search_candidates(ctx, ev, result.state, config.verify_top, rate_rps)
-        seen = {signature(p) for p in plans}
-        plans += [p for p in replica_candidates(ctx, rate_rps) if signature(p) not in seen]
+        plans = verify_candidates(ctx, ev, result.state, config.verify_top, rate_rps)
         rates = rescore(plans)
         verified = tuple((float(p.estimate["max_rate_at_slo"]), float(r)) for p, r in zip(plans, rates, strict=True))
         pick = max(range(len(plans)), key=lambda i: (rates[i], -i))  # ties: the better estimate

@@ -14,10 +14,10 @@ from thunderserve.sim.metrics import (
     trace_stream,
 )
 from thunderserve.sim.replay import SimResult, simulate
-from thunderserve.sim.verify import rescore
+from thunderserve.sim.verify import rescore, rescorer
 
 __all__ = [
     "LoadConfig", "RateSearch", "SimConfig", "SimMetrics", "SimResult", "compute_metrics",
-    "latency_deadline_factor", "latency_deadline_scale", "max_rate_at_slo", "poisson_stream", "rescore", "simulate",
+    "latency_deadline_factor", "latency_deadline_scale", "max_rate_at_slo", "poisson_stream", "rescore", "rescorer", "simulate",
     "simulate_at_rate", "slo_attainment", "trace_stream",
 ]

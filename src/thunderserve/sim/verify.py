@@ -41,3 +41,14 @@ def rescore(plans: Sequence[Plan], cluster: Cluster, model: ModelSpec, workload:
         if progress is not None:
             progress(i + 1, len(plans))
     return out
+
+
+def rescorer(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
+             progress: Callable[[int, int], None] | None = None) -> Callable[[list[Plan]], list[float]]:
+    """The planner's `rescore` seam (`plan_deployment(..., rescore=...)`): `rescore` on these inputs, each
+    bisection started at the plan's own estimated max rate."""
+    def run(plans: list[Plan]) -> list[float]:
+        hints = [float(p.estimate.get("max_rate_at_slo") or 0) or None for p in plans]
+        return rescore(plans, cluster, model, workload, slo, rate_hints_rps=hints, progress=progress)
+
+    return run

@@ -224,15 +224,13 @@ class WorkerCore:
                                   int(meta["seed"]), text, int(meta["last_token"]), int(meta["num_generated"]),
                                   bool(meta.get("ignore_eos", False))))
 
-    def reclaim(self, request_ids: Iterable[str]) -> list[str]:
+    def reclaim(self, request_ids: Iterable[str]) -> None:
         """Hand back requests still queued for prefill (not started: no compute spent, nothing emitted but
         `accepted`) so the router can route them again; emits `reclaimed` for each. Started ones stay."""
         wanted = set(request_ids)
-        taken = [p for p in self._prefill_queue if p.request_id in wanted]
-        for p in taken:
+        for p in [p for p in self._prefill_queue if p.request_id in wanted]:
             self._prefill_queue.remove(p)
             self._emit({"kind": "reclaimed", "request_id": p.request_id})
-        return [p.request_id for p in taken]
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request wherever it is (client gone or failed elsewhere); True if it was held here."""
