@@ -64,19 +64,29 @@ def test_model_variants_match_transformers(variant: str, tmp_path: Path) -> None
         assert eng.weights.lm_head is eng.weights.embed
 
 
-def test_batched_prefill_and_decode_equal_alone_bitwise(engine: LlamaEngine) -> None:
+# Batching changes GEMM shapes, so oneDNN/MKL may pick another kernel path (AMX on some Xeons, AVX-512 or
+# AVX2 elsewhere) whose float32 sums round differently in the last bits. What the engine guarantees is that a
+# sequence's result does not depend on its batch beyond that rounding: greedy tokens are equal and logits and KV
+# agree to float32 accumulation error. Bitwise equality held on some CPUs only (issue 14, item 11).
+BATCH_TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def test_batched_prefill_and_decode_equal_alone(engine: LlamaEngine) -> None:
     """A sequence's logits do not depend on the batch it runs in (prefill and decode, any mix of lengths)."""
     alone = [engine.prefill([p])[0] for p in PROMPTS]
     batched = engine.prefill(PROMPTS)
     for a, b in zip(alone, batched, strict=True):
-        assert torch.equal(a.logits, b.logits)
-        assert torch.equal(a.kv.keys, b.kv.keys) and torch.equal(a.kv.values, b.kv.values)
+        torch.testing.assert_close(a.logits, b.logits, **BATCH_TOL)
+        torch.testing.assert_close(a.kv.keys, b.kv.keys, **BATCH_TOL)
+        torch.testing.assert_close(a.kv.values, b.kv.values, **BATCH_TOL)
+        assert int(a.logits.argmax()) == int(b.logits.argmax())
     tokens = [int(r.logits.argmax()) for r in batched]
     for _ in range(5):
         solo = [engine.decode([DecodeInput(t, r.kv)])[0] for t, r in zip(tokens, alone, strict=True)]
         together = engine.decode([DecodeInput(t, r.kv) for t, r in zip(tokens, batched, strict=True)])
         for s, g in zip(solo, together, strict=True):
-            assert torch.equal(s, g)
+            torch.testing.assert_close(s, g, **BATCH_TOL)
+            assert int(s.argmax()) == int(g.argmax())
         tokens = [int(s.argmax()) for s in solo]
 
 
@@ -104,9 +114,9 @@ def test_mixed_prefill_and_decode_in_one_forward(engine: LlamaEngine) -> None:
     t0 = int(first.logits.argmax())
     outs, caches = engine.forward([StepItem(token_ids=PROMPTS[2]), StepItem(token_ids=[t0], kv=first.kv),
                                    StepItem(token_ids=PROMPTS[3][25:], kv=chunk.kv)])
-    assert torch.equal(outs[0], engine.prefill([PROMPTS[2]])[0].logits)
+    torch.testing.assert_close(outs[0], engine.prefill([PROMPTS[2]])[0].logits, **BATCH_TOL)
     ref_first = engine.prefill([PROMPTS[0]])[0]
-    assert torch.equal(outs[1], engine.decode([DecodeInput(t0, ref_first.kv)])[0])
+    torch.testing.assert_close(outs[1], engine.decode([DecodeInput(t0, ref_first.kv)])[0], **BATCH_TOL)
     torch.testing.assert_close(outs[2], engine.prefill([PROMPTS[3]])[0].logits, atol=1e-5, rtol=1e-5)
     assert caches[1] is first.kv and caches[2].num_tokens == len(PROMPTS[3])
 
