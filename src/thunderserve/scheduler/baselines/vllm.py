@@ -1,14 +1,15 @@
-"""vLLM baseline: independent colocated replicas, one parallel configuration per GPU type.
+"""vLLM baseline: independent colocated replicas of the best standard (TP, PP) shape per GPU type.
 
-Models: no prefill/decode split; each GPU type is carved into identical replicas with that type's best
-tensor-parallel degree inside a node (pipeline stages over nodes only when no single node of the type can
-hold the model, as vLLM deployments do); the best degree is chosen by simulating one replica at the SLO and
-multiplying by the replica count. Requests are spread over replicas in proportion to their simulated
-capacity (a capacity-aware load balancer in front of vLLM). Replicas use vLLM's chunked-prefill scheduler
-(the simulator's colocated mode; `SimConfig.colocated_policy=PREFILL_FIRST` gives the older policy).
-Leaves out: cross-type groups (a replica never mixes GPU types), network awareness beyond one replica,
-KV-cache paging with preemption (the whole prompt + output is reserved at admission, as in every system
-simulated here), prefix caching, speculative decoding.
+Models how a vLLM user deploys on a mixed fleet: per GPU type, identical replicas launched with one of the
+standard `--tensor-parallel-size` / `--pipeline-parallel-size` shapes (TP inside a node, 1, 2, 4 or 8; PP up to
+MAX_PP stages, inside a node or over that type's nodes, layers split evenly), the shape chosen by simulating
+its replicas at the SLO (replicas whose stages cross the same links are simulated once) and keeping the
+highest total rate (fewer GPUs on ties). A least-outstanding-requests load balancer sits in front
+(`Dispatch.LEAST_OUTSTANDING`, weighted by each replica's simulated capacity, as nginx's weighted least_conn).
+Replicas run vLLM's chunked-prefill scheduler (the simulator's colocated mode; the comparison also tries the
+older prefill-first policy and keeps the better). KV caches never move, so compression does not apply.
+Leaves out: replicas mixing GPU types (vLLM needs identical GPUs per instance), uneven layer splits, prefix
+caching, speculative decoding.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ from thunderserve.spec.workload import WorkloadSpec
 
 
 def vllm_shapes(cluster: Cluster, model: ModelSpec, nodes: list[list[str]]) -> list[Shape]:
-    """vLLM's options on one GPU type: TP inside a node; PP (fewest stages) only when no node holds it."""
-    shapes = candidate_shapes(cluster, model, nodes)
-    single = [s for s in shapes if s.pp == 1]
-    if single or not shapes:
-        return single
-    fewest = min(s.pp for s in shapes)
-    return [s for s in shapes if s.pp == fewest]
+    """vLLM's standard shapes on one GPU type: TP inside a node, PP inside or across nodes, every one that fits."""
+    return candidate_shapes(cluster, model, nodes)
+
+
+def _links(cluster: Cluster, stages: list[list[str]]) -> tuple[float, ...]:
+    """What distinguishes replicas of one shape on one GPU type: the links between consecutive stages."""
+    by = cluster.by_id
+    return tuple(cluster.min_bandwidth_bytes_s([by[x] for x in a], [by[x] for x in b])
+                 for a, b in zip(stages, stages[1:], strict=False))
 
 
 def plan_vllm(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec) -> Plan:
@@ -57,14 +60,15 @@ def plan_vllm(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: S
                 count -= 1
             if not carved:
                 continue
-            # Replicas inside one node are identical; pipelined ones may cross different links.
+            # Replicas crossing the same links are identical; pipelined ones may cross different links.
             rates: list[float] = []
-            for i, stages in enumerate(carved):
-                if i > 0 and shape.pp == 1:
-                    rates.append(rates[0])
-                    continue
-                g = make_group("r", Phase.COLOCATED, stages, model.num_layers)
-                rates.append(rate_of(single_group_plan(cluster, model, g, "vllm"), cluster, model, workload, slo))
+            seen: dict[tuple[float, ...], float] = {}
+            for stages in carved:
+                key = _links(cluster, stages)
+                if key not in seen:
+                    g = make_group("r", Phase.COLOCATED, stages, model.num_layers)
+                    seen[key] = rate_of(single_group_plan(cluster, model, g, "vllm"), cluster, model, workload, slo)
+                rates.append(seen[key])
             key = (sum(rates), -shape.num_gpus)
             if best is None or key > (best[0], best[1]):
                 best = (sum(rates), -shape.num_gpus, shape, carved, rates)
@@ -83,4 +87,4 @@ def plan_vllm(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: S
     return Plan(model=model.name, cluster=cluster.name, groups=tuple(groups),
                 routing=Routing(entry=normalised(shares)),
                 estimate={"system": "vllm", "per_type": chosen, "scheduler": "chunked_prefill",
-                          "rate_hint_rps": sum(shares.values())})
+                          "dispatch": "least_outstanding", "rate_hint_rps": sum(shares.values())})
