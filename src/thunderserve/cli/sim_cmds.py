@@ -31,7 +31,13 @@ from thunderserve.cli.common import (
 from thunderserve.errors import SpecError
 from thunderserve.plan import load_plan
 from thunderserve.policy.step import ColocatedPolicy
-from thunderserve.sim.config import DEFAULT_DURATION_S, DEFAULT_WARMUP_S, LoadConfig, SimConfig
+from thunderserve.sim.config import (
+    DEFAULT_DURATION_S,
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_WARMUP_S,
+    LoadConfig,
+    SimConfig,
+)
 from thunderserve.spec.cluster import load_cluster
 
 DurationOpt = typer.Option(DEFAULT_DURATION_S, "--duration",
@@ -257,6 +263,8 @@ def compare_cmd(
     plot: Path | None = typer.Option(None, "--plot", help="Write the attainment plots to this PNG"),
     report: Path | None = typer.Option(None, "--report", help="Write a Markdown report to this file"),
     duration: float = DurationOpt,
+    min_requests: int = typer.Option(DEFAULT_MIN_REQUESTS, "--min-requests",
+                                     help="At least this many requests per simulated run (the duration stretches)"),
     warmup: float = WarmupOpt,
     seed: int = SeedOpt,
     budget: int = BudgetOpt,
@@ -294,8 +302,9 @@ def compare_cmd(
     names = tuple(x.strip() for x in systems.split(",") if x.strip()) if systems else CompareConfig().systems
     if systems and "thunderserve" not in names:
         names = ("thunderserve", *names)  # the comparison is against ours
-    config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed), sim=SimConfig(warmup_s=warmup),
-                           systems=names, per_kv_level=not no_kv_levels, budget=budget,
+    _positive("--min-requests", min_requests)
+    config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed, min_requests=min_requests),
+                           sim=SimConfig(warmup_s=warmup), systems=names, per_kv_level=not no_kv_levels, budget=budget,
                            planner_time_limit_s=time_limit, curves=not no_curves or plot is not None,
                            try_prefill_first=not chunked_only, seed=seed, verify_top=verify_top)
     with _progress() as bar:

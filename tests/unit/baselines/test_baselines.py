@@ -6,7 +6,7 @@ import pytest
 
 from builders import make_cluster
 from thunderserve.cli.common import make_slo
-from thunderserve.plan import Phase, validate_plan
+from thunderserve.plan import Phase, Routing, validate_plan
 from thunderserve.scheduler.baselines import BASELINES, plan_distserve, plan_hexgen, plan_vllm
 from thunderserve.scheduler.baselines._common import Shape, carve, even_layers
 from thunderserve.scheduler.baselines.distserve import fast_cross_node
@@ -140,7 +140,7 @@ def test_hexgen_runtime_serves_one_request_per_call() -> None:
     assert sim.batching.max_batch_size == 1
     plan = plan_hexgen(CLUSTER, MODEL, WORKLOAD, SLO, budget=40)
     one = plan.groups[0].id
-    single = plan.model_copy(update={"groups": (plan.groups[0],), "routing": {"entry": {one: 1.0}, "kv": {}}})
+    single = plan.model_copy(update={"groups": (plan.groups[0],), "routing": Routing(entry={one: 1.0})})
     r = simulate(single, CLUSTER, MODEL, np.zeros(2), np.full(2, 64), np.full(2, 8), sim)
     assert r.first_token_s[1] >= r.finish_s[0]  # the second request starts after the first has finished
 

@@ -4,7 +4,9 @@ Models how a vLLM user deploys on a mixed fleet: per GPU type, identical replica
 standard `--tensor-parallel-size` / `--pipeline-parallel-size` shapes (TP inside a node, 1, 2, 4 or 8; PP up to
 MAX_PP stages, inside a node or over that type's nodes, layers split evenly), the shape chosen by simulating
 its replicas at the SLO (replicas whose stages cross the same links are simulated once) and keeping the
-highest total rate (fewer GPUs on ties). A least-outstanding-requests load balancer sits in front
+highest total rate (fewer GPUs on ties). As a user benchmarks a short list rather than every shape, the
+SIMULATED_SHAPES shapes per type with the highest analytic total rate (the planner's estimate of one replica,
+`scheduler.evaluate_plan`, times the replica count), and the best of each pipeline depth, are simulated. A least-outstanding-requests load balancer sits in front
 (`Dispatch.LEAST_OUTSTANDING`, weighted by each replica's simulated capacity, as nginx's weighted least_conn).
 Replicas run vLLM's chunked-prefill scheduler (the simulator's colocated mode; the comparison also tries the
 older prefill-first policy and keeps the better). KV caches never move, so compression does not apply.
@@ -14,7 +16,7 @@ caching, speculative decoding.
 
 from __future__ import annotations
 
-from thunderserve.errors import InfeasibleError
+from thunderserve.errors import InfeasibleError, ThunderServeError
 from thunderserve.plan import Phase, Plan, Routing
 from thunderserve.scheduler.baselines._common import (
     Shape,
@@ -30,6 +32,21 @@ from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
 from thunderserve.spec.slo import SloSpec
 from thunderserve.spec.workload import WorkloadSpec
+
+SIMULATED_SHAPES = 4  # per GPU type, best by analytic total rate
+
+
+def _analytic_total(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
+                    carved: list[list[list[str]]]) -> float:
+    from thunderserve.scheduler import evaluate_plan
+
+    g = make_group("r", Phase.COLOCATED, carved[0], model.num_layers)
+    try:
+        one = float(evaluate_plan(single_group_plan(cluster, model, g, "vllm"), cluster, model, workload,
+                                  slo)["max_rate_at_slo"])
+    except ThunderServeError:
+        return 0.0
+    return one * len(carved)
 
 
 def vllm_shapes(cluster: Cluster, model: ModelSpec, nodes: list[list[str]]) -> list[Shape]:
@@ -52,14 +69,20 @@ def plan_vllm(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: S
     for gpu_type in cluster.gpu_types():
         nodes = nodes_of_type(cluster, gpu_type)
         best: tuple[float, int, Shape, list[list[list[str]]], list[float]] | None = None
-        for shape in vllm_shapes(cluster, model, nodes):
+        options: list[tuple[float, int, Shape, list[list[list[str]]]]] = []
+        for i, shape in enumerate(vllm_shapes(cluster, model, nodes)):
             total = sum(len(n) for n in nodes)
             count = total // shape.num_gpus
             carved = None
             while count > 0 and (carved := carve(nodes, [shape] * count)) is None:
                 count -= 1
-            if not carved:
-                continue
+            if carved:
+                options.append((_analytic_total(cluster, model, workload, slo, carved), i, shape, carved))
+        options.sort(key=lambda o: (-o[0], o[1]))  # best analytic first; ties: smaller shapes first
+        short = options[:SIMULATED_SHAPES]  # plus the best of each pipeline depth (the estimate may misjudge PP)
+        short += [next(o for o in options if o[2].pp == pp) for pp in sorted({o[2].pp for o in options})
+                  if not any(o[2].pp == pp for o in short)]
+        for _, _, shape, carved in short:
             # Replicas crossing the same links are identical; pipelined ones may cross different links.
             rates: list[float] = []
             seen: dict[tuple[float, ...], float] = {}
