@@ -30,7 +30,7 @@ PLAN = {
     "routing": {"entry": {"p0": 0.5, "c0": 0.5}, "kv": {"p0": {"d0": 1.0}}},
 }
 ENTRY_KEYS = {"cluster", "cost_per_hour", "max_rate_at_slo", "throughput_tokens_s", "slo_attainment",
-              "latency_deadline_scale", "p99_ttft_s", "p99_tpot_s", "plan"}
+              "latency_deadline_scale", "p99_ttft_s", "p99_tpot_s", "plan", "config"}
 
 
 def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -115,12 +115,16 @@ def test_simulate_rejects_a_plan_for_another_model(monkeypatch, capsys, files) -
 def test_compare_json_shape(monkeypatch, capsys, files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     report = tmp_path / "cmp.md"
     code, out, _ = run(monkeypatch, capsys, "compare", "--cluster", files["cluster"], "--model", "llama-2-7b",
-                       "--baselines", "vllm", "--time-limit", "3", "--duration", "30", "--warmup", "5",
+                       "--systems", "vllm", "--no-kv-levels", "--budget", "30", "--duration", "30", "--warmup", "5",
                        "--no-curves", "--chunked-only", "--report", str(report), "--json")
     assert code == 0
     doc = json.loads(out)
-    assert set(doc) == {"cluster", "model", "workload", "cost_per_hour", "systems"}
+    assert set(doc) == {"cluster", "model", "workload", "cost_per_hour", "slo", "common_rate_rps", "systems",
+                        "summary"}
     assert list(doc["systems"]) == ["thunderserve", "vllm"]
+    assert doc["systems"]["vllm"]["config"]["dispatch"] == "least_outstanding"
+    assert doc["systems"]["thunderserve"]["config"]["search_budget_evaluations"] == 30
+    assert set(doc["summary"]["vs"]) == {"vllm"}
     for entry in doc["systems"].values():
         assert ENTRY_KEYS <= entry.keys()
         assert entry["cost_per_hour"] == doc["cost_per_hour"]
@@ -133,9 +137,11 @@ def test_compare_json_shape(monkeypatch, capsys, files, tmp_path: Path) -> None:
 def test_compare_with_plot_and_every_baseline(monkeypatch, capsys, files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     plot = tmp_path / "cmp.png"
     code, out, _ = run(monkeypatch, capsys, "compare", "--cluster", files["cluster"], "--model", "llama-2-7b",
-                       "--time-limit", "3", "--duration", "60", "--warmup", "10", "--plot", str(plot), "--json")
+                       "--budget", "40", "--duration", "60", "--warmup", "10", "--plot", str(plot), "--json")
     doc = json.loads(out)
-    assert code == 0 and list(doc["systems"]) == ["thunderserve", "vllm", "distserve", "hexgen"]
+    assert code == 0
+    assert {"thunderserve", "thunderserve-uncompressed", "thunderserve-colocated", "vllm", "distserve",
+            "hexgen"} <= set(doc["systems"])
     assert all(len(e["attainment_vs_rate"]) >= 5 for e in doc["systems"].values())
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
@@ -143,8 +149,8 @@ def test_compare_with_plot_and_every_baseline(monkeypatch, capsys, files, tmp_pa
 @pytest.mark.slow
 def test_compare_with_a_baseline_cluster_adds_entries(monkeypatch, capsys, files) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(monkeypatch, capsys, "compare", "--cluster", files["cluster"], "--model", "llama-2-7b",
-                       "--baseline-cluster", "inhouse-8xa100", "--time-limit", "2", "--duration", "60",
-                       "--no-curves", "--json")
+                       "--baseline-cluster", "inhouse-8xa100", "--budget", "30", "--duration", "60",
+                       "--no-curves", "--no-kv-levels", "--json")
     doc = json.loads(out)
     assert code == 0
     assert {"vllm@inhouse-8xa100", "distserve@inhouse-8xa100", "hexgen@inhouse-8xa100"} <= set(doc["systems"])

@@ -8,6 +8,7 @@ and a Markdown report into `--out-dir`. `--plan-only` stops after the plan.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from thunderserve.cli.common import JsonOpt, console, load_inputs, out, print_js
 from thunderserve.cli.plan_cmds import print_plan_summary, run_plan
 from thunderserve.errors import SpecError
 from thunderserve.plan import Plan
+from thunderserve.report.systems import PlanKnobs
 from thunderserve.scheduler import SchedulerConfig
-from thunderserve.sim.config import LoadConfig
+from thunderserve.sim.config import LoadConfig, SimConfig
 from thunderserve.spec.cluster import Cluster, load_cluster
 from thunderserve.spec.model import ModelSpec
 from thunderserve.spec.slo import SloSpec
@@ -47,7 +49,8 @@ def demo_cmd(
         run_comparison,
         write_markdown,
     )
-    from thunderserve.report.compare import THUNDERSERVE, default_planners
+    from thunderserve.report.compare import system_names
+    from thunderserve.report.systems import THUNDERSERVE, system
 
     for name, value in (("--time-limit", time_limit), ("--duration", duration)):
         if not value > 0:
@@ -62,23 +65,27 @@ def demo_cmd(
     (out_dir / "plan.json").write_text(plan.to_json())
     doc: dict[str, Any] | None = None
     if not plan_only:
-        config = CompareConfig(load=LoadConfig(duration_s=duration), planner_time_limit_s=time_limit)
-        planners = default_planners(config)
+        config = CompareConfig(load=LoadConfig(duration_s=duration), planner_time_limit_s=time_limit,
+                               per_kv_level=False)
+        specs = {n: system(n, inputs.model) for n in system_names(config, inputs.model)}
         estimate = dict(plan.estimate)
         estimate.setdefault("planner_max_rate_rps", result.max_rate_at_slo)
         planned = plan.model_copy(update={"estimate": estimate})
 
-        def thunderserve(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec) -> Plan:
+        def thunderserve(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
+                         knobs: PlanKnobs, sim: SimConfig, memo: dict[Any, Plan]) -> Plan:
+            if cluster.name != inputs.cluster.name:
+                return system(THUNDERSERVE).plan(cluster, model, workload, slo, knobs, sim, memo)
             return planned  # planned above on this very scenario: no second search
 
-        planners[THUNDERSERVE] = thunderserve
+        specs[THUNDERSERVE] = replace(specs[THUNDERSERVE], plan=thunderserve)
         with console.status("") as status:
             def tick(done: int, total: int, what: str) -> None:
                 status.update(f"[{done}/{total}] {what}")
 
             doc = run_comparison(inputs.cluster, inputs.model, inputs.workload, inputs.slo,
                                  baseline_cluster=load_cluster(DEMO_BASELINE_CLUSTER), config=config,
-                                 planners=planners, progress=tick)
+                                 specs=specs, progress=tick)
         plot_comparison(doc, out_dir / "compare.png")
         write_markdown(doc, out_dir / "report.md", out_dir / "compare.png")
         (console if as_json else out).print(comparison_table(doc))

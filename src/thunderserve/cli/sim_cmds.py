@@ -14,10 +14,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from thunderserve.cli.common import (
     AttainOpt,
+    BudgetOpt,
     ClusterOpt,
     JsonOpt,
     ModelOpt,
     SloScaleOpt,
+    TimeCapOpt,
     TpotOpt,
     TtftOpt,
     WorkloadOpt,
@@ -35,7 +37,13 @@ from thunderserve.policy.batching import (
     BatchingConfig,
 )
 from thunderserve.policy.step import ColocatedPolicy
-from thunderserve.sim.config import DEFAULT_DURATION_S, DEFAULT_WARMUP_S, LoadConfig, SimConfig
+from thunderserve.sim.config import (
+    DEFAULT_DURATION_S,
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_WARMUP_S,
+    LoadConfig,
+    SimConfig,
+)
 from thunderserve.spec.cluster import load_cluster
 
 DurationOpt = typer.Option(DEFAULT_DURATION_S, "--duration",
@@ -294,16 +302,24 @@ def compare_cmd(
     model: str = ModelOpt,
     workload: str = WorkloadOpt,
     baseline_cluster: str | None = typer.Option(None, "--baseline-cluster",
-                                                help="Also plan the baselines on this cluster (e.g. inhouse-8xa100)"),
-    baselines: str | None = typer.Option(None, "--baselines", help="Comma-separated subset of vllm,distserve,hexgen"),
+                                                help="Also plan every system on this cluster (e.g. inhouse-8xa100)"),
+    systems: str | None = typer.Option(None, "--systems", "--baselines",
+                                       help="Comma-separated systems (default: thunderserve, "
+                                            "thunderserve-uncompressed, thunderserve-colocated, vllm, distserve, "
+                                            "hexgen; also thunderserve-int8, thunderserve-int4)"),
+    no_kv_levels: bool = typer.Option(False, "--no-kv-levels",
+                                      help="Do not add ThunderServe once per KV compression level the gate allows"),
     plot: Path | None = typer.Option(None, "--plot", help="Write the attainment plots to this PNG"),
     report: Path | None = typer.Option(None, "--report", help="Write a Markdown report to this file"),
     duration: float = DurationOpt,
+    min_requests: int = typer.Option(DEFAULT_MIN_REQUESTS, "--min-requests",
+                                     help="At least this many requests per simulated run (the duration stretches)"),
     warmup: float = WarmupOpt,
     seed: int = SeedOpt,
-    time_limit: float = typer.Option(10.0, "--time-limit", help="Planner time limit (ThunderServe and HexGen), s"),
+    budget: int = BudgetOpt,
+    time_limit: float | None = TimeCapOpt,
     no_curves: bool = typer.Option(False, "--no-curves", help="Skip the attainment-vs-rate curve runs"),
-    verify_top: int = typer.Option(0, "--verify-top", help="ThunderServe's planner re-scores its K best "
+    verify_top: int = typer.Option(0, "--verify-top", help="Every system that searches re-scores its K best "
                                    "candidates by simulation (0: off)"),
     chunked_only: bool = typer.Option(False, "--chunked-only",
                                       help="Do not also try the prefill-first policy for colocated-only systems"),
@@ -320,7 +336,8 @@ def compare_cmd(
     attainment: float = AttainOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Plan with ThunderServe and every baseline on the same GPUs, simulate each, and compare."""
+    """Plan ThunderServe and every peer on the same GPUs, simulate each, and compare (what each system is
+    given: `report.systems.SYSTEMS`, and `config` per system in --json)."""
     from thunderserve.report import (
         CompareConfig,
         comparison_table,
@@ -331,20 +348,24 @@ def compare_cmd(
 
     _positive("--duration", duration)
     _positive("--time-limit", time_limit)
+    _positive("--budget", budget)
     if warmup < 0:
         raise SpecError("must be >= 0", field="--warmup")
     if verify_top < 0:
         raise SpecError("must be >= 0", field="--verify-top")
     inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
     other = load_cluster(baseline_cluster) if baseline_cluster else None
-    names = tuple(x.strip() for x in baselines.split(",") if x.strip()) if baselines else \
-        CompareConfig().baselines
+    names = tuple(x.strip() for x in systems.split(",") if x.strip()) if systems else CompareConfig().systems
+    if systems and "thunderserve" not in names:
+        names = ("thunderserve", *names)  # the comparison is against ours
+    _positive("--min-requests", min_requests)
     chunked = chunked_prefill(enable_chunked_prefill, prefill_first)
     policy = ColocatedPolicy.PREFILL_FIRST if chunked is False else ColocatedPolicy.CHUNKED
     sim_cfg = SimConfig(batching=batching_config(max_num_batched_tokens, max_num_seqs), colocated_policy=policy,
                         warmup_s=warmup)
-    config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed), sim=sim_cfg,
-                           planner_time_limit_s=time_limit, baselines=names, curves=not no_curves or plot is not None,
+    config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed, min_requests=min_requests),
+                           sim=sim_cfg, systems=names, per_kv_level=not no_kv_levels, budget=budget,
+                           planner_time_limit_s=time_limit, curves=not no_curves or plot is not None,
                            try_prefill_first=not chunked_only and chunked is None, seed=seed, verify_top=verify_top)
     with _progress() as bar:
         task = bar.add_task("comparing", total=None)

@@ -14,7 +14,8 @@ def plot_comparison(doc: dict[str, Any], path: Path | str) -> Path:
     import matplotlib.pyplot as plt
 
     out = Path(path)
-    fig, (ax_rate, ax_scale) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_rate, ax_scale, ax_deadline) = plt.subplots(1, 3, figsize=(18, 4.8),
+                                                         gridspec_kw={"width_ratios": [1.2, 1.2, 0.8]})
     target = None
     rate = None
     for name, sys in doc["systems"].items():
@@ -35,6 +36,14 @@ def plot_comparison(doc: dict[str, Any], path: Path | str) -> Path:
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    names = [n for n, v in doc["systems"].items() if v.get("latency_deadline_scale") is not None]
+    values = [doc["systems"][n]["latency_deadline_scale"] for n in names]
+    ax_deadline.barh(names, values, color=["tab:blue" if n.startswith("thunderserve") else "tab:grey" for n in names])
+    ax_deadline.invert_yaxis()
+    ax_deadline.tick_params(axis="y", labelsize=7)
+    ax_deadline.set_xlabel("tightest SLO scale met (lower is better)")
+    ax_deadline.set_title(f"latency deadline at {rate:.2f} req/s" if rate else "latency deadline")
+    ax_deadline.grid(alpha=0.3, axis="x")
     ax_rate.set_xlabel("arrival rate (requests/s)")
     ax_rate.set_title("SLO attainment vs rate")
     ax_scale.set_xlabel("SLO scale (x reference latency)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from thunderserve.errors import PlanError
 from thunderserve.plan import Plan
@@ -44,11 +45,15 @@ def rescore(plans: Sequence[Plan], cluster: Cluster, model: ModelSpec, workload:
 
 
 def rescorer(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
-             progress: Callable[[int, int], None] | None = None) -> Callable[[list[Plan]], list[float]]:
+             progress: Callable[[int, int], None] | None = None,
+             config: SimConfig | None = None) -> Callable[[list[Plan]], list[float]]:
     """The planner's `rescore` seam (`plan_deployment(..., rescore=...)`): `rescore` on these inputs, each
-    bisection started at the plan's own estimated max rate."""
+    bisection started at the plan's own estimated max rate. `config`: the simulator knobs the system runs with
+    (dispatch, batching); its warm-up is VERIFY_SIM's."""
+    sim = VERIFY_SIM if config is None else replace(config, warmup_s=VERIFY_SIM.warmup_s)
+
     def run(plans: list[Plan]) -> list[float]:
         hints = [float(p.estimate.get("max_rate_at_slo") or 0) or None for p in plans]
-        return rescore(plans, cluster, model, workload, slo, rate_hints_rps=hints, progress=progress)
+        return rescore(plans, cluster, model, workload, slo, config=sim, rate_hints_rps=hints, progress=progress)
 
     return run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DEFAULT_SLO_SCALE = 5.0  # see README "SLO": 5x the unloaded reference latency, chosen before any comparison
+DEFAULT_SLO_SCALE = 5.0  # see README "SLO": TTFT 5x the unloaded reference latency, TPOT DistServe's published target
 DEFAULT_ATTAINMENT = 0.9
 
 

@@ -1,19 +1,22 @@
-"""vLLM baseline: independent colocated replicas, one parallel configuration per GPU type.
+"""vLLM baseline: independent colocated replicas of the best standard (TP, PP) shape per GPU type.
 
-Models: no prefill/decode split; each GPU type is carved into identical replicas with that type's best
-tensor-parallel degree inside a node (pipeline stages over nodes only when no single node of the type can
-hold the model, as vLLM deployments do); the best degree is chosen by simulating one replica at the SLO and
-multiplying by the replica count. Requests are spread over replicas in proportion to their simulated
-capacity (a capacity-aware load balancer in front of vLLM). Replicas use vLLM's chunked-prefill scheduler
-(the simulator's colocated mode; `SimConfig.colocated_policy=PREFILL_FIRST` gives the older policy).
-Leaves out: cross-type groups (a replica never mixes GPU types), network awareness beyond one replica,
-KV-cache paging with preemption (the whole prompt + output is reserved at admission, as in every system
-simulated here), prefix caching, speculative decoding.
+Models how a vLLM user deploys on a mixed fleet: per GPU type, identical replicas launched with one of the
+standard `--tensor-parallel-size` / `--pipeline-parallel-size` shapes (TP inside a node, 1, 2, 4 or 8; PP up to
+MAX_PP stages, inside a node or over that type's nodes, layers split evenly), the shape chosen by simulating
+its replicas at the SLO (replicas whose stages cross the same links are simulated once) and keeping the
+highest total rate (fewer GPUs on ties). As a user benchmarks a short list rather than every shape, the
+SIMULATED_SHAPES shapes per type with the highest analytic total rate (the planner's estimate of one replica,
+`scheduler.evaluate_plan`, times the replica count), and the best of each pipeline depth, are simulated. A least-outstanding-requests load balancer sits in front
+(`Dispatch.LEAST_OUTSTANDING`, weighted by each replica's simulated capacity, as nginx's weighted least_conn).
+Replicas run vLLM's chunked-prefill scheduler (the simulator's colocated mode; the comparison also tries the
+older prefill-first policy and keeps the better). KV caches never move, so compression does not apply.
+Leaves out: replicas mixing GPU types (vLLM needs identical GPUs per instance), uneven layer splits, prefix
+caching, speculative decoding.
 """
 
 from __future__ import annotations
 
-from thunderserve.errors import InfeasibleError
+from thunderserve.errors import InfeasibleError, ThunderServeError
 from thunderserve.plan import Phase, Plan, Routing
 from thunderserve.scheduler.baselines._common import (
     Shape,
@@ -30,15 +33,32 @@ from thunderserve.spec.model import ModelSpec
 from thunderserve.spec.slo import SloSpec
 from thunderserve.spec.workload import WorkloadSpec
 
+SIMULATED_SHAPES = 4  # per GPU type, best by analytic total rate
+
+
+def _analytic_total(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
+                    carved: list[list[list[str]]]) -> float:
+    from thunderserve.scheduler import evaluate_plan
+
+    g = make_group("r", Phase.COLOCATED, carved[0], model.num_layers)
+    try:
+        one = float(evaluate_plan(single_group_plan(cluster, model, g, "vllm"), cluster, model, workload,
+                                  slo)["max_rate_at_slo"])
+    except ThunderServeError:
+        return 0.0
+    return one * len(carved)
+
 
 def vllm_shapes(cluster: Cluster, model: ModelSpec, nodes: list[list[str]]) -> list[Shape]:
-    """vLLM's options on one GPU type: TP inside a node; PP (fewest stages) only when no node holds it."""
-    shapes = candidate_shapes(cluster, model, nodes)
-    single = [s for s in shapes if s.pp == 1]
-    if single or not shapes:
-        return single
-    fewest = min(s.pp for s in shapes)
-    return [s for s in shapes if s.pp == fewest]
+    """vLLM's standard shapes on one GPU type: TP inside a node, PP inside or across nodes, every one that fits."""
+    return candidate_shapes(cluster, model, nodes)
+
+
+def _links(cluster: Cluster, stages: list[list[str]]) -> tuple[float, ...]:
+    """What distinguishes replicas of one shape on one GPU type: the links between consecutive stages."""
+    by = cluster.by_id
+    return tuple(cluster.min_bandwidth_bytes_s([by[x] for x in a], [by[x] for x in b])
+                 for a, b in zip(stages, stages[1:], strict=False))
 
 
 def plan_vllm(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec) -> Plan:
@@ -49,22 +69,29 @@ def plan_vllm(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: S
     for gpu_type in cluster.gpu_types():
         nodes = nodes_of_type(cluster, gpu_type)
         best: tuple[float, int, Shape, list[list[list[str]]], list[float]] | None = None
-        for shape in vllm_shapes(cluster, model, nodes):
+        options: list[tuple[float, int, Shape, list[list[list[str]]]]] = []
+        for i, shape in enumerate(vllm_shapes(cluster, model, nodes)):
             total = sum(len(n) for n in nodes)
             count = total // shape.num_gpus
             carved = None
             while count > 0 and (carved := carve(nodes, [shape] * count)) is None:
                 count -= 1
-            if not carved:
-                continue
-            # Replicas inside one node are identical; pipelined ones may cross different links.
+            if carved:
+                options.append((_analytic_total(cluster, model, workload, slo, carved), i, shape, carved))
+        options.sort(key=lambda o: (-o[0], o[1]))  # best analytic first; ties: smaller shapes first
+        short = options[:SIMULATED_SHAPES]  # plus the best of each pipeline depth (the estimate may misjudge PP)
+        short += [next(o for o in options if o[2].pp == pp) for pp in sorted({o[2].pp for o in options})
+                  if not any(o[2].pp == pp for o in short)]
+        for _, _, shape, carved in short:
+            # Replicas crossing the same links are identical; pipelined ones may cross different links.
             rates: list[float] = []
-            for i, stages in enumerate(carved):
-                if i > 0 and shape.pp == 1:
-                    rates.append(rates[0])
-                    continue
-                g = make_group("r", Phase.COLOCATED, stages, model.num_layers)
-                rates.append(rate_of(single_group_plan(cluster, model, g, "vllm"), cluster, model, workload, slo))
+            seen: dict[tuple[float, ...], float] = {}
+            for stages in carved:
+                key = _links(cluster, stages)
+                if key not in seen:
+                    g = make_group("r", Phase.COLOCATED, stages, model.num_layers)
+                    seen[key] = rate_of(single_group_plan(cluster, model, g, "vllm"), cluster, model, workload, slo)
+                rates.append(seen[key])
             key = (sum(rates), -shape.num_gpus)
             if best is None or key > (best[0], best[1]):
                 best = (sum(rates), -shape.num_gpus, shape, carved, rates)
@@ -83,4 +110,4 @@ def plan_vllm(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: S
     return Plan(model=model.name, cluster=cluster.name, groups=tuple(groups),
                 routing=Routing(entry=normalised(shares)),
                 estimate={"system": "vllm", "per_type": chosen, "scheduler": "chunked_prefill",
-                          "rate_hint_rps": sum(shares.values())})
+                          "dispatch": "least_outstanding", "rate_hint_rps": sum(shares.values())})
