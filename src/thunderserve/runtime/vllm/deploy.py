@@ -78,7 +78,8 @@ class VllmDeployment:
         clients: dict[str, GroupClient] = {g: VllmGroupClient(u, self.plan.model) for g, u in self.urls.items()}
         self.router = VllmRouter(self.plan, clients,
                                  VllmRouterConfig(max_retries=self.config.max_retries, max_context_tokens=context),
-                                 pids=self.launcher.pids(), on_remove=self.launcher.stop_one)
+                                 pids=self.launcher.pids(), on_remove=self.launcher.stop_one,
+                                 addresses={s.group_id: (s.host, s.port) for s in specs})
         return self.urls
 
     def worker_pids(self) -> dict[str, int]:
@@ -119,7 +120,7 @@ def build_vllm_app(dep: VllmDeployment) -> FastAPI:
             await asyncio.to_thread(dep.stop)
 
     registry = CollectorRegistry()
-    registry.register(InstanceMetricsCollector(router.instance_metrics))
+    registry.register(InstanceMetricsCollector(router.instance_metrics, lambda: router.steps))
     name, aliases = served_names(dep.plan, dep.config.model)
     return create_app(router, ApiConfig(name, dep.config.api_key, aliases), metrics=RuntimeMetrics(router, registry),
                       admin=AdminState(router, dep, controller), lifespan=lifespan)

@@ -33,6 +33,9 @@ class VllmConfig:
     dtype: str = "float32"  # vLLM --dtype (fp32 keeps greedy tokens comparable across layouts on CPU)
     enforce_eager: bool = True  # no torch.compile / CUDA graphs: ready in seconds, slower steps
     cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE, GiB (CPU builds only)
+    cpu_threads: int | None = 1  # CPU builds: OpenMP threads per instance, not pinned to cores (None: vLLM's
+    #                              own binding, one core set per instance - for a machine vLLM has to itself;
+    #                              pinned spinning threads crawl when instances share cores)
     gpu_memory_utilization: float | None = None  # vLLM --gpu-memory-utilization (GPU builds)
     max_model_len: int | None = None  # vLLM --max-model-len (default: the model's)
     kv_connector: str = "NixlConnector"  # vLLM KV connector class
@@ -135,6 +138,8 @@ def instance_specs(plan: Plan, model_dir: str, served_name: str, config: VllmCon
         env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(side), "VLLM_NIXL_SIDE_CHANNEL_HOST": config.host,
                "VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kv_cache_gib), "VLLM_NO_USAGE_STATS": "1",
                "VLLM_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if config.cpu_threads is not None:
+            env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(config.cpu_threads))
         if pp > 1:
             env["VLLM_PP_LAYER_PARTITION"] = layer_partition(g)
         if config.ucx_tls:

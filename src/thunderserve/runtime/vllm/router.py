@@ -100,14 +100,17 @@ class VllmRouter:
 
     def __init__(self, plan: Plan, clients: Mapping[str, GroupClient], config: VllmRouterConfig = VllmRouterConfig(),
                  clock: Callable[[], float] = time.monotonic, pids: Mapping[str, int] | None = None,
-                 on_remove: Callable[[str], None] | None = None) -> None:
+                 on_remove: Callable[[str], None] | None = None,
+                 addresses: Mapping[str, tuple[str, int]] | None = None) -> None:
         if plan.routing is None:
             raise ValueError("plan has no routing")
         self.plan = plan
         self.config = config
         self.clock = clock
-        self._groups = {g.id: _Group(g.id, clients[g.id], g.phase, (pids or {}).get(g.id, 0))
-                        for g in sorted(plan.groups, key=lambda g: g.id)}
+        where = addresses or {}
+        self._groups = {g.id: _Group(g.id, clients[g.id], g.phase, (pids or {}).get(g.id, 0),
+                                     *where.get(g.id, ("", 0))) for g in sorted(plan.groups, key=lambda g: g.id)}
+        self.steps: dict[tuple[str, str], int] = {}  # (group, "prefill" | "decode" | "generate") -> calls made
         self._entry = WeightedChooser(plan.routing.entry)
         self._kv = {src: WeightedChooser(d) for src, d in plan.routing.kv.items()}
         self._requests: dict[str, _Track] = {}
@@ -232,9 +235,11 @@ class VllmRouter:
         decoder, kv_params = entry, None
         dest = self._choose_decode(entry)
         if dest is not None:
+            self._count(entry, "prefill")
             kv_params = await self._step(track, entry, self._groups[entry].client.prefill(prompt, sampling))
             decoder = dest
             track.locations = {dest}
+        self._count(decoder, "decode" if kv_params is not None else "generate")
         stream = self._groups[decoder].client.generate(prompt, sampling, kv_params)
         try:
             while True:
@@ -249,6 +254,9 @@ class VllmRouter:
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()  # type: ignore[attr-defined]
+
+    def _count(self, group: str, step: str) -> None:
+        self.steps[(group, step)] = self.steps.get((group, step), 0) + 1
 
     async def _step(self, track: _Track, group: str, aw: Any) -> Any:
         """Await one call to `group`'s instance; its failure (or the group going down meanwhile) is `_Lost`."""
