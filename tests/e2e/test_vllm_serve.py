@@ -25,7 +25,7 @@ import pytest
 
 from thunderserve.runtime.vllm.instances import find_vllm_python
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # instances start in minutes on a loaded CPU
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m"
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Count from one to five."]

@@ -50,3 +50,16 @@ def test_layer_partition_and_python_lookup(tmp_path: object) -> None:
     (root / ".venv-vllm" / "bin" / "python").write_text("")
     assert find_vllm_python(root=root) == str(root / ".venv-vllm" / "bin" / "python")
     assert find_vllm_python("/no/such/python") is None
+
+
+def test_ray_respec_picks_node_ports_and_advertises_node_ip() -> None:
+    from thunderserve.runtime.vllm.ray_launcher import respec_on_node
+
+    cfg = VllmConfig(python="p", host="0.0.0.0")
+    spec = instance_specs(plan(), "/m", "m", cfg, {"p0": (1, 2), "d0": (3, 4)})[1]
+    moved = respec_on_node(spec, "10.0.0.7", (8100, 8101))
+    argv = list(moved.argv)
+    assert argv[argv.index("--port") + 1] == "8100" and argv[argv.index("--host") + 1] == "0.0.0.0"
+    assert moved.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "8101"
+    assert moved.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.7"
+    assert (moved.port, moved.side_channel_port) == (8100, 8101)

@@ -119,7 +119,7 @@ def serve(
         check_servable(plan)
         _check_layers(plan, spec)
     vllm = _vllm_config(engine, model, backend, vllm_python, vllm_dtype, vllm_compile, vllm_kv_cache_gib,
-                        vllm_max_model_len, vllm_arg, worker_host, cpu_threads)
+                        vllm_max_model_len, vllm_arg, worker_host, cpu_threads, device)
     config = ServeConfig(model=model, backend=backend, ray_address=ray_address, host=host, port=port,
                          cpu_threads=cpu_threads, api_key=api_key, worker_host=worker_host,
                          kv_capacity_tokens=kv_capacity_tokens, log_level=log_level, device=device,
@@ -136,7 +136,7 @@ def serve(
 
 def _vllm_config(engine: str, model: str, backend: str, python: str | None, dtype: str, compile_: bool,
                  kv_cache_gib: int, max_model_len: int | None, extra: list[str], host: str,
-                 cpu_threads: int) -> VllmConfig | None:
+                 cpu_threads: int, device: str) -> VllmConfig | None:
     """The vLLM instances' knobs, or None for the built-in engine (`--engine auto` picks vllm when found)."""
     from thunderserve.runtime.vllm.instances import VllmConfig, find_vllm_python
 
@@ -151,12 +151,9 @@ def _vllm_config(engine: str, model: str, backend: str, python: str | None, dtyp
                         field="--vllm-python")
     if model.startswith("fake"):
         raise SpecError("the fake model has no weights vLLM can load; use --engine builtin", field="--model")
-    if backend != "local":
-        raise SpecError("--engine vllm runs local instances only so far (the Ray placement of vLLM groups is "
-                        "not built yet)", field="--backend")
     if kv_cache_gib < 1:
         raise SpecError("must be at least 1", field="--vllm-kv-cache-gib")
-    return VllmConfig(python=found, host=host, dtype=dtype, enforce_eager=not compile_, cpu_kv_cache_gib=kv_cache_gib,
+    return VllmConfig(python=found, host=host, dtype=dtype, kv_buffer_device="cpu" if device != "cuda" else "cuda", enforce_eager=not compile_, cpu_kv_cache_gib=kv_cache_gib,
                       cpu_threads=cpu_threads, max_model_len=max_model_len, extra_args=tuple(extra))
 
 

@@ -20,6 +20,8 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI
@@ -32,7 +34,7 @@ from thunderserve.runtime.launch.base import LaunchError
 from thunderserve.runtime.launch.serve import ServeConfig, make_controller, served_names
 from thunderserve.runtime.metrics import RuntimeMetrics
 from thunderserve.runtime.vllm.client import GroupClient, VllmGroupClient
-from thunderserve.runtime.vllm.instances import VllmConfig, instance_specs
+from thunderserve.runtime.vllm.instances import InstanceSpec, VllmConfig, instance_specs
 from thunderserve.runtime.vllm.launcher import VllmLocalLauncher, free_ports
 from thunderserve.runtime.vllm.metrics import InstanceMetricsCollector
 from thunderserve.runtime.vllm.router import VllmRouter, VllmRouterConfig
@@ -54,7 +56,7 @@ class VllmDeployment:
     """A plan's vLLM instances plus the router that fronts them."""
 
     def __init__(self, plan: Plan, config: ServeConfig, vllm: VllmConfig,
-                 launcher: VllmLocalLauncher | None = None, progress: Callable[[str], None] | None = None) -> None:
+                 launcher: VllmLauncher | None = None, progress: Callable[[str], None] | None = None) -> None:
         self.plan = plan
         self.config = config
         self._tmp = tempfile.TemporaryDirectory(prefix="thunderserve-vllm-")
@@ -63,7 +65,16 @@ class VllmDeployment:
 
             vllm = replace(vllm, cache_root=str(Path(self._tmp.name) / "cache"))
         self.vllm = vllm
-        self.launcher = launcher or VllmLocalLauncher(log_dir=Path(self._tmp.name), progress=progress)
+        if launcher is None:
+            if config.backend == "ray":
+                from thunderserve.runtime.vllm.ray_launcher import VllmRayLauncher
+
+                launcher = VllmRayLauncher(plan, config.ray_address, use_gpus=config.device == "cuda",
+                                           log_dir=Path(self._tmp.name))
+            else:
+                launcher = VllmLocalLauncher(log_dir=Path(self._tmp.name), progress=progress,
+                                             device_count=_local_gpus(config.device))
+        self.launcher = launcher
         self.urls: dict[str, str] = {}
         self.router: VllmRouter | None = None
 
@@ -79,7 +90,7 @@ class VllmDeployment:
         self.router = VllmRouter(self.plan, clients,
                                  VllmRouterConfig(max_retries=self.config.max_retries, max_context_tokens=context),
                                  pids=self.launcher.pids(), on_remove=self.launcher.stop_one,
-                                 addresses={s.group_id: (s.host, s.port) for s in specs})
+                                 addresses={g: _host_port(u) for g, u in self.urls.items()})
         return self.urls
 
     def worker_pids(self) -> dict[str, int]:
@@ -89,6 +100,34 @@ class VllmDeployment:
         self.launcher.stop()
         with contextlib.suppress(OSError):
             self._tmp.cleanup()
+
+
+class VllmLauncher(Protocol):
+    """Starts instances ({group: base URL}), stops one or all (idempotent), reports their process ids."""
+
+    def start(self, specs: list[InstanceSpec]) -> dict[str, str]: ...
+
+    def pids(self) -> dict[str, int]: ...
+
+    def stop_one(self, group_id: str, timeout_s: float = 10.0) -> None: ...
+
+    def stop(self, timeout_s: float = 10.0) -> None: ...
+
+
+def _local_gpus(device: str) -> int:
+    """CUDA devices of this machine vLLM instances are spread over by plan GPU index (0: CPU build)."""
+    if device == "cpu":
+        return 0
+    with contextlib.suppress(Exception):
+        import torch
+
+        return int(torch.cuda.device_count())
+    return 0
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", int(parts.port or 0)
 
 
 def _max_model_len(url: str) -> int:

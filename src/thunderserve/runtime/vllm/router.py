@@ -240,17 +240,23 @@ class VllmRouter:
             decoder = dest
             track.locations = {dest}
         self._count(decoder, "decode" if kv_params is not None else "generate")
-        stream = self._groups[decoder].client.generate(prompt, sampling, kv_params)
+        done = await self._step(track, decoder, self._stream(track, decoder, prompt, sampling, kv_params))
+        if not done:
+            raise _Lost(decoder, f"worker '{decoder}' ended a stream without finishing it")
+
+    async def _stream(self, track: _Track, group: str, prompt: list[int], sampling: Sampling,
+                      kv_params: dict[str, Any] | None) -> bool:
+        """Deliver `group`'s generation as it streams (one task for the whole stream: HTTP streams must not
+        change tasks midway); True once it finished the request."""
+        stream = self._groups[group].client.generate(prompt, sampling, kv_params)
         try:
-            while True:
-                chunk = await self._step(track, decoder, anext(stream))
-                if chunk is None:
-                    raise _Lost(decoder, f"worker '{decoder}' ended a stream without finishing it")
+            async for chunk in stream:
                 self._deliver(track, chunk.token_ids, chunk.text)
                 if chunk.finish_reason:
                     self._terminal(track, Finished(str(chunk.finish_reason), len(track.prompt_ids),
                                                    len(track.delivered_ids)), "finished")
-                    return
+                    return True
+            return False
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()  # type: ignore[attr-defined]
@@ -268,8 +274,6 @@ class VllmRouter:
         track.step = task
         try:
             return await task
-        except StopAsyncIteration:
-            return None
         except InstanceDown as exc:
             raise _Lost(group, f"worker '{group}' failed: {exc}") from None
         except asyncio.CancelledError:
