@@ -67,6 +67,14 @@ def serve(
     resched_workload: str = typer.Option("conversation", "--resched-workload",
                                          help="Workload preset or trace CSV re-planning assumes until enough "
                                               "requests were observed"),
+    admin_files_dir: Path | None = typer.Option(None, "--admin-files-dir",
+                                                help="Folder whose files /admin/replan events may name (trace "
+                                                     "CSVs, node YAMLs); default: none, presets only"),
+    max_queued_requests: int = typer.Option(256, "--max-queued-requests",
+                                            help="Requests waiting for their first token; more get 429 with "
+                                                 "Retry-After"),
+    max_body_bytes: int = typer.Option(8 * 1024 * 1024, "--max-body-bytes",
+                                       help="Largest request body accepted (larger: 413)"),
 ) -> None:
     """Serve a plan (or the demo) with an OpenAI-compatible API until SIGINT/SIGTERM."""
     from thunderserve.runtime.launch import LaunchError
@@ -84,7 +92,12 @@ def serve(
     if max_retries < 0:
         raise SpecError("must be >= 0", field="--max-retries")
     load_workload(resched_workload)  # a bad preset or CSV fails here, before any worker starts
-    for name, value in (("--cpu-threads", cpu_threads), ("--kv-capacity-tokens", kv_capacity_tokens)):
+    if admin_files_dir is not None and not admin_files_dir.is_dir():
+        raise SpecError("not a folder", field="--admin-files-dir")
+    if not 1024 <= max_body_bytes <= 12 * 1024 * 1024:
+        raise SpecError("must be in [1024, 12582912] (a request must fit one worker frame)", field="--max-body-bytes")
+    for name, value in (("--cpu-threads", cpu_threads), ("--kv-capacity-tokens", kv_capacity_tokens),
+                        ("--max-queued-requests", max_queued_requests)):
         if value < 1:
             raise SpecError("must be at least 1", field=name)
     if not 0 <= port < 65536:
@@ -106,7 +119,9 @@ def serve(
                          cpu_threads=cpu_threads, api_key=api_key, worker_host=worker_host,
                          kv_capacity_tokens=kv_capacity_tokens, log_level=log_level, device=device,
                          collapse_tp=collapse_tp, max_retries=max_retries, resched=not no_resched,
-                         cluster=cluster, resched_workload=resched_workload)
+                         cluster=cluster, resched_workload=resched_workload,
+                         admin_files_dir=str(admin_files_dir) if admin_files_dir is not None else None,
+                         max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes)
     groups = ", ".join(f"{g.id}={g.phase}" for g in plan.groups)
     console.print(f"serving {plan.model} ({model}) on http://{host}:{port}  [{backend}: {groups}]")
     try:

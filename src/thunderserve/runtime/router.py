@@ -48,6 +48,8 @@ class RouterConfig:
     connect_timeout_s: float = 30.0  # connecting to a worker and reading its hello
     request_timeout_s: float | None = None  # fail requests older than this (None: no limit)
     max_pending_requests: int = 10_000  # beyond this, new requests get 503 (overload)
+    max_queued_requests: int = 256  # requests without a first token yet; beyond this, new ones get 429
+    queue_full_retry_after_s: float = 1.0  # the Retry-After a 429 carries
     monitor_interval_s: float = 0.2
     max_retries: int = 0  # re-submissions of a request whose worker died (0: fail it at once)
 
@@ -80,6 +82,7 @@ class Failed:
     error_type: str = "server_error"  # OpenAI error "type"
     param: str | None = None
     code: str | None = None
+    retry_after_s: float | None = None  # set on 429 (queue full): when the client may try again
 
 
 RouterEvent = Accepted | Delta | Finished | Failed
@@ -260,6 +263,11 @@ class Router:
     def num_pending(self) -> int:
         return len(self._requests)
 
+    @property
+    def num_queued(self) -> int:
+        """Pending requests that have not produced a token yet (waiting for or in prefill)."""
+        return sum(1 for t in self._requests.values() if t.first_token_s is None)
+
     def _choose_entry(self) -> str:
         """A live entry group by the current shares; LookupError when none can take requests."""
         live = set(self.entry_groups())
@@ -281,7 +289,12 @@ class Router:
             return handle
         if len(self._requests) >= self.config.max_pending_requests:
             handle._put(Failed(503, f"server overloaded ({len(self._requests)} requests pending)",
-                               code="overloaded"))
+                               code="overloaded", retry_after_s=self.config.queue_full_retry_after_s))
+            return handle
+        queued = self.num_queued
+        if queued >= self.config.max_queued_requests:
+            handle._put(Failed(429, f"too many requests queued ({queued}); retry later", "rate_limit_error",
+                               code="queue_full", retry_after_s=self.config.queue_full_retry_after_s))
             return handle
         try:
             group = self._choose_entry()
@@ -291,7 +304,11 @@ class Router:
         track = _Track(handle, req, group, now, req.request_id, {group})
         self._requests[req.request_id] = track
         self._attempts[req.request_id] = req.request_id
-        await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
+        try:
+            await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
+        except ValueError as exc:  # the request does not fit one frame: nothing was sent, nothing may stay
+            self._terminal(track, Failed(413, f"request too large for the runtime: {exc}",
+                                         "invalid_request_error", code="request_too_large"), "rejected")
         return handle
 
     async def cancel(self, request_id: str) -> None:

@@ -31,7 +31,9 @@ from thunderserve.plan.model import Plan
 from thunderserve.resched.actuator import RouterActuator
 from thunderserve.resched.controller import ReplanContext, ReschedController
 from thunderserve.runtime.api.admin import AdminState
+from thunderserve.runtime.api.admin_files import AdminFiles
 from thunderserve.runtime.api.app import ApiConfig, create_app
+from thunderserve.runtime.api.limits import DEFAULT_MAX_BODY_BYTES, RequestLimits
 from thunderserve.runtime.launch.base import (
     Launcher,
     LaunchError,
@@ -72,6 +74,9 @@ class ServeConfig:
     #                             built in, else one LOCAL-CPU device per plan GPU id)
     resched_workload: str = "conversation"  # planned for until enough requests were observed
     collapse_tp: bool = False  # each stage on its first GPU in one process (no tensor-parallel ranks)
+    admin_files_dir: str | None = None  # folder /admin/replan may read files in (None: presets only)
+    max_queued_requests: int = 256  # requests waiting for their first token; beyond, new ones get 429
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
 
 
 def served_names(plan: Plan, model: str) -> tuple[str, tuple[str, ...]]:
@@ -109,7 +114,8 @@ class Deployment:
         self.endpoints = self.launcher.start(specs)
         self.router = Router(self.plan, {g: (e.host, e.control_port) for g, e in self.endpoints.items()},
                              RouterConfig(heartbeat_timeout_s=self.config.heartbeat_timeout_s,
-                                          max_retries=self.config.max_retries))
+                                          max_retries=self.config.max_retries,
+                                          max_queued_requests=self.config.max_queued_requests))
         return self.endpoints
 
     def worker_pids(self) -> dict[str, int]:
@@ -178,8 +184,10 @@ def build_app(dep: Deployment) -> FastAPI:
             await asyncio.to_thread(dep.stop)
 
     name, aliases = served_names(dep.plan, dep.config.model)
-    return create_app(router, ApiConfig(name, dep.config.api_key, aliases),
-                      admin=AdminState(router, dep, controller), lifespan=lifespan)
+    files = AdminFiles(Path(dep.config.admin_files_dir) if dep.config.admin_files_dir else None)
+    limits = RequestLimits(max_body_bytes=dep.config.max_body_bytes)
+    return create_app(router, ApiConfig(name, dep.config.api_key, aliases, limits),
+                      admin=AdminState(router, dep, controller, files), lifespan=lifespan)
 
 
 def resched_cluster(plan: Plan, ref: str | None = None) -> Cluster:
