@@ -13,20 +13,10 @@ from rich.table import Table
 from thunderserve.cli.common import JsonOpt, console, out, print_json
 from thunderserve.errors import PlanError, SpecError, ThunderServeError
 from thunderserve.plan import Plan, load_plan, validate_plan
-from thunderserve.spec import ModelSpec, SloSpec, load_cluster, load_model, load_workload
+from thunderserve.spec import ModelSpec, SloSpec, load_cluster, load_workload
+from thunderserve.spec.served import FAKE_MODEL, model_spec_for
 
-FAKE_MODEL = ModelSpec(name="fake", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
-                       intermediate_size=128, vocab_size=258, max_context_tokens=512, dtype_bytes=4)
-
-
-def model_spec_for(model: str) -> ModelSpec:
-    """The architecture facts of an engine model reference (catalog entry, HF directory, or the fake)."""
-    if model == "fake" or model.startswith("fake:"):
-        return FAKE_MODEL
-    if model.lower() in ("smollm2", "smollm2-135m"):
-        return load_model("smollm2-135m")
-    return load_model(model)
-
+__all__ = ["FAKE_MODEL", "model_spec_for", "register"]  # FAKE_MODEL, model_spec_for: re-exported (moved to spec)
 
 def _check_layers(plan: Plan, spec: ModelSpec) -> None:
     for g in plan.groups:

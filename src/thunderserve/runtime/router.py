@@ -35,7 +35,7 @@ from typing import Any
 from thunderserve.plan.model import Phase, Plan, Routing
 from thunderserve.policy.routing import WeightedChooser
 from thunderserve.resched.monitor import InFlight
-from thunderserve.runtime.kv.transport import FrameConnection, TransportError
+from thunderserve.runtime.kv.transport import FrameConnection, TransportError, client_handshake
 from thunderserve.runtime.workers.protocol import GenerateRequest, WorkerState
 
 log = logging.getLogger("thunderserve.router")
@@ -204,13 +204,14 @@ class Router:
     """Routes requests over the workers of `plan`, reachable at `addresses[group] = (host, control_port)`."""
 
     def __init__(self, plan: Plan, addresses: Mapping[str, tuple[str, int]], config: RouterConfig = RouterConfig(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, secret: str | None = None) -> None:
         if plan.routing is None:
             raise ValueError("plan has no routing")
         self.plan = plan
         self.config = config
         self.clock = clock
         self._addresses = dict(sorted(addresses.items()))
+        self._secret = secret  # the deployment's: proves to each worker that this is its router
         self._entry = WeightedChooser(plan.routing.entry)
         self._links: dict[str, _Link] = {}
         self._requests: dict[str, _Track] = {}  # by client request id
@@ -226,6 +227,8 @@ class Router:
         """Connect to every worker, read its hello, and configure roles, KV shares and peer addresses."""
         for gid, (host, port) in self._addresses.items():
             conn = await FrameConnection.connect(host, port, self.config.connect_timeout_s)
+            if self._secret is not None:
+                await client_handshake(conn, self._secret, "control", self.config.connect_timeout_s)
             frame = await conn.recv(idle_timeout_s=self.config.connect_timeout_s)
             if frame.header.get("type") != "hello":
                 raise TransportError(f"worker {gid} at {host}:{port} did not say hello: {frame.header!r}")

@@ -34,6 +34,7 @@ from thunderserve.runtime.api.admin import AdminState
 from thunderserve.runtime.api.admin_files import AdminFiles
 from thunderserve.runtime.api.app import ApiConfig, create_app
 from thunderserve.runtime.api.limits import DEFAULT_MAX_BODY_BYTES, RequestLimits
+from thunderserve.runtime.kv.transport import new_secret
 from thunderserve.runtime.launch.base import (
     Launcher,
     LaunchError,
@@ -48,6 +49,7 @@ from thunderserve.runtime.launch.local import LocalLauncher
 from thunderserve.runtime.router import Router, RouterConfig
 from thunderserve.runtime.workers.protocol import DEFAULT_KV_CAPACITY_TOKENS, WorkerConfig
 from thunderserve.spec.cluster import Cluster, ClusterSpec, builtin_clusters, load_cluster, resolve_cluster
+from thunderserve.spec.served import model_spec_for
 from thunderserve.spec.slo import DEFAULT_SLO_SCALE
 from thunderserve.spec.workload import load_workload
 
@@ -105,17 +107,20 @@ class Deployment:
         self.router: Router | None = None
 
     def start_workers(self) -> dict[str, WorkerEndpoint]:
+        secret = new_secret()  # per deployment: the router and KV peers prove it to every worker
         knobs = WorkerConfig(group_id="-", role=self.plan.groups[0].phase,
-                             kv_capacity_tokens=self.config.kv_capacity_tokens)
+                             kv_capacity_tokens=self.config.kv_capacity_tokens,
+                             kv_frame_max_bytes=kv_frame_cap_bytes(self.config.model))
         specs = worker_specs(self.plan, self.config.model, cpu_threads=self.config.cpu_threads,
                              host=self.config.worker_host, knobs=knobs, devices=self._devices(),
                              collapse_tp=self.config.collapse_tp,
-                             rank_devices=self._rank_devices())
+                             rank_devices=self._rank_devices(), secret=secret)
         self.endpoints = self.launcher.start(specs)
         self.router = Router(self.plan, {g: (e.host, e.control_port) for g, e in self.endpoints.items()},
                              RouterConfig(heartbeat_timeout_s=self.config.heartbeat_timeout_s,
                                           max_retries=self.config.max_retries,
-                                          max_queued_requests=self.config.max_queued_requests))
+                                          max_queued_requests=self.config.max_queued_requests),
+                             secret=secret)
         return self.endpoints
 
     def worker_pids(self) -> dict[str, int]:
@@ -161,6 +166,16 @@ class Deployment:
 
     def stop(self) -> None:
         self.launcher.stop()
+
+
+def kv_frame_cap_bytes(model: str) -> int:
+    """The largest KV payload a worker may need to accept: a full context of the model's keys and values at
+    4 bytes per element (no codec sends more), plus 1 MiB of slack; 1 GiB when the model is unknown."""
+    try:
+        spec = model_spec_for(model)
+    except (ThunderServeError, ValueError):
+        return 1024**3
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * spec.max_context_tokens * 4 + 1024**2
 
 
 def build_app(dep: Deployment) -> FastAPI:
@@ -212,8 +227,6 @@ def resched_cluster(plan: Plan, ref: str | None = None) -> Cluster:
 def make_controller(plan: Plan, config: ServeConfig, router: Router) -> ReschedController | None:
     """The re-scheduling controller over `router`, observing its requests; None (logged) when the facts a
     re-plan needs (model architecture, cluster) cannot be had - serving goes on without it."""
-    from thunderserve.cli.serve_cmds import model_spec_for
-
     try:
         model = model_spec_for(config.model).model_copy(update={"name": plan.model})
         workload = load_workload(config.resched_workload)
