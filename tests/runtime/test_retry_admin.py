@@ -146,7 +146,7 @@ async def test_admin_errors_are_clear() -> None:
             cases: list[tuple[Any, int, str]] = [
                 ({}, 400, "body must be"), ({"event": 3}, 400, "expected a string"),
                 ({"event": "reboot:n0"}, 400, "unknown event"), ({"event": "fail:nowhere"}, 400, "unknown node"),
-                ({"event": "workload:nope"}, 400, "no such file or workload preset"),
+                ({"event": "workload:nope"}, 400, "reads no files for admin events"),
                 ({"plan": {"format": "x"}}, 400, "unsupported plan format"),
                 ({"plan": {**router.plan.to_dict(), "routing": None}}, 400, "routing: missing"),
                 ({"event": "fail:n0", "plan": {}}, 400, "body must be"),

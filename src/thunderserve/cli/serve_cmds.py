@@ -14,23 +14,13 @@ from rich.table import Table
 from thunderserve.cli.common import JsonOpt, console, out, print_json
 from thunderserve.errors import PlanError, SpecError, ThunderServeError
 from thunderserve.plan import Plan, load_plan, validate_plan
-from thunderserve.spec import ModelSpec, SloSpec, load_cluster, load_model, load_workload
+from thunderserve.spec import ModelSpec, SloSpec, load_cluster, load_workload
+from thunderserve.spec.served import FAKE_MODEL, model_spec_for
 
 if TYPE_CHECKING:
     from thunderserve.runtime.vllm.instances import VllmConfig
 
-FAKE_MODEL = ModelSpec(name="fake", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
-                       intermediate_size=128, vocab_size=258, max_context_tokens=512, dtype_bytes=4)
-
-
-def model_spec_for(model: str) -> ModelSpec:
-    """The architecture facts of an engine model reference (catalog entry, HF directory, or the fake)."""
-    if model == "fake" or model.startswith("fake:"):
-        return FAKE_MODEL
-    if model.lower() in ("smollm2", "smollm2-135m"):
-        return load_model("smollm2-135m")
-    return load_model(model)
-
+__all__ = ["FAKE_MODEL", "model_spec_for", "register"]  # FAKE_MODEL, model_spec_for: re-exported (moved to spec)
 
 def _check_layers(plan: Plan, spec: ModelSpec) -> None:
     for g in plan.groups:
@@ -83,6 +73,14 @@ def serve(
     vllm_kv_cache_gib: int = typer.Option(2, "--vllm-kv-cache-gib", help="KV cache per CPU instance, GiB"),
     vllm_max_model_len: int | None = typer.Option(None, "--vllm-max-model-len", help="vLLM --max-model-len"),
     vllm_arg: list[str] = typer.Option([], "--vllm-arg", help="Extra vLLM server argument (repeatable)"),
+    admin_files_dir: Path | None = typer.Option(None, "--admin-files-dir",
+                                                help="Folder whose files /admin/replan events may name (trace "
+                                                     "CSVs, node YAMLs); default: none, presets only"),
+    max_queued_requests: int = typer.Option(256, "--max-queued-requests",
+                                            help="Requests waiting for their first token; more get 429 with "
+                                                 "Retry-After"),
+    max_body_bytes: int = typer.Option(8 * 1024 * 1024, "--max-body-bytes",
+                                       help="Largest request body accepted (larger: 413)"),
 ) -> None:
     """Serve a plan (or the demo) with an OpenAI-compatible API until SIGINT/SIGTERM."""
     from thunderserve.runtime.launch import LaunchError
@@ -100,7 +98,12 @@ def serve(
     if max_retries < 0:
         raise SpecError("must be >= 0", field="--max-retries")
     load_workload(resched_workload)  # a bad preset or CSV fails here, before any worker starts
-    for name, value in (("--cpu-threads", cpu_threads), ("--kv-capacity-tokens", kv_capacity_tokens)):
+    if admin_files_dir is not None and not admin_files_dir.is_dir():
+        raise SpecError("not a folder", field="--admin-files-dir")
+    if not 1024 <= max_body_bytes <= 12 * 1024 * 1024:
+        raise SpecError("must be in [1024, 12582912] (a request must fit one worker frame)", field="--max-body-bytes")
+    for name, value in (("--cpu-threads", cpu_threads), ("--kv-capacity-tokens", kv_capacity_tokens),
+                        ("--max-queued-requests", max_queued_requests)):
         if value < 1:
             raise SpecError("must be at least 1", field=name)
     if not 0 <= port < 65536:
@@ -124,7 +127,9 @@ def serve(
                          cpu_threads=cpu_threads, api_key=api_key, worker_host=worker_host,
                          kv_capacity_tokens=kv_capacity_tokens, log_level=log_level, device=device,
                          collapse_tp=collapse_tp, max_retries=max_retries, resched=not no_resched,
-                         cluster=cluster, resched_workload=resched_workload, vllm=vllm)
+                         cluster=cluster, resched_workload=resched_workload, vllm=vllm,
+                         admin_files_dir=str(admin_files_dir) if admin_files_dir is not None else None,
+                         max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes)
     groups = ", ".join(f"{g.id}={g.phase}" for g in plan.groups)
     console.print(f"serving {plan.model} ({model}) on http://{host}:{port}  [{backend}, "
                   f"{'vllm' if vllm is not None else 'builtin'} engine: {groups}]")

@@ -35,7 +35,7 @@ from typing import Any
 from thunderserve.plan.model import Phase, Plan, Routing
 from thunderserve.policy.routing import WeightedChooser
 from thunderserve.resched.monitor import InFlight
-from thunderserve.runtime.kv.transport import FrameConnection, TransportError
+from thunderserve.runtime.kv.transport import FrameConnection, TransportError, client_handshake
 from thunderserve.runtime.workers.protocol import GenerateRequest, WorkerState
 
 log = logging.getLogger("thunderserve.router")
@@ -48,6 +48,8 @@ class RouterConfig:
     connect_timeout_s: float = 30.0  # connecting to a worker and reading its hello
     request_timeout_s: float | None = None  # fail requests older than this (None: no limit)
     max_pending_requests: int = 10_000  # beyond this, new requests get 503 (overload)
+    max_queued_requests: int = 256  # requests without a first token yet; beyond this, new ones get 429
+    queue_full_retry_after_s: float = 1.0  # the Retry-After a 429 carries
     monitor_interval_s: float = 0.2
     max_retries: int = 0  # re-submissions of a request whose worker died (0: fail it at once)
 
@@ -80,6 +82,7 @@ class Failed:
     error_type: str = "server_error"  # OpenAI error "type"
     param: str | None = None
     code: str | None = None
+    retry_after_s: float | None = None  # set on 429 (queue full): when the client may try again
 
 
 RouterEvent = Accepted | Delta | Finished | Failed
@@ -201,13 +204,14 @@ class Router:
     """Routes requests over the workers of `plan`, reachable at `addresses[group] = (host, control_port)`."""
 
     def __init__(self, plan: Plan, addresses: Mapping[str, tuple[str, int]], config: RouterConfig = RouterConfig(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, secret: str | None = None) -> None:
         if plan.routing is None:
             raise ValueError("plan has no routing")
         self.plan = plan
         self.config = config
         self.clock = clock
         self._addresses = dict(sorted(addresses.items()))
+        self._secret = secret  # the deployment's: proves to each worker that this is its router
         self._entry = WeightedChooser(plan.routing.entry)
         self._links: dict[str, _Link] = {}
         self._requests: dict[str, _Track] = {}  # by client request id
@@ -223,6 +227,8 @@ class Router:
         """Connect to every worker, read its hello, and configure roles, KV shares and peer addresses."""
         for gid, (host, port) in self._addresses.items():
             conn = await FrameConnection.connect(host, port, self.config.connect_timeout_s)
+            if self._secret is not None:
+                await client_handshake(conn, self._secret, "control", self.config.connect_timeout_s)
             frame = await conn.recv(idle_timeout_s=self.config.connect_timeout_s)
             if frame.header.get("type") != "hello":
                 raise TransportError(f"worker {gid} at {host}:{port} did not say hello: {frame.header!r}")
@@ -260,6 +266,11 @@ class Router:
     def num_pending(self) -> int:
         return len(self._requests)
 
+    @property
+    def num_queued(self) -> int:
+        """Pending requests that have not produced a token yet (waiting for or in prefill)."""
+        return sum(1 for t in self._requests.values() if t.first_token_s is None)
+
     def _choose_entry(self) -> str:
         """A live entry group by the current shares; LookupError when none can take requests."""
         live = set(self.entry_groups())
@@ -281,7 +292,12 @@ class Router:
             return handle
         if len(self._requests) >= self.config.max_pending_requests:
             handle._put(Failed(503, f"server overloaded ({len(self._requests)} requests pending)",
-                               code="overloaded"))
+                               code="overloaded", retry_after_s=self.config.queue_full_retry_after_s))
+            return handle
+        queued = self.num_queued
+        if queued >= self.config.max_queued_requests:
+            handle._put(Failed(429, f"too many requests queued ({queued}); retry later", "rate_limit_error",
+                               code="queue_full", retry_after_s=self.config.queue_full_retry_after_s))
             return handle
         try:
             group = self._choose_entry()
@@ -291,7 +307,11 @@ class Router:
         track = _Track(handle, req, group, now, req.request_id, {group})
         self._requests[req.request_id] = track
         self._attempts[req.request_id] = req.request_id
-        await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
+        try:
+            await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
+        except ValueError as exc:  # the request does not fit one frame: nothing was sent, nothing may stay
+            self._terminal(track, Failed(413, f"request too large for the runtime: {exc}",
+                                         "invalid_request_error", code="request_too_large"), "rejected")
         return handle
 
     async def cancel(self, request_id: str) -> None:

@@ -14,12 +14,15 @@ Endpoints (all JSON):
                           the event had been detected; {"plan": {...}} reconciles toward that plan.
                           Returns {"plan": running plan, "target", "cause", "path", "decision_time_s",
                           "changes", "actions": [{kind, group, status, reason, detail}]}
+                          Files (a workload CSV, a node YAML) are read only inside the folder given at start
+                          (`AdminFiles`, none by default: presets only); see `api.admin_files`.
     GET  /admin/resched   the controller's decisions so far, GPUs it considers lost, request retries
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,12 +30,20 @@ from fastapi import APIRouter, Request
 
 from thunderserve.errors import ThunderServeError
 from thunderserve.plan.model import Phase, Plan, Routing, plan_from_dict
+from thunderserve.runtime.api.admin_files import AdminFiles, confine_event
+from thunderserve.runtime.api.limits import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_JSON_DEPTH,
+    parse_json,
+    read_body,
+)
 from thunderserve.runtime.api.protocol import ApiError
 from thunderserve.runtime.frontend import Frontend
 
 if TYPE_CHECKING:
     from thunderserve.resched.controller import ControlRecord, ReschedController
 
+log = logging.getLogger("thunderserve.admin")
 
 class DeploymentHandle(Protocol):
     """What the launcher side exposes to admin code (process ids; stop)."""
@@ -42,10 +53,11 @@ class DeploymentHandle(Protocol):
 
 class AdminState:
     def __init__(self, router: Frontend, deployment: DeploymentHandle | None = None,
-                 controller: ReschedController | None = None) -> None:
+                 controller: ReschedController | None = None, files: AdminFiles = AdminFiles()) -> None:
         self.router = router
         self.deployment = deployment
         self.controller = controller
+        self.files = files
         self.routes: list[APIRouter] = [admin_routes()]
 
     @property
@@ -70,7 +82,7 @@ class AdminState:
 
     async def replan(self, body: Any) -> dict[str, Any]:
         """POST /admin/replan: an event or an explicit plan through the controller."""
-        from thunderserve.resched.events import parse_event
+        from thunderserve.resched.events import EventKind, parse_event
         from thunderserve.runtime.launch.base import check_servable
 
         if self.controller is None:
@@ -83,7 +95,17 @@ class AdminState:
             if "event" in body:
                 if not isinstance(body["event"], str):
                     raise ApiError(400, "event: expected a string like fail:NODE[:I]", param="event")
-                record = await self.controller.replan_event(parse_event(body["event"]))
+                event = await asyncio.to_thread(confine_event, parse_event(body["event"]), self.files)
+                try:
+                    record = await self.controller.replan_event(event)
+                except ThunderServeError as exc:
+                    if event.kind is EventKind.FAIL:
+                        raise
+                    # a file's loader may quote its content (a header, a row): log it, answer without it
+                    log.warning("admin event %s: %s", body["event"], exc)
+                    what = "trace CSV" if event.kind is EventKind.WORKLOAD else "node YAML"
+                    raise ApiError(400, f"event {body['event']}: not a valid {what} (details in the server log)",
+                                   param="event", code="invalid_file") from None
             else:
                 plan = plan_from_dict(body["plan"], "plan")
                 check_servable(plan)
@@ -127,10 +149,8 @@ def admin_routes() -> APIRouter:
     @r.post("/admin/replan")
     async def replan(request: Request) -> dict[str, Any]:
         admin: AdminState = request.app.state.admin
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        raw = await read_body(request, DEFAULT_MAX_BODY_BYTES)
+        body = await asyncio.to_thread(parse_json, raw, DEFAULT_MAX_JSON_DEPTH)
         return await admin.replan(body)
 
     @r.get("/admin/resched")

@@ -9,7 +9,9 @@ died) are 503 with type "server_error" - in a stream, an `error` event followed 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from thunderserve.runtime.api.admin import AdminState
+from thunderserve.runtime.api.limits import RequestLimits, check_prompt_size, parse_json, read_body
 from thunderserve.runtime.api.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -34,6 +37,7 @@ from thunderserve.runtime.api.protocol import (
     completion_body,
     completion_chunk,
     error_body,
+    refuse_unsupported,
     usage_chunk,
 )
 from thunderserve.runtime.engine.base import SamplingParams
@@ -42,20 +46,30 @@ from thunderserve.runtime.metrics import RuntimeMetrics
 from thunderserve.runtime.router import Accepted, Delta, Failed, Finished, RequestHandle
 from thunderserve.runtime.workers.protocol import GenerateRequest
 
+log = logging.getLogger("thunderserve.api")
+
 
 @dataclass(frozen=True)
 class ApiConfig:
     model_name: str  # the id clients pass as "model" (and /v1/models lists)
     api_key: str | None = None  # when set, /v1 and /admin require "Authorization: Bearer <api_key>"
     model_aliases: tuple[str, ...] = ()  # other accepted ids (e.g. the model path)
+    limits: RequestLimits = RequestLimits()  # body size, JSON depth, prompt size (checked before any work)
 
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _failed_response(f: Failed) -> JSONResponse:
-    return JSONResponse(error_body(f.message, f.error_type, f.param, f.code), status_code=f.status)
+def _api_error(f: Failed) -> ApiError:
+    headers = {"Retry-After": str(max(1, round(f.retry_after_s)))} if f.retry_after_s is not None else None
+    return ApiError(f.status, f.message, f.error_type, f.param, f.code, headers)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(router: Frontend, config: ApiConfig, *, admin: AdminState | None = None,
@@ -80,8 +94,8 @@ def create_app(router: Frontend, config: ApiConfig, *, admin: AdminState | None 
                            code="invalid_api_key")
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    async def _on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
         return JSONResponse(exc.body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -98,17 +112,17 @@ def create_app(router: Frontend, config: ApiConfig, *, admin: AdminState | None 
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
-                            status_code=500)
+        log.error("internal error serving a request: %s: %s", type(exc).__name__, exc)
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__})", "server_error"), status_code=500)
+
+    limits = config.limits
 
     async def parse(request: Request, model: type[BaseModel]) -> Any:
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        raw = await read_body(request, limits.max_body_bytes)
+        data = await asyncio.to_thread(parse_json, raw, limits.max_json_depth)
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        refuse_unsupported(data)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -125,6 +139,12 @@ def create_app(router: Frontend, config: ApiConfig, *, admin: AdminState | None 
         if max_tokens is not None and ctx and max_tokens >= ctx:
             raise ApiError(400, f"max_tokens={max_tokens} does not fit the model's context of {ctx} tokens",
                            param="max_tokens", code="context_length_exceeded")
+        if isinstance(req, CompletionRequest):
+            text, ids = req.prompt_forms()
+            check_prompt_size(len(text or ""), len(ids or ()), ctx, limits, "prompt")
+        else:
+            chars = sum(len(m.text()) for m in req.messages)
+            check_prompt_size(chars, 0, ctx, limits, "messages")
 
     def generate_request(prefix: str, req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
                          **prompt: Any) -> GenerateRequest:
@@ -136,24 +156,40 @@ def create_app(router: Frontend, config: ApiConfig, *, admin: AdminState | None 
 
     async def start(greq: GenerateRequest) -> tuple[RequestHandle, Accepted]:
         handle = await router.submit(greq)
-        first = await handle.next()
+        try:
+            first = await handle.next()
+        except BaseException:  # the client went away while the request was being accepted
+            await router.cancel(handle.request_id)
+            raise
         if isinstance(first, Failed):
-            raise ApiError(first.status, first.message, first.error_type, first.param, first.code)
+            raise _api_error(first)
         assert isinstance(first, Accepted)
         return handle, first
 
-    async def collect(handle: RequestHandle) -> tuple[str, list[int], Finished]:
-        parts: list[str] = []
-        ids: list[int] = []
-        async for ev in handle:
-            if isinstance(ev, Delta):
-                parts.append(ev.text)
-                ids.extend(ev.token_ids)
-            elif isinstance(ev, Finished):
-                return "".join(parts), ids, ev
-            elif isinstance(ev, Failed):
-                raise ApiError(ev.status, ev.message, ev.error_type, ev.param, ev.code)
-        raise ApiError(503, "request ended without a result", "server_error")
+    async def collect(request: Request, handle: RequestHandle) -> tuple[str, list[int], Finished]:
+        """The whole output of a non-streaming request; a client that disconnects cancels it at once."""
+        gone = asyncio.create_task(_wait_disconnect(request))
+        try:
+            parts: list[str] = []
+            ids: list[int] = []
+            while True:
+                nxt = asyncio.ensure_future(handle.next())
+                await asyncio.wait((nxt, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    raise ApiError(499, "client disconnected", code="client_disconnected")
+                ev = nxt.result()
+                if isinstance(ev, Delta):
+                    parts.append(ev.text)
+                    ids.extend(ev.token_ids)
+                elif isinstance(ev, Finished):
+                    return "".join(parts), ids, ev
+                elif isinstance(ev, Failed):
+                    raise _api_error(ev)
+        finally:
+            gone.cancel()
+            if not handle.done:
+                await router.cancel(handle.request_id)
 
     async def stream(handle: RequestHandle, accepted: Accepted, chunk: Callable[[str, str | None, list[int] | None,
                      bool], dict[str, Any]], obj: str, include_usage: bool, with_ids: bool) -> AsyncIterator[str]:
@@ -180,13 +216,13 @@ def create_app(router: Frontend, config: ApiConfig, *, admin: AdminState | None 
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        workers = router.workers()
+        """Open to anyone: status and counts only (process ids and failure reasons are at /admin/workers)."""
+        workers = [w for w in router.workers() if w.in_plan]
         alive = [w for w in workers if w.alive]
         can_serve = bool(router.entry_groups())
         status = "ok" if len(alive) == len(workers) and can_serve else ("degraded" if can_serve else "down")
-        body = {"status": status, "model": config.model_name,
-                "workers": [{"group": w.group_id, "role": w.role, "alive": w.alive, "pid": w.pid,
-                             "down_reason": w.down_reason} for w in workers]}
+        body = {"status": status, "model": config.model_name, "workers_alive": len(alive),
+                "workers_total": len(workers)}
         return JSONResponse(body, status_code=200 if can_serve else 503)
 
     @app.get("/metrics")
@@ -202,8 +238,8 @@ def create_app(router: Frontend, config: ApiConfig, *, admin: AdminState | None 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(request: Request) -> Response:
         req: CompletionRequest = await parse(request, CompletionRequest)
-        if req.echo or req.logprobs is not None:
-            raise ApiError(400, "echo and logprobs are not supported", param="echo" if req.echo else "logprobs")
+        if req.echo:
+            raise ApiError(400, "echo is not supported", param="echo", code="unsupported_parameter")
         check_common(req, req.max_tokens)
         text, ids = req.prompt_forms()
         greq = generate_request("cmpl", req, req.max_tokens, prompt=text, prompt_ids=ids)
@@ -215,7 +251,7 @@ def create_app(router: Frontend, config: ApiConfig, *, admin: AdminState | None 
 
             return StreamingResponse(stream(handle, accepted, chunk, "text_completion", req.include_usage,
                                             req.return_token_ids), media_type="text/event-stream")
-        out, out_ids, fin = await collect(handle)
+        out, out_ids, fin = await collect(request, handle)
         return JSONResponse(completion_body(rid, model, out, fin.finish_reason, fin.prompt_tokens,
                                             fin.completion_tokens, out_ids if req.return_token_ids else None))
 
@@ -239,7 +275,7 @@ def create_app(router: Frontend, config: ApiConfig, *, admin: AdminState | None 
             return StreamingResponse(stream(handle, accepted, chunk, "chat.completion.chunk",
                                             req.include_usage, req.return_token_ids),
                                      media_type="text/event-stream")
-        out, out_ids, fin = await collect(handle)
+        out, out_ids, fin = await collect(request, handle)
         return JSONResponse(chat_body(rid, model, out, fin.finish_reason, fin.prompt_tokens, fin.completion_tokens,
                                       out_ids if req.return_token_ids else None))
 

@@ -22,10 +22,41 @@ class ApiError(Exception):
     """Raised by route code; rendered as an OpenAI error body with `status`."""
 
     def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.body = error_body(message, error_type, param, code)
+        self.headers = headers
+
+
+# OpenAI parameters this server does not implement, with the value that means "not used": a request that sets
+# one to anything else is refused (400 naming it) rather than answered as if it had been honoured.
+UNSUPPORTED_PARAMS: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "logprobs": (None, False),  # chat: a bool; /v1/completions: an int (also refused)
+    "top_logprobs": (None, 0),
+    "suffix": (None, ""),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+}
+
+
+def refuse_unsupported(data: dict[str, Any]) -> None:
+    """400 naming the first unsupported OpenAI parameter set to something other than its 'unused' value."""
+    for name, unused in UNSUPPORTED_PARAMS.items():
+        if name in data and not any(type(data[name]) is type(u) and data[name] == u for u in unused):
+            raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
 
 
 class StreamOptions(BaseModel):
@@ -72,7 +103,6 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[int]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
 
     def prompt_forms(self) -> tuple[str | None, tuple[int, ...] | None]:
         """(text, token ids): exactly one is set; raises ApiError for batches (several prompts)."""
@@ -94,11 +124,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[dict[str, Any]]  # null content (tool calls) is not supported
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []

@@ -10,6 +10,13 @@ The checksum is verified on receipt; a mismatch raises `FrameCorruptError` (the 
 is closed). Every read and write is bounded by a timeout (`TransportTimeoutError`); a peer that goes away
 mid-frame or before answering raises `PeerClosedError`. All three derive from `TransportError`.
 
+Authentication (a deployment's worker ports are reachable by anything on the network they bind to): with a
+shared secret, the accepting side first sends `{"type": "challenge", "nonce"}` and honours nothing until the
+connecting side answers `{"type": "auth", "mac": HMAC-SHA256(secret, purpose:nonce)}` (`server_handshake`,
+`client_handshake`); a wrong or missing answer, or none within the timeout, closes the connection. Before
+that, a frame may carry at most `AUTH_MAX_HEADER_BYTES` and no payload; after it, the limits the connection
+was given (`max_header_bytes`, `max_payload_bytes`: a worker caps KV payloads at what its model can need).
+
 `KvSender.send_kv` ships one request's KV cache and waits for the receiver's acknowledgement, so a sender
 knows the decode side holds the cache before it reports the hand-off. `KvReceiver` runs the other end and
 hands each cache to a callback whose outcome is sent back as the acknowledgement.
@@ -19,7 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
+import secrets
 import struct
 import zlib
 from collections.abc import Awaitable, Callable
@@ -32,6 +42,8 @@ _LENGTHS = struct.Struct(">IQ")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_PAYLOAD_BYTES = 64 * 1024**3
 DEFAULT_TIMEOUT_S = 30.0
+AUTH_MAX_HEADER_BYTES = 4096  # challenge/answer frames, and anything read before authentication
+AUTH_TIMEOUT_S = 10.0  # an unauthenticated connection that does not answer in time is closed
 
 
 class TransportError(Exception):
@@ -48,6 +60,10 @@ class FrameCorruptError(TransportError):
 
 class TransportTimeoutError(TransportError, TimeoutError):
     """A read, write or connect did not finish within its timeout."""
+
+
+class AuthError(TransportError):
+    """The other side did not prove it holds the deployment's secret."""
 
 
 @dataclass(frozen=True)
@@ -91,11 +107,13 @@ async def write_frame(writer: asyncio.StreamWriter, header: dict[str, Any], payl
 
 
 async def read_frame(reader: asyncio.StreamReader, timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                     idle_timeout_s: float | None = None) -> Frame:
+                     idle_timeout_s: float | None = None, max_header_bytes: int = MAX_HEADER_BYTES,
+                     max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> Frame:
     """Read one frame and verify it.
 
     `idle_timeout_s` bounds the wait for a frame to start (None: wait for ever, e.g. an idle control
-    link); `timeout_s` bounds reading the rest once it has started.
+    link); `timeout_s` bounds reading the rest once it has started. A frame announcing more than
+    `max_header_bytes` / `max_payload_bytes` is refused before any of it is read (`FrameCorruptError`).
     """
     try:
         prefix = await _timed(reader.readexactly(_PREFIX.size), idle_timeout_s, "waiting for a frame")
@@ -110,8 +128,9 @@ async def read_frame(reader: asyncio.StreamReader, timeout_s: float | None = DEF
     magic, head_len, payload_len, crc = _PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise FrameCorruptError(f"bad frame magic {magic!r}")
-    if head_len > MAX_HEADER_BYTES or payload_len > MAX_PAYLOAD_BYTES:
-        raise FrameCorruptError(f"impossible frame lengths (header {head_len}, payload {payload_len})")
+    if head_len > min(max_header_bytes, MAX_HEADER_BYTES) or payload_len > min(max_payload_bytes, MAX_PAYLOAD_BYTES):
+        raise FrameCorruptError(f"impossible frame lengths for this connection (header {head_len}, "
+                                f"payload {payload_len})")
     try:
         body = await _timed(reader.readexactly(head_len + payload_len), timeout_s, "frame read")
     except TransportError:
@@ -141,6 +160,8 @@ class FrameConnection:
         self.writer = writer
         self.timeout_s = timeout_s
         self._write_lock = asyncio.Lock()
+        self.max_header_bytes = MAX_HEADER_BYTES  # what `recv` accepts; lowered for untrusted peers
+        self.max_payload_bytes = MAX_PAYLOAD_BYTES
 
     @classmethod
     async def connect(cls, host: str, port: int, timeout_s: float | None = DEFAULT_TIMEOUT_S
@@ -168,7 +189,8 @@ class FrameConnection:
             return await write_frame(self.writer, header, payload, self.timeout_s)
 
     async def recv(self, idle_timeout_s: float | None = None) -> Frame:
-        return await read_frame(self.reader, self.timeout_s, idle_timeout_s)
+        return await read_frame(self.reader, self.timeout_s, idle_timeout_s, self.max_header_bytes,
+                                self.max_payload_bytes)
 
     async def close(self) -> None:
         if not self.writer.is_closing():
@@ -178,14 +200,58 @@ class FrameConnection:
 
 
 ConnectionHandler = Callable[[FrameConnection], Awaitable[None]]
+MAX_KV_HEADER_BYTES = 1024 * 1024  # a KV frame's header: request id and cache metadata
+
+
+def new_secret() -> str:
+    """A fresh per-deployment secret (256 bits, hex)."""
+    return secrets.token_hex(32)
+
+
+def _mac(secret: str, purpose: str, nonce: str) -> str:
+    return hmac.new(secret.encode(), f"{purpose}:{nonce}".encode(), hashlib.sha256).hexdigest()
+
+
+async def server_handshake(conn: FrameConnection, secret: str, purpose: str,
+                           timeout_s: float = AUTH_TIMEOUT_S) -> None:
+    """Accepting side: challenge the peer; AuthError (connection to be closed) unless it proves the secret."""
+    conn.max_header_bytes, conn.max_payload_bytes = AUTH_MAX_HEADER_BYTES, 0
+    nonce = secrets.token_hex(16)
+    await conn.send({"type": "challenge", "purpose": purpose, "nonce": nonce})
+    try:
+        frame = await conn.recv(idle_timeout_s=timeout_s)
+    except FrameCorruptError as exc:
+        raise AuthError(f"bad answer to the challenge from {conn.peer}: {exc}") from None
+    mac = frame.header.get("mac")
+    if frame.header.get("type") != "auth" or not isinstance(mac, str) or \
+            not hmac.compare_digest(mac, _mac(secret, purpose, nonce)):
+        raise AuthError(f"peer {conn.peer} failed authentication")
+
+
+async def client_handshake(conn: FrameConnection, secret: str, purpose: str,
+                           timeout_s: float | None = AUTH_TIMEOUT_S) -> None:
+    """Connecting side: answer the server's challenge with the secret's MAC."""
+    limits = conn.max_header_bytes, conn.max_payload_bytes
+    conn.max_header_bytes, conn.max_payload_bytes = AUTH_MAX_HEADER_BYTES, 0
+    frame = await conn.recv(idle_timeout_s=timeout_s)
+    h = frame.header
+    if h.get("type") != "challenge" or h.get("purpose") != purpose or not isinstance(h.get("nonce"), str):
+        raise AuthError(f"{conn.peer} did not send a {purpose} challenge")
+    await conn.send({"type": "auth", "mac": _mac(secret, purpose, h["nonce"])})
+    conn.max_header_bytes, conn.max_payload_bytes = limits
 
 
 class FrameServer:
     """A TCP server handing each accepted connection to `handler` (errors end that connection only)."""
 
-    def __init__(self, handler: ConnectionHandler, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, handler: ConnectionHandler, timeout_s: float | None = DEFAULT_TIMEOUT_S, *,
+                 secret: str | None = None, purpose: str = "frames", max_header_bytes: int = MAX_HEADER_BYTES,
+                 max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         self._handler = handler
         self._timeout_s = timeout_s
+        self._secret = secret  # None: no handshake (in-process tests); launched deployments always set one
+        self._purpose = purpose
+        self._limits = (max_header_bytes, max_payload_bytes)
         self._server: asyncio.Server | None = None
         self._conns: set[FrameConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -203,9 +269,12 @@ class FrameServer:
         if task is not None:
             self._tasks.add(task)
         try:
+            if self._secret is not None:
+                await server_handshake(conn, self._secret, self._purpose)
+            conn.max_header_bytes, conn.max_payload_bytes = self._limits
             await self._handler(conn)
         except (TransportError, asyncio.CancelledError):
-            pass  # peer gone or server closing: this connection ends, the server goes on
+            pass  # peer gone, bad frame, failed handshake or server closing: this connection ends, the server goes on
         finally:
             self._conns.discard(conn)
             if task is not None:
@@ -241,9 +310,11 @@ class KvReceiver:
     The callback gets (header, payload); returning normally acks ok, raising acks with the error text.
     """
 
-    def __init__(self, on_kv: KvCallback, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, on_kv: KvCallback, timeout_s: float | None = DEFAULT_TIMEOUT_S, *,
+                 secret: str | None = None, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         self._on_kv = on_kv
-        self._server = FrameServer(self._serve, timeout_s)
+        self._server = FrameServer(self._serve, timeout_s, secret=secret, purpose="kv",
+                                   max_header_bytes=MAX_KV_HEADER_BYTES, max_payload_bytes=max_payload_bytes)
 
     @property
     def port(self) -> int:
@@ -273,10 +344,12 @@ class KvReceiver:
 class KvSender:
     """Ships KV caches to one receiver over a persistent connection (reconnects after a failure)."""
 
-    def __init__(self, host: str, port: int, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, host: str, port: int, timeout_s: float | None = DEFAULT_TIMEOUT_S, *,
+                 secret: str | None = None) -> None:
         self.host = host
         self.port = port
         self.timeout_s = timeout_s
+        self._secret = secret
         self._conn: FrameConnection | None = None
         self._lock = asyncio.Lock()
         self.bytes_sent = 0
@@ -286,7 +359,14 @@ class KvSender:
         header = {"type": "kv", "request_id": request_id, "meta": meta}
         async with self._lock:
             if self._conn is None or self._conn.closed:
-                self._conn = await FrameConnection.connect(self.host, self.port, self.timeout_s)
+                conn = await FrameConnection.connect(self.host, self.port, self.timeout_s)
+                if self._secret is not None:
+                    try:
+                        await client_handshake(conn, self._secret, "kv", self.timeout_s)
+                    except TransportError:
+                        await conn.close()
+                        raise
+                self._conn = conn
             conn = self._conn
             try:
                 self.bytes_sent += await conn.send(header, payload)

@@ -121,14 +121,15 @@ def check_servable(plan: Plan) -> None:
 
 def worker_specs(plan: Plan, model: str, *, cpu_threads: int = 1, host: str = "127.0.0.1",
                  knobs: WorkerConfig | None = None, devices: Mapping[str, Sequence[str]] | None = None,
-                 collapse_tp: bool = False, rank_devices: Mapping[str, Sequence[Sequence[str]]] | None = None
-                 ) -> list[WorkerLaunchSpec]:
+                 collapse_tp: bool = False, rank_devices: Mapping[str, Sequence[Sequence[str]]] | None = None,
+                 secret: str | None = None) -> list[WorkerLaunchSpec]:
     """One launch spec per plan group (sorted by group id); `knobs` supplies non-plan worker settings.
 
     `devices[group]` names one torch device per pipeline stage (default: CPU for all); a group with several
     stages is served as a pipeline of stage engines (see `workers.pipeline`). A group with several GPUs per
     stage runs `group_tp` ranks unless `collapse_tp`; `rank_devices[group][rank][stage]` places them (default:
-    every rank on the stage's device, i.e. the CPU without GPUs).
+    every rank on the stage's device, i.e. the CPU without GPUs). `secret`: the deployment's, which the
+    router and KV peers must prove to each worker (`serve` always makes one; None only for in-process tests).
     """
     check_servable(plan)
     out = []
@@ -144,5 +145,6 @@ def worker_specs(plan: Plan, model: str, *, cpu_threads: int = 1, host: str = "1
         if ranks and (len(ranks) != tp or any(len(r) != g.pp for r in ranks)):
             raise PlanError(f"groups.{g.id}: rank devices must name {g.pp} device(s) for each of {tp} ranks")
         out.append(WorkerLaunchSpec(config=config, model=model, cpu_threads=cpu_threads, host=host,
-                                    device=devs[0], stages=stages if g.pp > 1 else (), tp=tp, rank_devices=ranks))
+                                    device=devs[0], stages=stages if g.pp > 1 else (), tp=tp, rank_devices=ranks,
+                                    secret=secret))
     return out

@@ -32,8 +32,11 @@ from thunderserve.plan.model import Plan
 from thunderserve.resched.actuator import RouterActuator
 from thunderserve.resched.controller import ReplanContext, ReschedController
 from thunderserve.runtime.api.admin import AdminState
+from thunderserve.runtime.api.admin_files import AdminFiles
 from thunderserve.runtime.api.app import ApiConfig, create_app
+from thunderserve.runtime.api.limits import DEFAULT_MAX_BODY_BYTES, RequestLimits
 from thunderserve.runtime.frontend import Frontend
+from thunderserve.runtime.kv.transport import new_secret
 from thunderserve.runtime.launch.base import (
     Launcher,
     LaunchError,
@@ -48,6 +51,7 @@ from thunderserve.runtime.launch.local import LocalLauncher
 from thunderserve.runtime.router import Router, RouterConfig
 from thunderserve.runtime.workers.protocol import DEFAULT_KV_CAPACITY_TOKENS, WorkerConfig
 from thunderserve.spec.cluster import Cluster, ClusterSpec, builtin_clusters, load_cluster, resolve_cluster
+from thunderserve.spec.served import model_spec_for
 from thunderserve.spec.slo import DEFAULT_SLO_SCALE
 from thunderserve.spec.workload import load_workload
 
@@ -78,6 +82,9 @@ class ServeConfig:
     resched_workload: str = "conversation"  # planned for until enough requests were observed
     collapse_tp: bool = False  # each stage on its first GPU in one process (no tensor-parallel ranks)
     vllm: VllmConfig | None = None  # engine: None = built-in workers; else one vLLM instance per group
+    admin_files_dir: str | None = None  # folder /admin/replan may read files in (None: presets only)
+    max_queued_requests: int = 256  # requests waiting for their first token; beyond, new ones get 429
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
 
 
 def served_names(plan: Plan, model: str) -> tuple[str, tuple[str, ...]]:
@@ -106,16 +113,20 @@ class Deployment:
         self.router: Router | None = None
 
     def start_workers(self) -> dict[str, WorkerEndpoint]:
+        secret = new_secret()  # per deployment: the router and KV peers prove it to every worker
         knobs = WorkerConfig(group_id="-", role=self.plan.groups[0].phase,
-                             kv_capacity_tokens=self.config.kv_capacity_tokens)
+                             kv_capacity_tokens=self.config.kv_capacity_tokens,
+                             kv_frame_max_bytes=kv_frame_cap_bytes(self.config.model))
         specs = worker_specs(self.plan, self.config.model, cpu_threads=self.config.cpu_threads,
                              host=self.config.worker_host, knobs=knobs, devices=self._devices(),
                              collapse_tp=self.config.collapse_tp,
-                             rank_devices=self._rank_devices())
+                             rank_devices=self._rank_devices(), secret=secret)
         self.endpoints = self.launcher.start(specs)
         self.router = Router(self.plan, {g: (e.host, e.control_port) for g, e in self.endpoints.items()},
                              RouterConfig(heartbeat_timeout_s=self.config.heartbeat_timeout_s,
-                                          max_retries=self.config.max_retries))
+                                          max_retries=self.config.max_retries,
+                                          max_queued_requests=self.config.max_queued_requests),
+                             secret=secret)
         return self.endpoints
 
     def worker_pids(self) -> dict[str, int]:
@@ -163,6 +174,16 @@ class Deployment:
         self.launcher.stop()
 
 
+def kv_frame_cap_bytes(model: str) -> int:
+    """The largest KV payload a worker may need to accept: a full context of the model's keys and values at
+    4 bytes per element (no codec sends more), plus 1 MiB of slack; 1 GiB when the model is unknown."""
+    try:
+        spec = model_spec_for(model)
+    except (ThunderServeError, ValueError):
+        return 1024**3
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * spec.max_context_tokens * 4 + 1024**2
+
+
 def build_app(dep: Deployment) -> FastAPI:
     """The HTTP app of a deployment whose workers are started; its lifespan runs the router."""
     if dep.router is None:
@@ -184,8 +205,10 @@ def build_app(dep: Deployment) -> FastAPI:
             await asyncio.to_thread(dep.stop)
 
     name, aliases = served_names(dep.plan, dep.config.model)
-    return create_app(router, ApiConfig(name, dep.config.api_key, aliases),
-                      admin=AdminState(router, dep, controller), lifespan=lifespan)
+    files = AdminFiles(Path(dep.config.admin_files_dir) if dep.config.admin_files_dir else None)
+    limits = RequestLimits(max_body_bytes=dep.config.max_body_bytes)
+    return create_app(router, ApiConfig(name, dep.config.api_key, aliases, limits),
+                      admin=AdminState(router, dep, controller, files), lifespan=lifespan)
 
 
 def resched_cluster(plan: Plan, ref: str | None = None) -> Cluster:
@@ -210,8 +233,6 @@ def resched_cluster(plan: Plan, ref: str | None = None) -> Cluster:
 def make_controller(plan: Plan, config: ServeConfig, router: Frontend) -> ReschedController | None:
     """The re-scheduling controller over `router`, observing its requests; None (logged) when the facts a
     re-plan needs (model architecture, cluster) cannot be had - serving goes on without it."""
-    from thunderserve.cli.serve_cmds import model_spec_for
-
     try:
         model = model_spec_for(config.model).model_copy(update={"name": plan.model})
         workload = load_workload(config.resched_workload)

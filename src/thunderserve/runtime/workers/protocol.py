@@ -1,6 +1,9 @@
 """Messages between the router and workers, and worker knobs (the router <-> worker contract).
 
-Every message is one frame of `runtime.kv.transport` whose JSON header has a "type":
+Every message is one frame of `runtime.kv.transport` whose JSON header has a "type". With a deployment
+secret (always, when launched by `serve`), the worker challenges each new control and KV connection and
+honours no frame before the peer proved the secret (`transport.server_handshake`); a bad frame or a failed
+handshake closes that connection, never the worker.
 
 router -> worker
     configure   {role, kv_shares, peers: {group: [host, port]}, down: [group]}   sent on connect
@@ -55,6 +58,7 @@ class WorkerConfig:
     kv_capacity_tokens: int = DEFAULT_KV_CAPACITY_TOKENS  # KV tokens held for admitted requests
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     kv_timeout_s: float = 30.0  # bound on one KV send + acknowledgement
+    kv_frame_max_bytes: int = 1024**3  # largest KV payload accepted from a peer (launchers: what the model needs)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -73,8 +73,13 @@ class TextStream:
         return self._take(text[:end]), False
 
     def flush(self) -> str:
-        """Everything not yet emitted (the output ended for another reason than a stop string)."""
-        return self._take(self.decode_text(self.token_ids))
+        """Everything not yet emitted (the output ended for another reason than a stop string), less a
+        trailing incomplete UTF-8 character (max_tokens may cut one in half: the client gets no U+FFFD)."""
+        text = self.decode_text(self.token_ids)
+        end = len(text)
+        while end > self.emitted_chars and text[end - 1] == "\ufffd":
+            end -= 1
+        return self._take(text[:end])
 
     def _take(self, text: str) -> str:
         if len(text) <= self.emitted_chars:

@@ -6,7 +6,9 @@ Worker lifecycle:
     serve     the router connects to the control port; the worker says `hello`, the router sends
               `configure` (role, KV shares, peer KV addresses); from then on: `submit`/`cancel`/`reclaim`
               requests, `set_role`/`set_routing` changes, all queued in arrival order and applied together
-              between steps (a burst of submits joins one prefill batch), `events` and `heartbeat` back
+              between steps (a burst of submits joins one prefill batch), `events` and `heartbeat` back;
+              with a secret, only a peer that passed the handshake is heard, and a new authenticated router
+              connection replaces the old one (a router reconnecting); a malformed message closes its link
     step loop while the core has work, run `core.step()` on a single-thread executor (the engine computes
               off the event loop, so heartbeats and transfers keep flowing) and ship resulting KV caches
     stop      `shutdown` from the router, SIGTERM/SIGINT, or the parent process dying (watchdog) -> close the
@@ -25,12 +27,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from thunderserve.plan.model import Phase
 from thunderserve.runtime.engine.base import EngineProtocol
 from thunderserve.runtime.kv.transport import (
+    MAX_HEADER_BYTES,
     FrameConnection,
     FrameServer,
     KvReceiver,
@@ -49,15 +52,18 @@ class WorkerServer:
     """Runs one worker in the current asyncio loop (a process, a Ray actor, or a test)."""
 
     def __init__(self, engine: EngineProtocol, config: WorkerConfig, codec: KvCodec, host: str = "127.0.0.1",
-                 advertise_host: str | None = None, pid: int | None = None) -> None:
+                 advertise_host: str | None = None, pid: int | None = None, secret: str | None = None) -> None:
         self.core = WorkerCore(engine, config, codec)
+        self._secret = secret  # the deployment's: peers prove it before any frame is honoured (None: in-process)
         self.config = config
         self.host = host
         self.advertise_host = advertise_host or host
         self.pid = pid if pid is not None else os.getpid()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ts-worker-{config.group_id}")
-        self._control = FrameServer(self._on_router, timeout_s=config.kv_timeout_s)
-        self._kv = KvReceiver(self._on_kv, timeout_s=config.kv_timeout_s)
+        self._control = FrameServer(self._on_router, timeout_s=config.kv_timeout_s, secret=secret,
+                                    purpose="control", max_header_bytes=MAX_HEADER_BYTES, max_payload_bytes=0)
+        self._kv = KvReceiver(self._on_kv, timeout_s=config.kv_timeout_s, secret=secret,
+                              max_payload_bytes=config.kv_frame_max_bytes)
         self._router: FrameConnection | None = None
         self._peers: dict[str, tuple[str, int]] = {}
         self._senders: dict[str, KvSender] = {}
@@ -125,7 +131,12 @@ class WorkerServer:
         try:
             while not self._stopped.is_set():
                 frame = await conn.recv()
-                await self._handle_control(frame.header)
+                try:
+                    await self._handle_control(frame.header)
+                except Exception as exc:  # noqa: BLE001 - a malformed message ends this link, not the worker
+                    log.warning("worker %s: bad control message (%s: %s); closing the link",
+                                self.config.group_id, type(exc).__name__, exc)
+                    return
         finally:
             if self._router is conn:
                 self._router = None
@@ -243,7 +254,7 @@ class WorkerServer:
         host, port = self._peers[group]
         sender = self._senders.get(group)
         if sender is None or (sender.host, sender.port) != (host, port):
-            sender = KvSender(host, port, timeout_s=self.config.kv_timeout_s)
+            sender = KvSender(host, port, timeout_s=self.config.kv_timeout_s, secret=self._secret)
             self._senders[group] = sender
         return sender
 
@@ -283,6 +294,8 @@ class WorkerLaunchSpec:
     stages: tuple[tuple[int, int, str], ...] = ()  # (first_layer, end_layer, device) per pipeline stage, if > 1
     tp: int = 1  # tensor-parallel degree: this worker is rank 0 and spawns tp-1 followers
     rank_devices: tuple[tuple[str, ...], ...] = ()  # [tp rank][stage] torch device (default: rank 0's devices)
+    secret: str | None = field(default=None, repr=False)  # deployment secret (handed over with the spec, never
+    #                                                         on a command line or in the environment)
 
 
 def build_engine(model: str, device: str = "cpu", stages: tuple[tuple[int, int, str], ...] = (),
@@ -338,7 +351,8 @@ async def _serve_engine(spec: WorkerLaunchSpec, engine: EngineProtocol, on_ready
     with contextlib.suppress(Exception):  # load the tokenizer now, not on the first request (a stage may have none)
         engine.decode_text(engine.encode("warm up"))
     codec = make_codec(spec.model, str(spec.config.compression), spec.device)
-    server = WorkerServer(engine, spec.config, codec, host=spec.host, advertise_host=spec.advertise_host)
+    server = WorkerServer(engine, spec.config, codec, host=spec.host, advertise_host=spec.advertise_host,
+                          secret=spec.secret)
     control_port, kv_port = await server.start()
     loop = asyncio.get_running_loop()
     if threading.current_thread() is threading.main_thread():
