@@ -29,7 +29,9 @@ from prometheus_client import CollectorRegistry
 
 from thunderserve.plan.model import Plan
 from thunderserve.runtime.api.admin import AdminState
+from thunderserve.runtime.api.admin_files import AdminFiles
 from thunderserve.runtime.api.app import ApiConfig, create_app
+from thunderserve.runtime.api.limits import RequestLimits
 from thunderserve.runtime.launch.base import LaunchError
 from thunderserve.runtime.launch.serve import ServeConfig, make_controller, served_names
 from thunderserve.runtime.metrics import RuntimeMetrics
@@ -161,8 +163,11 @@ def build_vllm_app(dep: VllmDeployment) -> FastAPI:
     registry = CollectorRegistry()
     registry.register(InstanceMetricsCollector(router.instance_metrics, lambda: router.steps))
     name, aliases = served_names(dep.plan, dep.config.model)
-    return create_app(router, ApiConfig(name, dep.config.api_key, aliases), metrics=RuntimeMetrics(router, registry),
-                      admin=AdminState(router, dep, controller), lifespan=lifespan)
+    files = AdminFiles(Path(dep.config.admin_files_dir) if dep.config.admin_files_dir else None)
+    limits = RequestLimits(max_body_bytes=dep.config.max_body_bytes)
+    return create_app(router, ApiConfig(name, dep.config.api_key, aliases, limits),
+                      metrics=RuntimeMetrics(router, registry),
+                      admin=AdminState(router, dep, controller, files), lifespan=lifespan)
 
 
 def serve_vllm(plan: Plan, config: ServeConfig, vllm: VllmConfig,
