@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PIP_DEPS := torch==2.13.0 -e '.[dev,ray]'
+PIP_DEPS := torch==2.13.0 -e '.[serve,dev,ray]'
 
 .PHONY: demo test test-slow test-all lint bench clean venv vllm
 

@@ -222,6 +222,7 @@ def test_kill_a_decode_worker_mid_stream(model_dir: Path, tmp_path: Path) -> Non
                 assert w["alive"] and w["pid"] == before[g]["pid"] and w["weights_loads"] == 1
                 assert w["weights_token"] == before[g]["weights_token"]
 
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, f"the server to reap {victim} (no zombie)")
         again, _ = asyncio.run(run_streams(srv.url, bodies[:8]))  # the new plan serves
         assert_exact(again, bodies[:8], reference[:8])
         print(f"\nchaos: killed {victim} (pid {pid}) after {delivered_at_kill} tokens, {unfinished_at_kill} streams "

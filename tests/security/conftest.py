@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))  # runtime_builders
+_TESTS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(_TESTS / "runtime"))  # runtime_builders, test_retry_admin
+sys.path.insert(0, str(_TESTS / "unit" / "resched"))  # test_controller's builders
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,16 @@ from thunderserve.spec import (
 )
 from thunderserve.spec.slo import DEFAULT_ATTAINMENT, DEFAULT_SLO_SCALE
 
-console = Console(stderr=True)  # progress and tables for humans go to stderr when --json owns stdout
-out = Console()
+PIPE_WIDTH = 400  # columns when printing to a pipe or file: tables keep full names (rich would assume 80)
+
+
+def _width(stream: Any) -> int | None:
+    """None (the terminal's own width) on a terminal, else PIPE_WIDTH; COLUMNS, when set, wins as usual."""
+    return None if stream.isatty() or os.environ.get("COLUMNS") else PIPE_WIDTH
+
+
+console = Console(stderr=True, width=_width(sys.stderr))  # progress and tables for humans: stderr under --json
+out = Console(width=_width(sys.stdout))
 
 ClusterOpt = typer.Option(..., "--cluster", help="Cluster YAML path or built-in scenario (paper-cloud-32, ...)")
 ModelOpt = typer.Option("llama-30b", "--model", help="Model catalog name or HuggingFace config.json path")

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,8 +36,10 @@ from thunderserve.cli.common import (
 from thunderserve.costmodel.comm import Compression
 from thunderserve.errors import PlanError, SpecError, ThunderServeError
 from thunderserve.plan import Plan, load_plan, plan_from_dict
-from thunderserve.scheduler import PlanResult, SchedulerConfig, evaluate_plan, plan_deployment
 from thunderserve.spec.cluster import Cluster
+
+if TYPE_CHECKING:  # the scheduler (scipy, networkx) loads when a command runs, not for --help
+    from thunderserve.scheduler.config import PlanResult, SchedulerConfig
 
 RateOpt = typer.Option(None, "--rate", help="Request rate (req/s) to report attainment at (default: the max rate)")
 
@@ -146,6 +148,8 @@ def run_plan(inputs: Inputs, config: SchedulerConfig, rate_rps: float | None = N
                 console.print(f"verified {done}/{total} candidates by simulation", highlight=False)
 
         rescore = rescorer(inputs.cluster, inputs.model, inputs.workload, inputs.slo, progress=tick)
+    from thunderserve.scheduler.planner import plan_deployment
+
     with search_progress(show_progress) as progress:
         return plan_deployment(inputs.cluster, inputs.model, inputs.workload, inputs.slo, config, rate_rps,
                                progress, rescore)
@@ -177,6 +181,8 @@ def plan_cmd(
         raise SpecError(f"must be 0 or more, got {verify_top}", field="--verify-top")
     comp = _compression(kv_compression)
     inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
+    from thunderserve.scheduler.config import SchedulerConfig
+
     config = SchedulerConfig(time_limit_s=time_limit, max_evaluations=budget, seed=seed, kv_compression=comp,
                              verify_top=verify_top)
     result = run_plan(inputs, config, rate)
@@ -202,6 +208,8 @@ def _read_plan_lines(path: Path) -> list[str]:
 
 
 def _score_line(line: str, where: str, inputs: Inputs, rate: float | None) -> dict[str, Any]:
+    from thunderserve.scheduler.api import evaluate_plan
+
     try:
         data = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -244,6 +252,8 @@ def evaluate_cmd(
         return
     assert plan is not None
     loaded = load_plan(plan)
+    from thunderserve.scheduler.api import evaluate_plan
+
     try:
         scored = evaluate_plan(loaded, inputs.cluster, inputs.model, inputs.workload, inputs.slo, rate)
     except ThunderServeError as exc:

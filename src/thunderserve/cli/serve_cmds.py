@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,28 @@ if TYPE_CHECKING:
     from thunderserve.runtime.vllm.instances import VllmConfig
 
 __all__ = ["FAKE_MODEL", "model_spec_for", "register"]  # FAKE_MODEL, model_spec_for: re-exported (moved to spec)
+
+def _needs_runtime(command: str, exc: ImportError) -> ThunderServeError:
+    return ThunderServeError(f"{command} needs the runtime ('{exc.name or exc}' is not installed): "
+                             "pip install 'thunderserve[serve]'")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """SpecError naming --port when HOST:PORT cannot be bound (taken, or not an address of this machine)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise SpecError(f"cannot resolve '{host}': {exc.strerror or exc}", field="--host") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise SpecError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", field="--port") from None
+
 
 def _check_layers(plan: Plan, spec: ModelSpec) -> None:
     for g in plan.groups:
@@ -83,11 +106,14 @@ def serve(
                                        help="Largest request body accepted (larger: 413)"),
 ) -> None:
     """Serve a plan (or the demo) with an OpenAI-compatible API until SIGINT/SIGTERM."""
-    from thunderserve.runtime.launch import LaunchError
-    from thunderserve.runtime.launch.base import check_servable
-    from thunderserve.runtime.launch.demo import demo_plan
-    from thunderserve.runtime.launch.serve import ServeConfig
-    from thunderserve.runtime.launch.serve import serve as run_serve
+    try:
+        from thunderserve.runtime.launch import LaunchError
+        from thunderserve.runtime.launch.base import check_servable
+        from thunderserve.runtime.launch.demo import demo_plan
+        from thunderserve.runtime.launch.serve import ServeConfig
+        from thunderserve.runtime.launch.serve import serve as run_serve
+    except ImportError as exc:
+        raise _needs_runtime("serve", exc) from None
 
     if backend not in ("local", "ray"):
         raise SpecError(f"unknown backend '{backend}' (local, ray)", field="--backend")
@@ -130,6 +156,7 @@ def serve(
                          cluster=cluster, resched_workload=resched_workload, vllm=vllm,
                          admin_files_dir=str(admin_files_dir) if admin_files_dir is not None else None,
                          max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes)
+    _check_port_free(host, port)  # before any worker starts: a taken port is one line, exit 2
     groups = ", ".join(f"{g.id}={g.phase}" for g in plan.groups)
     console.print(f"serving {plan.model} ({model}) on http://{host}:{port}  [{backend}, "
                   f"{'vllm' if vllm is not None else 'builtin'} engine: {groups}]")
@@ -178,15 +205,18 @@ def bench_serve(
     as_json: bool = JsonOpt,
 ) -> None:
     """Replay a workload (Poisson arrivals, trace lengths scaled to the model) against a running server."""
-    import httpx
+    try:
+        import httpx
 
-    from thunderserve.runtime.api.loadgen import (
-        RequestResult,
-        plan_requests,
-        run_load,
-        served_context,
-        summarize,
-    )
+        from thunderserve.runtime.api.loadgen import (
+            RequestResult,
+            plan_requests,
+            run_load,
+            served_context,
+            summarize,
+        )
+    except ImportError as exc:
+        raise _needs_runtime("bench-serve", exc) from None
 
     if rate <= 0 or duration <= 0:
         raise SpecError("must be positive", field="--rate" if rate <= 0 else "--duration")

@@ -36,9 +36,9 @@ def _build_engine(model_ref: str) -> Any:
         from thunderserve.runtime.fakes import FakeEngine
 
         return FakeEngine()
-    from thunderserve.profiling.run import load_local_engine, resolve_device
+    from thunderserve.runtime.engine import load_engine  # not via profiling.run, which imports this module
 
-    return load_local_engine(model_ref, resolve_device("cpu"))
+    return load_engine(model_ref, device="cpu")
 
 
 def _neighbour_main(model_ref: str, threads: int, batch: int, context_tokens: int, ready: Any) -> None:

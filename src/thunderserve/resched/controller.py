@@ -94,7 +94,7 @@ class ControlRecord:
 
     cause: str
     decided_at_s: float  # controller clock
-    path: str  # "lightweight" | "survivors" (re-plan failed) | "explicit" (admin plan)
+    path: str  # "lightweight" | "survivors" (re-plan failed) | "explicit" (admin plan) | "none" (nothing survives)
     decision_time_s: float
     target: Plan
     changes: tuple[Change, ...]
@@ -321,7 +321,10 @@ class ReschedController:
                 error = f"{type(exc).__name__}: {exc}"
                 log.error("re-plan failed (%s); keeping the surviving groups", error)
                 path = "survivors"
-                desired = survivor_plan(self.target, {g.id for g in cluster.gpus})
+                try:
+                    desired = survivor_plan(self.target, {g.id for g in cluster.gpus})
+                except ValueError:  # nothing survives: nothing to reconcile, the API answers 503 meanwhile
+                    return self._nothing_survives(decision, now, time.perf_counter() - start)
                 changes = self._diff(self.target, desired, cluster)
         decision_s = time.perf_counter() - start
         self.deployment.record_target(desired)
@@ -340,6 +343,16 @@ class ReschedController:
         for a in actions:
             log.warning("re-scheduling %s: %s [%s]%s", decision.cause, a.describe(), a.status,
                         f" {a.reason}" if a.reason else "")
+        return record
+
+    def _nothing_survives(self, decision: Decision, now: float, decision_s: float) -> ControlRecord:
+        """Every group of the plan lost its GPUs: record it (one log line, no traceback) and keep the target,
+        so that workers coming back can be reconciled toward it."""
+        error = "no group of the plan survives: no worker can serve until GPUs come back"
+        log.error("re-scheduling %s: %s", decision.cause, error)
+        self.decider.settle()
+        record = ControlRecord(decision.cause, now, "none", decision_s, self.target, (), (), error)
+        self.history.append(record)
         return record
 
     def _call_replan(self, cluster: Cluster, workload: WorkloadSpec, added: frozenset[str]) -> ReplanResult:

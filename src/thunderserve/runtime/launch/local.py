@@ -43,6 +43,7 @@ class LocalLauncher:
         self.ready_timeout_s = ready_timeout_s
         self._ctx = mp.get_context("spawn")
         self._procs: dict[str, BaseProcess] = {}
+        self._reaped: set[str] = set()
 
     def start(self, specs: list[WorkerLaunchSpec]) -> dict[str, WorkerEndpoint]:
         ready = self._ctx.Queue()
@@ -78,6 +79,15 @@ class LocalLauncher:
             ready.close()
             ready.join_thread()
         return dict(sorted(endpoints.items()))
+
+    def reap(self) -> dict[str, int]:
+        """Collect workers that exited since the last call (no zombies): {group: exit code}."""
+        dead = {}
+        for gid, p in sorted(self._procs.items()):
+            if gid not in self._reaped and p.exitcode is not None:  # exitcode polls waitpid: this reaps it
+                self._reaped.add(gid)
+                dead[gid] = int(p.exitcode)
+        return dead
 
     def worker_pids(self) -> dict[str, int]:
         return {g: int(p.pid) for g, p in sorted(self._procs.items()) if p.pid is not None}

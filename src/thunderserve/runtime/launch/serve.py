@@ -174,6 +174,18 @@ class Deployment:
         self.launcher.stop()
 
 
+async def _reap_loop(dep: Deployment, interval_s: float = 1.0) -> None:
+    """Reap worker processes that exited (kill -9, a crash) so none stays a zombie; the router has already
+    retried their requests and the controller re-plans without them."""
+    reap = getattr(dep.launcher, "reap", None)
+    if reap is None:
+        return
+    while True:
+        await asyncio.sleep(interval_s)
+        for gid, code in reap().items():
+            log.warning("worker %s exited with code %d; reaped", gid, code)
+
+
 def kv_frame_cap_bytes(model: str) -> int:
     """The largest KV payload a worker may need to accept: a full context of the model's keys and values at
     4 bytes per element (no codec sends more), plus 1 MiB of slack; 1 GiB when the model is unknown."""
@@ -196,9 +208,11 @@ def build_app(dep: Deployment) -> FastAPI:
         await router.start()
         if controller is not None:
             controller.start()
+        reaper = asyncio.create_task(_reap_loop(dep), name="worker-reaper")
         try:
             yield
         finally:
+            reaper.cancel()
             if controller is not None:
                 await controller.stop()
             await router.close(shutdown_workers=True)
