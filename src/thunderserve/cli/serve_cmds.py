@@ -185,7 +185,12 @@ def _vllm_config(engine: str, model: str, backend: str, python: str | None, dtyp
         raise SpecError("the fake model has no weights vLLM can load; use --engine builtin", field="--model")
     if kv_cache_gib < 1:
         raise SpecError("must be at least 1", field="--vllm-kv-cache-gib")
-    return VllmConfig(python=found, host=host, dtype=dtype, kv_buffer_device="cpu" if device != "cuda" else "cuda", enforce_eager=not compile_, cpu_kv_cache_gib=kv_cache_gib,
+    import os
+
+    # UCX transports for NIXL: the user's UCX_TLS if set; else TCP/shared memory on CPU, UCX's own pick on GPUs
+    ucx_tls = os.environ.get("UCX_TLS") or (None if device == "cuda" else "tcp,self,sm")
+    return VllmConfig(python=found, host=host, dtype=dtype, kv_buffer_device="cpu" if device != "cuda" else "cuda",
+                      ucx_tls=ucx_tls, enforce_eager=not compile_, cpu_kv_cache_gib=kv_cache_gib,
                       cpu_threads=cpu_threads, max_model_len=max_model_len, extra_args=tuple(extra))
 
 

@@ -175,6 +175,10 @@ def serve_vllm(plan: Plan, config: ServeConfig, vllm: VllmConfig,
     """Run the vLLM deployment until SIGINT/SIGTERM (blocking); instances never outlive this call."""
     import uvicorn
 
+    if str(plan.kv_transfer.compression) != "none":
+        log.warning("plan asks for %s KV transfer; vLLM's NixlConnector moves the KV cache uncompressed (in the "
+                    "cache dtype), so the links carry more than the plan was costed for",
+                    plan.kv_transfer.compression)
     dep = VllmDeployment(plan, config, vllm, progress=progress)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
