@@ -12,6 +12,10 @@ from thunderserve.spec.cluster import Cluster, NetworkSpec, NodeSpec
 TOY_GPU: dict[str, Any] = {
     "name": "TOY", "memory_gb": 40, "fp16_tflops": 100, "memory_bandwidth_gbs": 1000, "intra_node_gbs": 100,
     "price_usd_per_hour": 1.0, "compute_efficiency": 0.5, "memory_efficiency": 1.0, "layer_overhead_us": 0.0,
+    # per-operation terms kept round: attention at the GEMMs' efficiencies, no fixed costs, no padding
+    "attention_prefill_efficiency": 0.5, "attention_pad_tokens": 0.0, "attention_prefill_overhead_us": 0.0,
+    "attention_decode_memory_efficiency": 1.0, "attention_decode_overhead_us": 0.0,
+    "elementwise_memory_efficiency": 1.0,
 }
 
 

@@ -30,7 +30,7 @@ PLAN = {
     "routing": {"entry": {"p0": 0.5, "c0": 0.5}, "kv": {"p0": {"d0": 1.0}}},
 }
 ENTRY_KEYS = {"cluster", "cost_per_hour", "max_rate_at_slo", "throughput_tokens_s", "slo_attainment",
-              "latency_deadline_scale", "p99_ttft_s", "p99_tpot_s", "plan", "config"}
+              "latency_deadline_scale", "p99_ttft_s", "p99_tpot_s", "plan"}
 
 
 def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -71,6 +71,18 @@ def test_simulate_at_a_fixed_rate_without_search(monkeypatch, capsys, files) -> 
     assert doc["colocated_policy"] == "prefill_first" and doc["num_requests"] > 0
 
 
+def test_simulate_takes_vllm_scheduler_knobs(monkeypatch, capsys, files) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run(monkeypatch, capsys, "simulate", "--cluster", files["cluster"], "--model", "llama-2-7b",
+                       "--plan", files["plan"], "--rate", "0.5", "--duration", "60", "--no-search", "--json",
+                       "--max-num-batched-tokens", "512", "--max-num-seqs", "8", "--no-enable-chunked-prefill")
+    doc = json.loads(out)
+    assert code == 0 and doc["colocated_policy"] == "prefill_first"
+    assert doc["max_num_seqs"] == 8 and doc["chunk_token_budget"] == 512 and doc["prefill_token_budget"] == 512
+    for key in ("p50_ttft_s", "p90_ttft_s", "p50_tpot_s", "p90_tpot_s", "mean_ttft_s", "mean_tpot_s"):
+        assert doc[key] is not None and doc[key] >= 0, key
+    assert doc["mean_ttft_s"] > 0
+
+
 def test_simulate_replays_a_trace(monkeypatch, capsys, files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     rows = "\n".join(f"{i * 0.5},{300 + 10 * i},{20 + i}" for i in range(80))
     trace = tmp_path / "trace.csv"
@@ -86,6 +98,7 @@ def test_simulate_replays_a_trace(monkeypatch, capsys, files, tmp_path: Path) ->
     (["--rate", "1", "--trace", "x.csv"], "either --rate or --trace"),
     (["--rate", "-1"], "--rate: must be positive"),
     (["--no-search"], "--no-search needs --rate"),
+    (["--prefill-first", "--enable-chunked-prefill"], "contradicts"),
 ])
 def test_simulate_bad_options_are_one_line_errors(monkeypatch, capsys, files, extra, message) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run(monkeypatch, capsys, "simulate", "--cluster", files["cluster"], "--model", "llama-2-7b",
@@ -113,7 +126,7 @@ def test_compare_json_shape(monkeypatch, capsys, files, tmp_path: Path) -> None:
     assert doc["systems"]["thunderserve"]["config"]["search_budget_evaluations"] == 30
     assert set(doc["summary"]["vs"]) == {"vllm"}
     for entry in doc["systems"].values():
-        assert ENTRY_KEYS <= entry.keys()
+        assert ENTRY_KEYS | {"config"} <= entry.keys()
         assert entry["cost_per_hour"] == doc["cost_per_hour"]
         assert entry["comparison_rate_rps"] == doc["systems"]["vllm"]["max_rate_at_slo"]
     assert doc["systems"]["vllm"]["slo_attainment"] >= 0.9  # at its own max rate, the common rate here

@@ -34,6 +34,7 @@ from thunderserve.errors import SpecError
 from thunderserve.profiling.engine_profile import ProfileGrid
 from thunderserve.profiling.fidelity import engine_fidelity, gemm_fidelity, points, summarize
 from thunderserve.profiling.schema import EngineProfile, dump_profile, load_profile
+from thunderserve.profiling.step_fidelity import step_fidelity, vidur_published_steps
 from thunderserve.profiling.vidur import (
     ProfileData,
     discover,
@@ -41,6 +42,7 @@ from thunderserve.profiling.vidur import (
     packaged_profiles_dir,
     parse_map,
 )
+from thunderserve.profiling.vidur_ops import read_op_terms
 from thunderserve.spec.cluster import Cluster
 
 CalibrationOpt = typer.Option(None, "--calibration",
@@ -122,7 +124,9 @@ def run_calibrate(profiles: Sequence[Path], engine_profiles: Sequence[Path], gpu
         data = read_profile_dirs(profiles, gpus, gpu_map, model_map)
         specs = {f.gpu.name: f.gpu for f in data.files}
         with console.status("fitting GPU factors"):
-            shared, fitted = fit_gpu_profiles(data.gemms, specs, data.elementwise_fixed_us)
+            terms = read_op_terms(data.files)
+            shared, fitted = fit_gpu_profiles(data.gemms, specs, data.elementwise_fixed_us, terms.elementwise,
+                                              terms.attention)
         sources += [f"{_source_label(p)} ({', '.join(sorted({f.gpu.name for f in data.files}))})" for p in profiles]
     for path in engine_profiles:
         prof = load_profile(path)
@@ -185,6 +189,9 @@ def register(app: typer.Typer) -> None:
                                      parse_map(model_map, "--model-map"))
             fid = gemm_fidelity(calib, data.gemms)
             result = summarize(fid)
+            terms = read_op_terms(data.files, fit_gpus=[])
+            result["steps"] = {"by_gpu_kind": step_fidelity(calib, terms.layer_ops, terms.attention_profiles),
+                               "vidur_published": vidur_published_steps(calib)}
             if with_points:
                 result["points"] = points(fid)
         engines = {str(p): _engine_points(calib, load_profile(p)) for p in profile}
@@ -224,6 +231,15 @@ def _print_fidelity(result: dict[str, Any]) -> None:
         out.print(t)
         out.print(f"overall: median {result['median_relative_error']:.1%}, p90 {result['p90_relative_error']:.1%} "
                   f"over {result['num_points']} points")
+    steps = result.get("steps", {}).get("by_gpu_kind", {})
+    if steps:
+        t = Table(title="Step time (one layer) vs steps composed from measured kernels: median / p90 error")
+        for col in ("GPU type", "attention", "prefill", "decode", "mixed"):
+            t.add_column(col, justify="left" if col in ("GPU type", "attention") else "right")
+        for name, e in steps.items():
+            t.add_row(name, e["attention"], *(f"{e[k]['median_relative_error']:.1%} / {e[k]['p90_relative_error']:.1%}"
+                                              for k in ("prefill", "decode", "mixed")))
+        out.print(t)
     for path, e in result.get("engine_profiles", {}).items():
         out.print(f"{path}: median {e['median_relative_error']:.1%}, p90 {e['p90_relative_error']:.1%} "
                   f"over {e['num_points']} forward passes ({e['basis']} factors)")

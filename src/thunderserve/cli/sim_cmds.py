@@ -30,6 +30,12 @@ from thunderserve.cli.common import (
 )
 from thunderserve.errors import SpecError
 from thunderserve.plan import load_plan
+from thunderserve.policy.batching import (
+    DEFAULT_CHUNK_TOKEN_BUDGET,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_PREFILL_TOKEN_BUDGET,
+    BatchingConfig,
+)
 from thunderserve.policy.step import ColocatedPolicy
 from thunderserve.sim.config import (
     DEFAULT_DURATION_S,
@@ -44,8 +50,37 @@ DurationOpt = typer.Option(DEFAULT_DURATION_S, "--duration",
                            help="Seconds of Poisson arrivals per simulated run (trace: keep its first S seconds)")
 WarmupOpt = typer.Option(DEFAULT_WARMUP_S, "--warmup", help="Arrivals in the first S seconds are not measured")
 SeedOpt = typer.Option(0, "--seed", help="Seed of the Poisson arrivals and length sampling")
-PrefillFirstOpt = typer.Option(False, "--prefill-first",
-                               help="Colocated groups use the older prefill-first policy instead of chunked prefill")
+# vLLM's scheduler knobs under vLLM's names. Defaults are the simulator's (policy.batching), which match vLLM v1's
+# OpenAI-server defaults on A100-class and smaller GPUs (max_num_batched_tokens 2048, max_num_seqs 256, chunked
+# prefill on); vLLM raises them to 8192 / 1024 on >= 70 GiB GPUs other than the A100 (H100, MI300X): pass them.
+ChunkedPrefillOpt = typer.Option(None, "--enable-chunked-prefill/--no-enable-chunked-prefill",
+                                 help="Colocated groups mix prefill chunks into decode steps (vLLM v1 default: on); "
+                                 "off: whole prefills pause decoding (older vLLM)")
+PrefillFirstOpt = typer.Option(False, "--prefill-first", help="Alias of --no-enable-chunked-prefill")
+MaxBatchedTokensOpt = typer.Option(None, "--max-num-batched-tokens", min=1,
+                                   help=f"Tokens per step: the chunk budget of a mixed step and the prompt budget "
+                                   f"of a prefill batch (default {DEFAULT_CHUNK_TOKEN_BUDGET} chunked, "
+                                   f"{DEFAULT_PREFILL_TOKEN_BUDGET} prefill batches)")
+MaxNumSeqsOpt = typer.Option(None, "--max-num-seqs", min=1,
+                             help=f"Sequences per batch (default {DEFAULT_MAX_BATCH_SIZE})")
+
+
+def batching_config(max_num_batched_tokens: int | None, max_num_seqs: int | None) -> BatchingConfig:
+    """vLLM's knobs as the simulator's batching limits (unset ones keep the defaults)."""
+    base = BatchingConfig()
+    tokens = max_num_batched_tokens
+    return BatchingConfig(prefill_token_budget=tokens or base.prefill_token_budget,
+                          max_batch_size=max_num_seqs or base.max_batch_size,
+                          chunk_token_budget=tokens or base.chunk_token_budget)
+
+
+def chunked_prefill(enable: bool | None, prefill_first: bool) -> bool | None:
+    """--enable-chunked-prefill / --no-enable-chunked-prefill, with --prefill-first as an alias of the latter."""
+    if prefill_first:
+        if enable:
+            raise SpecError("--prefill-first contradicts --enable-chunked-prefill", field="--prefill-first")
+        return False
+    return enable
 
 
 def _progress() -> Progress:
@@ -70,7 +105,10 @@ def simulate_cmd(
     warmup: float = WarmupOpt,
     seed: int = SeedOpt,
     no_search: bool = typer.Option(False, "--no-search", help="Skip the max-rate bisection (needs --rate or --trace)"),
+    enable_chunked_prefill: bool | None = ChunkedPrefillOpt,
     prefill_first: bool = PrefillFirstOpt,
+    max_num_batched_tokens: int | None = MaxBatchedTokensOpt,
+    max_num_seqs: int | None = MaxNumSeqsOpt,
     slo: float | None = SloScaleOpt,
     ttft_ms: float | None = TtftOpt,
     tpot_ms: float | None = TpotOpt,
@@ -110,6 +148,8 @@ def simulate_cmd(
     _positive("--duration", duration)
     if warmup < 0:
         raise SpecError("must be >= 0", field="--warmup")
+    prefill_first = chunked_prefill(enable_chunked_prefill, prefill_first) is False
+    batching = batching_config(max_num_batched_tokens, max_num_seqs)
     if event:
         _simulate_timeline(cluster, model, workload, plan, rate, trace, duration, warmup, seed, prefill_first, slo,
                            ttft_ms, tpot_ms, attainment, event, timeline, policies, bucket, decision_time,
@@ -126,7 +166,7 @@ def simulate_cmd(
                          attainment)
     the_plan = load_plan(plan)
     policy = ColocatedPolicy.PREFILL_FIRST if prefill_first else ColocatedPolicy.CHUNKED
-    sim_cfg = SimConfig(colocated_policy=policy, warmup_s=warmup)
+    sim_cfg = SimConfig(batching=batching, colocated_policy=policy, warmup_s=warmup)
     load = LoadConfig(duration_s=duration, seed=seed)
     wl = inputs.workload
     stream = None
@@ -155,7 +195,16 @@ def simulate_cmd(
         bar.add_task(f"simulating {requests[0].size} requests at {at_rate:.2f} req/s", total=None)
         result = simulate(the_plan, inputs.cluster, inputs.model, *requests, sim_cfg)
     entry: dict[str, Any] = system_entry(the_plan, inputs.cluster, inputs.slo, result, at_rate, max_rate)
+    import numpy as np
+
+    done = result.measured & np.isfinite(result.finish_s)
     entry.update({"rate_rps": at_rate, "workload": wl.name, "colocated_policy": str(policy),
+                  "mean_ttft_s": float(np.mean(result.ttft_s[done])) if done.any() else None,
+                  "mean_tpot_s": float(np.mean(result.tpot_s[done & (result.output_tokens > 1)]))
+                  if (done & (result.output_tokens > 1)).any() else None,
+                  "max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": sim_cfg.batching.max_batch_size,
+                  "chunk_token_budget": sim_cfg.batching.chunk_token_budget,
+                  "prefill_token_budget": sim_cfg.batching.prefill_token_budget,
                   "sim_wall_s": result.wall_s, "sim_events": result.events})
     entry = finite_json(entry)
     if as_json:
@@ -274,6 +323,13 @@ def compare_cmd(
                                    "candidates by simulation (0: off)"),
     chunked_only: bool = typer.Option(False, "--chunked-only",
                                       help="Do not also try the prefill-first policy for colocated-only systems"),
+    enable_chunked_prefill: bool | None = typer.Option(
+        None, "--enable-chunked-prefill/--no-enable-chunked-prefill",
+        help="Run colocated groups with (or without) chunked prefill only; unset: chunked, and colocated-only "
+        "systems also try prefill-first unless --chunked-only"),
+    prefill_first: bool = PrefillFirstOpt,
+    max_num_batched_tokens: int | None = MaxBatchedTokensOpt,
+    max_num_seqs: int | None = MaxNumSeqsOpt,
     slo: float | None = SloScaleOpt,
     ttft_ms: float | None = TtftOpt,
     tpot_ms: float | None = TpotOpt,
@@ -303,10 +359,14 @@ def compare_cmd(
     if systems and "thunderserve" not in names:
         names = ("thunderserve", *names)  # the comparison is against ours
     _positive("--min-requests", min_requests)
-    config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed, min_requests=min_requests),
-                           sim=SimConfig(warmup_s=warmup), systems=names, per_kv_level=not no_kv_levels, budget=budget,
+    chunked = chunked_prefill(enable_chunked_prefill, prefill_first)
+    policy = ColocatedPolicy.PREFILL_FIRST if chunked is False else ColocatedPolicy.CHUNKED
+    sim_cfg = SimConfig(batching=batching_config(max_num_batched_tokens, max_num_seqs), colocated_policy=policy,
+                        warmup_s=warmup)
+    config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed, min_requests=min_requests), sim=sim_cfg,
+                           systems=names, per_kv_level=not no_kv_levels, budget=budget,
                            planner_time_limit_s=time_limit, curves=not no_curves or plot is not None,
-                           try_prefill_first=not chunked_only, seed=seed, verify_top=verify_top)
+                           try_prefill_first=not chunked_only and chunked is None, seed=seed, verify_top=verify_top)
     with _progress() as bar:
         task = bar.add_task("comparing", total=None)
 

@@ -38,6 +38,7 @@ from thunderserve.costmodel.fit import (
     fit_gemm,
     fit_stage,
 )
+from thunderserve.costmodel.opfit import AttentionFit, ElementwiseFit
 from thunderserve.errors import SpecError
 from thunderserve.spec._load import first_error
 from thunderserve.spec.cluster import Cluster
@@ -74,7 +75,15 @@ class SharedFactors(BaseModel):
     memory_efficiency: float = Field(gt=0, le=1)
     compute_saturation_tokens: float = Field(ge=0)
     op_overhead_us: float = Field(ge=0)  # fixed cost per GEMM
-    elementwise_overhead_us: float = Field(ge=0)  # non-GEMM kernels of one layer at the fewest tokens
+    elementwise_overhead_us: float = Field(ge=0)  # non-GEMM kernels of one layer: fixed part
+    # step-time terms beyond the GEMMs (None in files written before they existed: the catalog defaults apply)
+    elementwise_memory_efficiency: float | None = Field(default=None, gt=0, le=1)
+    attention_prefill_efficiency: float | None = Field(default=None, gt=0, le=1)
+    attention_pad_tokens: float | None = Field(default=None, ge=0)
+    attention_prefill_overhead_us: float | None = Field(default=None, ge=0)
+    attention_decode_memory_efficiency: float | None = Field(default=None, gt=0, le=1)
+    attention_decode_overhead_us: float | None = Field(default=None, ge=0)
+    attention_errors: dict[str, FitErrors] | None = None  # "prefill" / "decode": the attention fit on its data
     fitted_on: tuple[str, ...]  # GPU types whose profiles were used
     errors: FitErrors
 
@@ -85,6 +94,15 @@ class SharedFactors(BaseModel):
     def factors(self) -> RooflineFactors:
         return RooflineFactors(self.compute_efficiency, self.memory_efficiency, self.compute_saturation_tokens,
                                self.op_overhead_us)
+
+    def op_terms(self) -> dict[str, float]:
+        """The step-time terms beyond GEMMs this fit carries, as GpuSpec fields (absent ones left out)."""
+        return {k: v for k in OP_TERM_FIELDS if (v := getattr(self, k)) is not None}
+
+
+OP_TERM_FIELDS = ("elementwise_memory_efficiency", "attention_prefill_efficiency", "attention_pad_tokens",
+                  "attention_prefill_overhead_us", "attention_decode_memory_efficiency",
+                  "attention_decode_overhead_us")
 
 
 class GpuCalibration(BaseModel):
@@ -137,12 +155,12 @@ def calibrated_gpu(spec: GpuSpec, calib: Calibration) -> GpuSpec:
         s = own.spec
         update = {"compute_efficiency": s.compute_efficiency, "memory_efficiency": s.memory_efficiency,
                   "compute_saturation_tokens": s.compute_saturation_tokens,
-                  "layer_overhead_us": s.layer_overhead_us}
+                  "layer_overhead_us": s.layer_overhead_us, **{k: getattr(s, k) for k in OP_TERM_FIELDS}}
     elif calib.shared is not None:
         sh = calib.shared
         update = {"compute_efficiency": sh.compute_efficiency, "memory_efficiency": sh.memory_efficiency,
                   "compute_saturation_tokens": sh.compute_saturation_tokens,
-                  "layer_overhead_us": sh.layer_overhead_us}
+                  "layer_overhead_us": sh.layer_overhead_us, **sh.op_terms()}
     else:
         return spec
     return spec.model_copy(update={k: round(v, 4) for k, v in update.items()})
@@ -188,21 +206,43 @@ def _gemm_arrays(samples: GemmSampleSet, mask: np.ndarray | None = None) -> Gemm
 
 
 def fit_gpu_profiles(samples: GemmSampleSet, specs: Mapping[str, GpuSpec],
-                     elementwise_fixed_us: Mapping[str, float]) -> tuple[SharedFactors, list[GpuCalibration]]:
+                     elementwise_fixed_us: Mapping[str, float],
+                     elementwise_fits: Mapping[str, ElementwiseFit] | None = None,
+                     attention: AttentionFit | None = None) -> tuple[SharedFactors, list[GpuCalibration]]:
     """Fit the shared model over all GPU types in `samples`, then each type's own factors.
 
     Per type, compute and memory efficiency and the op overhead are refitted while m0 (a property of GEMM tiling,
     not of the chip) stays at the shared value: parameters are shared across GPU types where the data allow.
+    With `elementwise_fits` (per type: fixed part + bandwidth efficiency of the element-wise kernels) the fixed
+    part replaces `elementwise_fixed_us` in the layer overhead; `attention` (fitted on whatever attention profiles
+    exist) applies to every type, as fractions of its datasheet peak.
     """
     gpu_names = sorted(set(samples.gpu.tolist()))
     shared_fit = fit_gemm(_gemm_arrays(samples))
     f = shared_fit.factors
+    ew = {g: e for g, e in (elementwise_fits or {}).items() if g in gpu_names}
+    if ew:
+        elementwise_fixed_us = {g: e.fixed_us for g, e in ew.items()}
     elementwise = [elementwise_fixed_us[g] for g in gpu_names if g in elementwise_fixed_us]
+    terms: dict[str, object] = {}
+    if ew:
+        terms["elementwise_memory_efficiency"] = round(float(np.mean([e.memory_efficiency for e in ew.values()])), 4)
+    if attention is not None:
+        a = attention
+        terms |= {"attention_prefill_efficiency": round(a.prefill_efficiency, 4),
+                  "attention_pad_tokens": round(a.pad_tokens, 1),
+                  "attention_prefill_overhead_us": round(a.prefill_overhead_us, 2),
+                  "attention_decode_memory_efficiency": round(a.decode_memory_efficiency, 4),
+                  "attention_decode_overhead_us": round(a.decode_overhead_us, 2),
+                  "attention_errors": {"prefill": FitErrors.of(a.prefill_errors),
+                                       "decode": FitErrors.of(a.decode_errors)}}
     shared = SharedFactors(
+        **terms,  # type: ignore[arg-type]
         compute_efficiency=round(f.compute_efficiency, 4), memory_efficiency=round(f.memory_efficiency, 4),
         compute_saturation_tokens=round(f.compute_saturation_tokens, 2), op_overhead_us=round(f.overhead_us, 3),
         elementwise_overhead_us=round(float(np.mean(elementwise)) if elementwise else 0.0, 2),
         fitted_on=tuple(gpu_names), errors=FitErrors.of(shared_fit.errors))
+    op_terms = shared.op_terms()
     per_gpu: list[GpuCalibration] = []
     for name in gpu_names:
         mask = samples.gpu == name
@@ -211,7 +251,9 @@ def fit_gpu_profiles(samples: GemmSampleSet, specs: Mapping[str, GpuSpec],
         layer_us = GEMMS_PER_LAYER * g.overhead_us + elementwise_fixed_us.get(name, shared.elementwise_overhead_us)
         spec = specs[name].model_copy(update={
             "compute_efficiency": round(g.compute_efficiency, 4), "memory_efficiency": round(g.memory_efficiency, 4),
-            "compute_saturation_tokens": shared.compute_saturation_tokens, "layer_overhead_us": round(layer_us, 2)})
+            "compute_saturation_tokens": shared.compute_saturation_tokens, "layer_overhead_us": round(layer_us, 2),
+            **op_terms, **({"elementwise_memory_efficiency": round(ew[name].memory_efficiency, 4)}
+                           if name in ew else {})})
         per_gpu.append(GpuCalibration(spec=spec, source="vidur", op_overhead_us=round(g.overhead_us, 3),
                                       errors=FitErrors.of(fit.errors)))
     return shared, per_gpu
@@ -224,7 +266,9 @@ def fit_engine_profile(model: ModelSpec, device: GpuSpec, samples: Sequence[Stag
         "compute_efficiency": round(fitted.compute_efficiency, 4),
         "memory_efficiency": round(fitted.memory_efficiency, 4),
         "compute_saturation_tokens": round(fitted.compute_saturation_tokens, 2),
-        "layer_overhead_us": round(fitted.layer_overhead_us, 2)})
+        "layer_overhead_us": round(fitted.layer_overhead_us, 2),
+        "attention_prefill_efficiency": round(fitted.compute_efficiency, 4),
+        "attention_decode_memory_efficiency": round(fitted.memory_efficiency, 4)})
     return GpuCalibration(spec=rounded, source="engine-profile", errors=FitErrors.of(fit.errors))
 
 

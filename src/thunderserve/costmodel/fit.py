@@ -168,7 +168,16 @@ class StageSample:
 def unit_gpu(spec: GpuSpec) -> GpuSpec:
     """The same device with all efficiency factors neutral (1, 1, no saturation, no overhead)."""
     return spec.model_copy(update={"compute_efficiency": 1.0, "memory_efficiency": 1.0,
-                                   "compute_saturation_tokens": 0.0, "layer_overhead_us": 0.0})
+                                   "compute_saturation_tokens": 0.0, "layer_overhead_us": 0.0,
+                                   **ENGINE_OP_FACTORS, "attention_prefill_efficiency": 1.0,
+                                   "attention_decode_memory_efficiency": 1.0})
+
+
+# A whole-model engine profile cannot separate attention from the linear layers: its fit ties attention to the
+# fitted compute (prefill) and memory (decode) efficiencies and leaves the op-level terms neutral.
+ENGINE_OP_FACTORS: dict[str, float] = {"attention_pad_tokens": 0.0, "attention_prefill_overhead_us": 0.0,
+                                       "attention_decode_overhead_us": 0.0, "elementwise_memory_efficiency": 1.0,
+                                       "step_overhead_us": 0.0}
 
 
 def _single_device_stage(model: ModelSpec, gpu: GpuSpec) -> StagePerf:
@@ -182,7 +191,9 @@ def stage_predict_s(base: StagePerf, samples: Sequence[StageSample], f: Roofline
     stage = replace(base, flops_s=base.flops_s * f.compute_efficiency,
                     mem_bytes_s=base.mem_bytes_s * f.memory_efficiency,
                     overhead_s=base.num_layers * f.overhead_us * 1e-6,
-                    compute_saturation_tokens=f.compute_saturation_tokens)
+                    compute_saturation_tokens=f.compute_saturation_tokens,
+                    attn_prefill_flops_s=base.attn_prefill_flops_s * f.compute_efficiency,
+                    attn_decode_bytes_s=base.attn_decode_bytes_s * f.memory_efficiency)
     out = np.empty(len(samples))
     for i, s in enumerate(samples):
         if s.phase is PassKind.PREFILL:
@@ -215,7 +226,9 @@ def fit_stage(model: ModelSpec, gpu: GpuSpec, samples: Sequence[StageSample]) ->
     fitted = gpu.model_copy(update={"compute_efficiency": f.compute_efficiency,
                                     "memory_efficiency": f.memory_efficiency,
                                     "compute_saturation_tokens": f.compute_saturation_tokens,
-                                    "layer_overhead_us": f.overhead_us})
+                                    "layer_overhead_us": f.overhead_us, **ENGINE_OP_FACTORS,
+                                    "attention_prefill_efficiency": f.compute_efficiency,
+                                    "attention_decode_memory_efficiency": f.memory_efficiency})
     return fitted, FitResult(f, error_stats(stage_predict_s(base, samples, f), measured))
 
 

@@ -173,21 +173,23 @@ def _stage_curve(model: ModelSpec, gpus: Sequence[GpuRef], cluster: Cluster, fir
     lm_head_bytes = one.streamed_weight_bytes - layer_w
     if phase is Phase.PREFILL:
         tokens, sum_sq, seqs = REF_PROMPT_TOKENS, REF_PROMPT_TOKENS ** 2, 1.0
-        flops_l = tokens * one.linear_flops_per_token + sum_sq * one.attn_prefill_flops_per_sq_token
+        flops_l = tokens * one.linear_flops_per_token
         flops_0 = seqs * one.lm_head_flops_per_seq
-        mem_l = layer_w + tokens * one.kv_bytes_per_token
+        attn_l = ((sum_sq + 2.0 * one.attn_pad_tokens * tokens) * one.attn_prefill_flops_per_sq_token
+                  / one.attn_prefill_flops_s + one.attn_prefill_overhead_s)
     else:
         tokens = 64.0
         ctx = tokens * REF_DECODE_CONTEXT
-        flops_l = tokens * one.linear_flops_per_token + ctx * one.attn_decode_flops_per_ctx_token
+        flops_l = tokens * one.linear_flops_per_token
         flops_0 = tokens * one.lm_head_flops_per_seq
-        mem_l = layer_w + ctx * one.kv_bytes_per_token
+        attn_l = ctx * one.kv_bytes_per_token / one.attn_decode_bytes_s + one.attn_decode_overhead_s
     comm_l = 2.0 * float(_allreduce_s(tokens * one.hidden_bytes_per_token, one.tp, one.link_bytes_s)) if one.tp > 1 else 0.0
     sat = getattr(one, "compute_saturation_tokens", 0.0)
-    sat_factor = (tokens + sat) / tokens if sat > 0 else 1.0  # roofline_time_s: compute saturates with tokens
+    sat_factor = (tokens + sat) / tokens if sat > 0 else 1.0  # linear_time_s: compute saturates with tokens
+    # StagePerf.step_time_s as a function of ℓ: the linear roofline over ℓ layers (+ LM head) plus per-layer terms
     time = (np.maximum((ell * flops_l + flops_0) / one.flops_s * sat_factor,
-                       (ell * mem_l + lm_head_bytes) / one.mem_bytes_s)
-            + ell * (comm_l + one.overhead_s))
+                       (ell * layer_w + lm_head_bytes) / one.mem_bytes_s)
+            + ell * (attn_l + tokens * one.elementwise_s_per_token + comm_l + one.overhead_s) + one.step_overhead_s)
     # memory, as in stage_perf: weights/tp + activations + runtime overhead, KV in what is left
     extra = one.weight_bytes - layer_w
     tp = len(gpus)

@@ -1,9 +1,8 @@
 """Vectorised twins of the cost model's stage/group step times, with the serving mechanics on top.
 
 `StagePerf` prices one batch per call; the estimate needs hundreds of batches per group (every sampled
-prompt, every decode batch size), so these functions evaluate the very same roofline on numpy arrays
-(`costmodel.perf.roofline_time_s`: compute efficiency saturating with the batch's tokens, TP all-reduces,
-per-layer overhead). On top they model how a group runs its steps, as the simulator does (`sim.steptime`):
+prompt, every decode batch size), so these functions evaluate the very same step-time function on numpy arrays
+(`costmodel.perf.StagePerf.step_time_s`, which accepts arrays). On top they model how a group runs its steps, as the simulator does (`sim.steptime`):
   * prefill batches flow stage by stage (pipelined): the next batch enters after the bottleneck stage time;
   * a decode step with PP > 1 splits the running batch into m = min(pp, batch) micro-batches circulating
     through the pipeline: every sequence gets a token per max(L, m·B) (L: pipeline latency of one
@@ -33,19 +32,6 @@ def _allreduce_s(num_bytes: ArrayLike, tp: int, link_bytes_s: float) -> np.ndarr
     return steps * ALLREDUCE_LATENCY_S + steps / tp * nb / link_bytes_s
 
 
-def stage_time_s(sp: StagePerf, tokens: ArrayLike, flops: ArrayLike, mem_bytes: ArrayLike) -> np.ndarray:
-    """`StagePerf._time` on arrays: roofline (saturating compute) + TP all-reduces + fixed overhead."""
-    t = np.asarray(tokens, dtype=float)
-    compute = np.asarray(flops, dtype=float) / sp.flops_s
-    sat = getattr(sp, "compute_saturation_tokens", 0.0)
-    if sat > 0:
-        compute = np.where(t > 0, compute * (t + sat) / np.where(t > 0, t, 1.0), compute)
-    memory = np.asarray(mem_bytes, dtype=float) / sp.mem_bytes_s
-    comm = 2 * sp.num_layers * _allreduce_s(t * sp.hidden_bytes_per_token, sp.tp, sp.link_bytes_s) \
-        if sp.tp > 1 else 0.0
-    return np.maximum(compute, memory) + comm + sp.overhead_s
-
-
 def sends_s(gp: GroupPerf, tokens: ArrayLike) -> np.ndarray:
     """Activation sends between consecutive stages for a pass over `tokens` tokens (summed)."""
     t = np.asarray(tokens, dtype=float)
@@ -60,10 +46,9 @@ def sends_s(gp: GroupPerf, tokens: ArrayLike) -> np.ndarray:
 
 
 def stage_prefill_s(sp: StagePerf, tokens: ArrayLike, sum_sq: ArrayLike, seqs: ArrayLike) -> np.ndarray:
-    flops = (np.asarray(tokens) * sp.linear_flops_per_token + np.asarray(sum_sq) * sp.attn_prefill_flops_per_sq_token
-             + np.asarray(seqs) * sp.lm_head_flops_per_seq)
-    mem = sp.streamed_weight_bytes + np.asarray(tokens) * sp.kv_bytes_per_token
-    return stage_time_s(sp, tokens, flops, mem)
+    t = np.asarray(tokens, dtype=float)
+    return np.asarray(sp.step_time_s(np.zeros_like(t), np.zeros_like(t), t, np.asarray(sum_sq, dtype=float),
+                                     np.asarray(seqs, dtype=float) + np.zeros_like(t)))
 
 
 def prefill_times_s(gp: GroupPerf, tokens: ArrayLike, sum_sq: ArrayLike, seqs: ArrayLike = 1.0
@@ -76,10 +61,8 @@ def prefill_times_s(gp: GroupPerf, tokens: ArrayLike, sum_sq: ArrayLike, seqs: A
 
 def stage_decode_s(sp: StagePerf, batch: ArrayLike, context_tokens: ArrayLike) -> np.ndarray:
     b = np.asarray(batch, dtype=float)
-    ctx = np.asarray(context_tokens, dtype=float)
-    flops = b * (sp.linear_flops_per_token + sp.lm_head_flops_per_seq) + ctx * sp.attn_decode_flops_per_ctx_token
-    mem = sp.streamed_weight_bytes + ctx * sp.kv_bytes_per_token
-    return stage_time_s(sp, b, flops, mem)
+    ctx = np.asarray(context_tokens, dtype=float) + np.zeros_like(b)
+    return np.asarray(sp.step_time_s(b, ctx, np.zeros_like(b), np.zeros_like(b), b))
 
 
 def _pipelined(gp: GroupPerf, per_stage: list[np.ndarray], micro_tokens: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -104,15 +87,13 @@ def stage_mixed_s(sp: StagePerf, decode_batch: ArrayLike, decode_context_tokens:
                   chunk_attn_sq_tokens: ArrayLike, chunk_prefix_tokens: ArrayLike,
                   chunk_seqs_completing: ArrayLike) -> np.ndarray:
     """One stage pass over decode tokens plus prefill chunks (the simulator's `mixed_stage_time_s`)."""
+    del chunk_prefix_tokens  # priced inside the prefill-attention term
     nd = np.asarray(decode_batch, dtype=float)
-    c = np.asarray(chunk_tokens, dtype=float)
-    tokens = nd + c
-    flops = (tokens * sp.linear_flops_per_token + np.asarray(chunk_attn_sq_tokens) * sp.attn_prefill_flops_per_sq_token
-             + np.asarray(decode_context_tokens) * sp.attn_decode_flops_per_ctx_token
-             + (nd + np.asarray(chunk_seqs_completing)) * sp.lm_head_flops_per_seq)
-    mem = sp.streamed_weight_bytes + (c + np.asarray(chunk_prefix_tokens) + np.asarray(decode_context_tokens)) \
-        * sp.kv_bytes_per_token
-    return stage_time_s(sp, tokens, flops, mem)
+    c = np.asarray(chunk_tokens, dtype=float) + np.zeros_like(nd)
+    nd = nd + np.zeros_like(c)
+    return np.asarray(sp.step_time_s(nd, np.asarray(decode_context_tokens, dtype=float) + np.zeros_like(c), c,
+                                     np.asarray(chunk_attn_sq_tokens, dtype=float) + np.zeros_like(c),
+                                     nd + np.asarray(chunk_seqs_completing, dtype=float)))
 
 
 def mixed_step_s(gp: GroupPerf, decode_batch: ArrayLike, decode_context_tokens: ArrayLike, chunk_tokens: ArrayLike,

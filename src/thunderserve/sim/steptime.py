@@ -5,9 +5,9 @@
 * Decode step with PP > 1: the running batch is split into m = min(pp, batch) micro-batches that circulate
   through the pipeline, so every sequence gets one token per max(L, m x B), where L is the full pipeline
   latency of one micro-batch and B its bottleneck-stage time (vLLM/DistServe-style pipelined decoding).
-* Mixed (colocated, chunked-prefill) step: one pass over decode tokens and prefill chunks together with the
-  same roofline as `StagePerf` (`mixed_stage_time_s`); it equals `prefill_time_s` with no decodes and
-  `decode_time_s` with no chunks (pinned by tests).
+* Mixed (colocated, chunked-prefill) step: one pass over decode tokens and prefill chunks together, priced by
+  the cost model's `StagePerf.step_time_s` (the sum of its per-operation parts); it equals `prefill_time_s` with
+  no decodes and `decode_time_s` with no chunks (pinned by tests).
 """
 
 from __future__ import annotations
@@ -22,20 +22,16 @@ def mixed_stage_time_s(stage: StagePerf, decode_batch: float, decode_context_tok
                        chunk_tokens: float, chunk_attn_sq_tokens: float, chunk_prefix_tokens: float,
                        chunk_seqs_completing: float) -> float:
     """One stage pass over `decode_batch` decode tokens (holding `decode_context_tokens` of KV) plus prefill
-    chunks of `chunk_tokens` in all.
+    chunks of `chunk_tokens` in all: `StagePerf.step_time_s`, the sum of the parts.
 
     `chunk_attn_sq_tokens` = Σ(c² + 2·c·done) for chunks of c tokens after `done` already-prefilled tokens
-    (causal attention to the own chunk and the prefix); `chunk_prefix_tokens` = Σdone (prefix KV read);
+    (causal attention to the own chunk and the prefix, whose KV reads the attention term covers);
+    `chunk_prefix_tokens` = Σdone (kept for callers; priced inside the attention term);
     `chunk_seqs_completing`: chunks that end their prompt (these need logits, like decode tokens).
     """
-    tokens = decode_batch + chunk_tokens
-    flops = (tokens * stage.linear_flops_per_token
-             + chunk_attn_sq_tokens * stage.attn_prefill_flops_per_sq_token
-             + decode_context_tokens * stage.attn_decode_flops_per_ctx_token
-             + (decode_batch + chunk_seqs_completing) * stage.lm_head_flops_per_seq)
-    mem = stage.streamed_weight_bytes + (chunk_tokens + chunk_prefix_tokens + decode_context_tokens) \
-        * stage.kv_bytes_per_token
-    return stage._time(tokens, flops, mem)  # the cost model's own roofline + TP all-reduce + overhead
+    del chunk_prefix_tokens
+    return stage.step_time_s(decode_batch, decode_context_tokens, chunk_tokens, chunk_attn_sq_tokens,
+                             decode_batch + chunk_seqs_completing)
 
 
 class GroupTimer:

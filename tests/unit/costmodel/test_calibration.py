@@ -35,6 +35,7 @@ from thunderserve.costmodel.perf import roofline_time_s
 from thunderserve.errors import SpecError
 from thunderserve.profiling.fidelity import gemm_fidelity, summarize
 from thunderserve.profiling.vidur import load_profile_dir, packaged_profiles_dir
+from thunderserve.profiling.vidur_ops import read_op_terms
 from thunderserve.spec import GpuSpec, gpu_catalog, lookup_gpu
 
 
@@ -48,7 +49,9 @@ def a100_a40_fit(all_profiles):  # type: ignore[no-untyped-def]
     g = all_profiles.gemms
     train = g.select(np.isin(g.gpu, ["A100-80GB", "A40"]))
     specs = {f.gpu.name: f.gpu for f in all_profiles.files}
-    shared, per_gpu = fit_gpu_profiles(train, specs, all_profiles.elementwise_fixed_us)
+    terms = read_op_terms(all_profiles.files, ["A100-80GB", "A40"])
+    shared, per_gpu = fit_gpu_profiles(train, specs, all_profiles.elementwise_fixed_us, terms.elementwise,
+                                       terms.attention)
     return merge(shared, per_gpu, ["packaged a100, a40"])
 
 
@@ -85,7 +88,8 @@ def test_shipped_default_is_the_a100_a40_fit(a100_a40_fit: Calibration) -> None:
     shipped = default_calibration()
     assert shipped.shared is not None and a100_a40_fit.shared is not None
     for field in ("compute_efficiency", "memory_efficiency", "compute_saturation_tokens", "op_overhead_us",
-                  "elementwise_overhead_us"):
+                  "elementwise_overhead_us", "elementwise_memory_efficiency", "attention_prefill_efficiency",
+                  "attention_pad_tokens", "attention_decode_memory_efficiency"):
         assert getattr(shipped.shared, field) == pytest.approx(getattr(a100_a40_fit.shared, field), rel=1e-3)
     assert [g.spec for g in shipped.gpus] == [g.spec for g in a100_a40_fit.gpus]
 
@@ -96,6 +100,18 @@ def test_catalog_carries_the_default_calibration() -> None:
         assert calibrated_gpu(spec, calib) == spec, spec.name
     a100 = lookup_gpu("A100-80GB")
     assert a100.compute_efficiency == calib.gpu("A100-80GB").spec.compute_efficiency  # type: ignore[union-attr]
+
+
+def test_attention_and_elementwise_fits_match_their_kernels(a100_a40_fit: Calibration) -> None:
+    sh = a100_a40_fit.shared
+    assert sh is not None and sh.attention_errors is not None
+    # Vidur's A100 FlashAttention: prefill at ~40% of peak FLOP/s, decode KV reads at ~90% of bandwidth
+    assert 0.2 < (sh.attention_prefill_efficiency or 0) < 0.6
+    assert 0.7 < (sh.attention_decode_memory_efficiency or 0) <= 1.0
+    for kind in ("prefill", "decode"):
+        assert sh.attention_errors[kind].median_relative_error < 0.10, kind
+    # element-wise kernels are bandwidth bound well below peak
+    assert 0.4 < (sh.elementwise_memory_efficiency or 0) < 0.9
 
 
 def test_vectorised_gemm_time_matches_perf_roofline() -> None:
@@ -130,9 +146,12 @@ def test_saturation_makes_small_batches_compute_costlier() -> None:
     plain = group_perf(model, [(base.gpus, 2)], base).stages[0]
     slow = group_perf(model, [(padded.gpus, 2)], padded).stages[0]
     assert slow.compute_saturation_tokens == 100.0
-    # 4096 prompt tokens are compute bound: compute time grows by (4096 + 100) / 4096
+    # 4096 prompt tokens are compute bound: the linear layers' time grows by (4096 + 100) / 4096, the other
+    # per-operation terms (attention, element-wise, overheads) do not change
     t0 = plain.prefill_time_s(4096.0, 4096.0**2)
-    assert slow.prefill_time_s(4096.0, 4096.0**2) == pytest.approx(t0 * (4096 + 100) / 4096, rel=1e-12)
+    lin0 = plain.linear_time_s(4096.0, 1.0)
+    expected = t0 - lin0 + lin0 * (4096 + 100) / 4096
+    assert slow.prefill_time_s(4096.0, 4096.0**2) == pytest.approx(expected, rel=1e-12)
 
 
 def _toy_spec(**kw: float) -> GpuSpec:

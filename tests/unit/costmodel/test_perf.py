@@ -1,4 +1,6 @@
-"""Cost model pinned on hand-computed cases (TOY GPU: 100 TFLOP/s at 50% efficiency, 1000 GB/s at 100%)."""
+"""Cost model pinned on hand-computed cases (TOY GPU: 100 TFLOP/s at 50% efficiency, 1000 GB/s at 100%).
+
+A step is the sum of its operations: linear layers (roofline), attention, element-wise kernels."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ FLOPS = 100e12 * 0.5
 BW = 1000e9
 PARAMS_PER_LAYER = 1024 * 1024 * 2 + 1024 * 1024 * 2 + 3 * 1024 * 4096  # q,o + k,v + gate,up,down
 LM_HEAD = 1000 * 1024
+# element-wise bytes per token and layer: norms + adds (10 x hidden), rotary on q and k, gated activation (3 x inter)
+ELEMENTWISE_BYTES = 2 * (10 * 1024 + 2 * (8 + 8) * 128 + 3 * 4096)
 
 
 def _single_gpu():  # type: ignore[no-untyped-def]
@@ -24,19 +28,23 @@ def _single_gpu():  # type: ignore[no-untyped-def]
 def test_dense_prefill_is_matmul_bound() -> None:
     perf = _single_gpu()
     tokens = 4096
-    flops = tokens * 2 * PARAMS_PER_LAYER * 2 + tokens**2 * 2 * 1024 * 2 + 2 * LM_HEAD
-    mem = 2 * PARAMS_PER_LAYER * 2 + LM_HEAD * 2 + tokens * 2 * 8 * 128 * 2 * 2
+    flops = tokens * 2 * PARAMS_PER_LAYER * 2 + 2 * LM_HEAD
+    mem = 2 * PARAMS_PER_LAYER * 2 + LM_HEAD * 2
     assert flops / FLOPS > mem / BW
-    assert perf.prefill_latency_s([tokens]) == pytest.approx(flops / FLOPS, rel=1e-12)
+    attention = tokens**2 * 2 * 1024 * 2 / FLOPS  # causal: 4 x hidden x len²/2 per layer
+    elementwise = 2 * tokens * ELEMENTWISE_BYTES / BW
+    assert perf.prefill_latency_s([tokens]) == pytest.approx(flops / FLOPS + attention + elementwise, rel=1e-12)
 
 
 def test_decode_is_bandwidth_bound() -> None:
     perf = _single_gpu()
     context = 1000
-    mem = 2 * PARAMS_PER_LAYER * 2 + LM_HEAD * 2 + context * (2 * 8 * 128 * 2) * 2
-    flops = 2 * PARAMS_PER_LAYER * 2 + 2 * LM_HEAD + 4 * context * 1024 * 2
+    mem = 2 * PARAMS_PER_LAYER * 2 + LM_HEAD * 2
+    flops = 2 * PARAMS_PER_LAYER * 2 + 2 * LM_HEAD
     assert mem / BW > flops / FLOPS
-    assert perf.decode_step_latency_s([context]) == pytest.approx(mem / BW, rel=1e-12)
+    kv_read = context * (2 * 8 * 128 * 2) * 2 / BW  # decode attention reads the context's KV
+    elementwise = 2 * ELEMENTWISE_BYTES / BW
+    assert perf.decode_step_latency_s([context]) == pytest.approx(mem / BW + kv_read + elementwise, rel=1e-12)
 
 
 def test_allreduce_over_a_slow_link() -> None:
@@ -48,8 +56,24 @@ def test_allreduce_over_a_slow_link() -> None:
     # two all-reduces per layer of batch x hidden x 2 bytes; compute/memory halve with TP=2
     expected_comm = 2 * 2 * allreduce_time_s(1 * 1024 * 2, 2, link)
     mem = 2 * PARAMS_PER_LAYER * 2 + LM_HEAD * 2 + 1000 * 8192
-    assert tp2.decode_step_latency_s([1000]) == pytest.approx(mem / (2 * BW) + expected_comm, rel=1e-12)
+    elementwise = 2 * 2 * (10 * 1024 + 2 * (8 + 8) * 128 / 2 + 3 * 4096 / 2) / BW  # per GPU: sharded parts halve
+    assert tp2.decode_step_latency_s([1000]) == pytest.approx(mem / (2 * BW) + expected_comm + elementwise,
+                                                             rel=1e-12)
     assert tp2.decode_step_latency_s([1000]) > one.decode_step_latency_s([1000])
+
+
+def test_a_mixed_step_costs_the_sum_of_its_parts() -> None:
+    stage = _single_gpu().stages[0]
+    decodes, context, chunk = 20, 20 * 1088, 490
+    mixed = stage.step_time_s(decodes, context, chunk, chunk**2, decodes)
+    # linear layers run once over all tokens; attention and element-wise terms add
+    linear = stage.linear_time_s(decodes + chunk, decodes)
+    attention = chunk**2 * 2 * 1024 * 2 / FLOPS + context * (2 * 8 * 128 * 2) * 2 / BW
+    elementwise = 2 * (decodes + chunk) * ELEMENTWISE_BYTES / BW
+    assert mixed == pytest.approx(linear + attention + elementwise, rel=1e-12)
+    # the decodes' KV reads do not hide under the chunk's compute
+    assert mixed > stage.prefill_time_s(chunk, chunk**2)
+    assert mixed > stage.decode_time_s(decodes, context)
 
 
 def test_kv_capacity_from_memory() -> None:
