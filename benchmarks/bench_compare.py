@@ -180,6 +180,35 @@ def print_tables(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def markdown(docs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """The README's comparison tables: max rate at the SLO / latency deadline per system and row, the paper's
+    framing, and the ratios."""
+    names: list[str] = []
+    for d in docs:
+        names += [n for n in d["systems"] if "@" not in n and n not in names]
+    lines = ["| cluster | workload | TTFT / TPOT (ms) | " + " | ".join(names) + " |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in names) + " |"]
+    for d in docs:
+        sysd = d["systems"]
+        cells = []
+        for n in names:
+            v = sysd.get(n)
+            cells.append("" if v is None else f"{fmt(v['max_rate_at_slo'])} / {fmt(v['latency_deadline_scale'])}")
+        lines.append(f"| {short(d['cluster'])} | {d['workload']} | {d['slo']['ttft_ms']:.0f} / "
+                     f"{d['slo']['tpot_ms']:.0f} | " + " | ".join(cells) + " |")
+    paper = [d for d in docs if any(n.endswith(f"@{HOME}") for n in d["systems"])]
+    if paper:
+        lines += ["", "| workload | ThunderServe on paper-cloud-32 | " + " | ".join(f"{n} @{HOME}" for n in names)
+                  + " |", "| --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+        for d in paper:
+            sysd = d["systems"]
+            lines.append(f"| {d['workload']} | {fmt(sysd['thunderserve']['max_rate_at_slo'])} | " + " | ".join(
+                fmt(sysd.get(f"{n}@{HOME}", {}).get("max_rate_at_slo")) for n in names) + " |")
+    lines += ["", "Commands:", ""] + [f"    {shlex.join(d['bench']['command'])}" for d in docs]
+    lines += ["", json.dumps(summary)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clusters", default=",".join(CLUSTERS))
@@ -200,6 +229,7 @@ def main() -> None:
     ap.add_argument("--plot-dir", help="write one plot per headline comparison here")
     ap.add_argument("--save-dir", help="write each comparison document here as soon as it is done")
     ap.add_argument("--from-dir", help="only print the tables (and plots) of the documents saved in this directory")
+    ap.add_argument("--markdown", action="store_true", help="with --from-dir: also print the README tables")
     args = ap.parse_args()
     if args.from_dir:
         docs = [json.loads(p.read_text()) for p in sorted(Path(args.from_dir).glob("*.json"))]
@@ -208,7 +238,9 @@ def main() -> None:
         for doc in docs:
             if args.plot_dir and doc["bench"]["kind"] == "headline":
                 plot_comparison(doc, Path(args.plot_dir) / f"compare_{short(doc['cluster'])}_{doc['workload']}.png")
-        print_tables(docs)
+        summary = print_tables(docs)
+        if args.markdown:
+            print(markdown(docs, summary))
         return
     if args.save_dir:
         Path(args.save_dir).mkdir(parents=True, exist_ok=True)
