@@ -51,11 +51,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(plan_path: Path, model: str, port: int, cpu_threads: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "thunderserve", "serve", "--plan", str(plan_path), "--model",
-                             model, "--port", str(port), "--cpu-threads", str(cpu_threads)],
+def _serve(plan_path: Path, model: str, port: int, cpu_threads: int, engine: str = "builtin"
+           ) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "thunderserve", "serve", "--engine", engine, "--plan",
+                             str(plan_path), "--model", model, "--port", str(port), "--cpu-threads", str(cpu_threads)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}")
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--cpu-threads", type=int, default=1)
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--max-output-tokens", type=int, default=32)
+    ap.add_argument("--engine", default="builtin", help="builtin or vllm (thunderserve serve --engine)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -95,7 +97,7 @@ def main() -> None:
             plan_path = Path(tmp) / f"{label}.json"
             plan_path.write_text(plan.to_json())
             port = _free_port()
-            proc = _serve(plan_path, args.model, port, args.cpu_threads)
+            proc = _serve(plan_path, args.model, port, args.cpu_threads, args.engine)
             try:
                 for rate in rates:
                     reqs = plan_requests(workload, rate, args.duration, args.seed, args.max_prompt_tokens,

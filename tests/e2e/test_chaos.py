@@ -67,7 +67,7 @@ def serve_plan(plan: dict[str, Any], tmp: Path, model_dir: Path) -> Iterator[Ser
     plan_path = tmp / "plan.json"
     plan_path.write_text(json.dumps(plan))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "thunderserve", "serve", "--plan", str(plan_path), "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "thunderserve", "serve", "--engine", "builtin", "--plan", str(plan_path), "--model",
                              str(model_dir), "--port", str(port), "--api-key", KEY, "--cpu-threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -44,7 +44,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     plan_path = tmp_path_factory.mktemp("plan") / "plan.json"
     plan_path.write_text(json.dumps(plan))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "thunderserve", "serve", "--plan", str(plan_path), "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "thunderserve", "serve", "--engine", "builtin", "--plan", str(plan_path), "--model",
                              str(model_dir), "--port", str(port), "--api-key", KEY, "--cpu-threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -14,6 +15,9 @@ from thunderserve.cli.common import JsonOpt, console, out, print_json
 from thunderserve.errors import PlanError, SpecError, ThunderServeError
 from thunderserve.plan import Plan, load_plan, validate_plan
 from thunderserve.spec import ModelSpec, SloSpec, load_cluster, load_model, load_workload
+
+if TYPE_CHECKING:
+    from thunderserve.runtime.vllm.instances import VllmConfig
 
 FAKE_MODEL = ModelSpec(name="fake", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4,
                        intermediate_size=128, vocab_size=258, max_context_tokens=512, dtype_bytes=4)
@@ -67,6 +71,18 @@ def serve(
     resched_workload: str = typer.Option("conversation", "--resched-workload",
                                          help="Workload preset or trace CSV re-planning assumes until enough "
                                               "requests were observed"),
+    engine: str = typer.Option("auto", "--engine", envvar="THUNDERSERVE_ENGINE",
+                               help="vllm (one vLLM instance per group), builtin (our PyTorch workers), or auto "
+                                    "(vllm when its environment is found, builtin otherwise)"),
+    vllm_python: str | None = typer.Option(None, "--vllm-python",
+                                           help="Python of vLLM's environment (default: .venv-vllm/bin/python)"),
+    vllm_dtype: str = typer.Option("float32", "--vllm-dtype", help="vLLM --dtype (float32, bfloat16, auto...)"),
+    vllm_compile: bool = typer.Option(False, "--vllm-compile",
+                                      help="Let vLLM compile (torch.compile / CUDA graphs): slower start, faster "
+                                           "steps (default: --enforce-eager)"),
+    vllm_kv_cache_gib: int = typer.Option(2, "--vllm-kv-cache-gib", help="KV cache per CPU instance, GiB"),
+    vllm_max_model_len: int | None = typer.Option(None, "--vllm-max-model-len", help="vLLM --max-model-len"),
+    vllm_arg: list[str] = typer.Option([], "--vllm-arg", help="Extra vLLM server argument (repeatable)"),
 ) -> None:
     """Serve a plan (or the demo) with an OpenAI-compatible API until SIGINT/SIGTERM."""
     from thunderserve.runtime.launch import LaunchError
@@ -102,17 +118,43 @@ def serve(
             validate_plan(plan, load_cluster(cluster), spec.model_copy(update={"name": plan.model}))
         check_servable(plan)
         _check_layers(plan, spec)
+    vllm = _vllm_config(engine, model, backend, vllm_python, vllm_dtype, vllm_compile, vllm_kv_cache_gib,
+                        vllm_max_model_len, vllm_arg, worker_host, cpu_threads, device)
     config = ServeConfig(model=model, backend=backend, ray_address=ray_address, host=host, port=port,
                          cpu_threads=cpu_threads, api_key=api_key, worker_host=worker_host,
                          kv_capacity_tokens=kv_capacity_tokens, log_level=log_level, device=device,
                          collapse_tp=collapse_tp, max_retries=max_retries, resched=not no_resched,
-                         cluster=cluster, resched_workload=resched_workload)
+                         cluster=cluster, resched_workload=resched_workload, vllm=vllm)
     groups = ", ".join(f"{g.id}={g.phase}" for g in plan.groups)
-    console.print(f"serving {plan.model} ({model}) on http://{host}:{port}  [{backend}: {groups}]")
+    console.print(f"serving {plan.model} ({model}) on http://{host}:{port}  [{backend}, "
+                  f"{'vllm' if vllm is not None else 'builtin'} engine: {groups}]")
     try:
         run_serve(plan, config)
     except LaunchError as exc:
         raise ThunderServeError(str(exc)) from None
+
+
+def _vllm_config(engine: str, model: str, backend: str, python: str | None, dtype: str, compile_: bool,
+                 kv_cache_gib: int, max_model_len: int | None, extra: list[str], host: str,
+                 cpu_threads: int, device: str) -> VllmConfig | None:
+    """The vLLM instances' knobs, or None for the built-in engine (`--engine auto` picks vllm when found)."""
+    from thunderserve.runtime.vllm.instances import VllmConfig, find_vllm_python
+
+    if engine not in ("auto", "builtin", "vllm"):
+        raise SpecError(f"unknown engine '{engine}' (auto, builtin, vllm)", field="--engine")
+    found = find_vllm_python(python)
+    if engine == "builtin" or (engine == "auto" and (found is None or model.startswith("fake"))):
+        return None
+    if found is None:
+        where = python or ".venv-vllm/bin/python"
+        raise SpecError(f"vLLM's Python not found at {where} (run `make vllm`, or give --vllm-python)",
+                        field="--vllm-python")
+    if model.startswith("fake"):
+        raise SpecError("the fake model has no weights vLLM can load; use --engine builtin", field="--model")
+    if kv_cache_gib < 1:
+        raise SpecError("must be at least 1", field="--vllm-kv-cache-gib")
+    return VllmConfig(python=found, host=host, dtype=dtype, kv_buffer_device="cpu" if device != "cuda" else "cuda", enforce_eager=not compile_, cpu_kv_cache_gib=kv_cache_gib,
+                      cpu_threads=cpu_threads, max_model_len=max_model_len, extra_args=tuple(extra))
 
 
 def bench_serve(

@@ -363,8 +363,8 @@ def compare_cmd(
     policy = ColocatedPolicy.PREFILL_FIRST if chunked is False else ColocatedPolicy.CHUNKED
     sim_cfg = SimConfig(batching=batching_config(max_num_batched_tokens, max_num_seqs), colocated_policy=policy,
                         warmup_s=warmup)
-    config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed, min_requests=min_requests), sim=sim_cfg,
-                           systems=names, per_kv_level=not no_kv_levels, budget=budget,
+    config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed, min_requests=min_requests),
+                           sim=sim_cfg, systems=names, per_kv_level=not no_kv_levels, budget=budget,
                            planner_time_limit_s=time_limit, curves=not no_curves or plot is not None,
                            try_prefill_first=not chunked_only and chunked is None, seed=seed, verify_top=verify_top)
     with _progress() as bar:

@@ -22,7 +22,7 @@ from thunderserve.resched.monitor import InFlight
 from thunderserve.resched.reconcile import Action, ActionKind, ActionRefused, DeploymentState, GroupState
 
 if TYPE_CHECKING:
-    from thunderserve.runtime.router import Router
+    from thunderserve.runtime.frontend import Frontend
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
@@ -30,7 +30,7 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 class RouterActuator:
     """Applies actions to the deployment behind `router` (runs in the router's event loop)."""
 
-    def __init__(self, router: Router, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> None:
+    def __init__(self, router: Frontend, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> None:
         self.router = router
         self.drain_timeout_s = drain_timeout_s
 

@@ -13,14 +13,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from thunderserve.runtime.router import RequestRecord, Router
+from thunderserve.runtime.frontend import Frontend
+from thunderserve.runtime.router import RequestRecord
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class _WorkerCollector(Collector):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Frontend) -> None:
         self._router = router
 
     def collect(self) -> Iterator[Metric]:
@@ -61,7 +62,7 @@ class _WorkerCollector(Collector):
 class RuntimeMetrics:
     """The deployment's metrics; `observe` is a router observer, `render` the /metrics body."""
 
-    def __init__(self, router: Router, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, router: Frontend, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("thunderserve_ttft_seconds", "Time to first token", registry=r,

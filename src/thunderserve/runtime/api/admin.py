@@ -28,7 +28,7 @@ from fastapi import APIRouter, Request
 from thunderserve.errors import ThunderServeError
 from thunderserve.plan.model import Phase, Plan, Routing, plan_from_dict
 from thunderserve.runtime.api.protocol import ApiError
-from thunderserve.runtime.router import Router
+from thunderserve.runtime.frontend import Frontend
 
 if TYPE_CHECKING:
     from thunderserve.resched.controller import ControlRecord, ReschedController
@@ -41,7 +41,7 @@ class DeploymentHandle(Protocol):
 
 
 class AdminState:
-    def __init__(self, router: Router, deployment: DeploymentHandle | None = None,
+    def __init__(self, router: Frontend, deployment: DeploymentHandle | None = None,
                  controller: ReschedController | None = None) -> None:
         self.router = router
         self.deployment = deployment

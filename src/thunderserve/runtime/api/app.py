@@ -37,8 +37,9 @@ from thunderserve.runtime.api.protocol import (
     usage_chunk,
 )
 from thunderserve.runtime.engine.base import SamplingParams
+from thunderserve.runtime.frontend import Frontend
 from thunderserve.runtime.metrics import RuntimeMetrics
-from thunderserve.runtime.router import Accepted, Delta, Failed, Finished, RequestHandle, Router
+from thunderserve.runtime.router import Accepted, Delta, Failed, Finished, RequestHandle
 from thunderserve.runtime.workers.protocol import GenerateRequest
 
 
@@ -57,7 +58,7 @@ def _failed_response(f: Failed) -> JSONResponse:
     return JSONResponse(error_body(f.message, f.error_type, f.param, f.code), status_code=f.status)
 
 
-def create_app(router: Router, config: ApiConfig, *, admin: AdminState | None = None,
+def create_app(router: Frontend, config: ApiConfig, *, admin: AdminState | None = None,
                metrics: RuntimeMetrics | None = None,
                lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
     """Build the app around a router (started by `lifespan`, or by the caller before serving)."""

@@ -22,6 +22,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -32,6 +33,7 @@ from thunderserve.resched.actuator import RouterActuator
 from thunderserve.resched.controller import ReplanContext, ReschedController
 from thunderserve.runtime.api.admin import AdminState
 from thunderserve.runtime.api.app import ApiConfig, create_app
+from thunderserve.runtime.frontend import Frontend
 from thunderserve.runtime.launch.base import (
     Launcher,
     LaunchError,
@@ -48,6 +50,9 @@ from thunderserve.runtime.workers.protocol import DEFAULT_KV_CAPACITY_TOKENS, Wo
 from thunderserve.spec.cluster import Cluster, ClusterSpec, builtin_clusters, load_cluster, resolve_cluster
 from thunderserve.spec.slo import DEFAULT_SLO_SCALE
 from thunderserve.spec.workload import load_workload
+
+if TYPE_CHECKING:
+    from thunderserve.runtime.vllm.instances import VllmConfig
 
 log = logging.getLogger("thunderserve.serve")
 
@@ -72,6 +77,7 @@ class ServeConfig:
     #                             built in, else one LOCAL-CPU device per plan GPU id)
     resched_workload: str = "conversation"  # planned for until enough requests were observed
     collapse_tp: bool = False  # each stage on its first GPU in one process (no tensor-parallel ranks)
+    vllm: VllmConfig | None = None  # engine: None = built-in workers; else one vLLM instance per group
 
 
 def served_names(plan: Plan, model: str) -> tuple[str, tuple[str, ...]]:
@@ -201,7 +207,7 @@ def resched_cluster(plan: Plan, ref: str | None = None) -> Cluster:
     return resolve_cluster(spec, plan.cluster)
 
 
-def make_controller(plan: Plan, config: ServeConfig, router: Router) -> ReschedController | None:
+def make_controller(plan: Plan, config: ServeConfig, router: Frontend) -> ReschedController | None:
     """The re-scheduling controller over `router`, observing its requests; None (logged) when the facts a
     re-plan needs (model architecture, cluster) cannot be had - serving goes on without it."""
     from thunderserve.cli.serve_cmds import model_spec_for
@@ -222,6 +228,12 @@ def make_controller(plan: Plan, config: ServeConfig, router: Router) -> ReschedC
 def serve(plan: Plan, config: ServeConfig, launcher: Launcher | None = None) -> None:
     """Run the deployment until SIGINT/SIGTERM (blocking); workers never outlive this call."""
     import uvicorn
+
+    if config.vllm is not None:
+        from thunderserve.runtime.vllm.deploy import serve_vllm
+
+        serve_vllm(plan, config, config.vllm)
+        return
 
     dep = Deployment(plan, config, launcher)
     main = threading.current_thread() is threading.main_thread()
