@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from thunderserve.costmodel.reference import application_of, published_tpot_ms, reference_latency_s, slo_from_scale
+from thunderserve.costmodel.reference import (
+    application_of,
+    published_tpot_ms,
+    reference_latency_s,
+    slo_from_scale,
+)
 from thunderserve.spec import load_model, load_workload
 
 
