@@ -1,7 +1,7 @@
 """ThunderServe vs every system of `report.systems.SYSTEMS`: regenerates every table and figure of the README's
 comparison section.
 
-Headline: llama-30b on paper-cloud-32, inhouse-8xa100 and two generated clusters (benchmarks/clusters/), both
+Headline: llama-30b on paper-cloud-32 (every system also on inhouse-8xa100) and two generated clusters (benchmarks/clusters/), both
 workloads (conversation, coding), at the default SLOs (TTFT 5x the reference latency, TPOT DistServe's published
 target). The paper's framing beside it: ThunderServe on paper-cloud-32 against every system on inhouse-8xa100 at
 the same price (`--baseline-cluster inhouse-8xa100`). Sweep: every system's max rate over tighter and looser
@@ -39,8 +39,8 @@ from thunderserve.spec import load_cluster, load_model, load_workload
 
 console = Console(width=180)
 HERE = Path(__file__).parent
-CLUSTERS = ("paper-cloud-32", "inhouse-8xa100", str(HERE / "clusters" / "gen-16-s1.yaml"),
-            str(HERE / "clusters" / "gen-24-s2.yaml"))
+# inhouse-8xa100 is measured inside the paper-cloud-32 rows (`--baseline-cluster`: every system planned there)
+CLUSTERS = ("paper-cloud-32", str(HERE / "clusters" / "gen-16-s1.yaml"), str(HERE / "clusters" / "gen-24-s2.yaml"))
 HOME = "inhouse-8xa100"
 
 
@@ -74,13 +74,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     doc = run_comparison(load_cluster(job["cluster"]), model, workload, slo, baseline_cluster=base, config=config)
     doc["bench"] = {"command": job["command"], "wall_s": round(time.perf_counter() - t0, 1), "kind": job["kind"],
                     "tpot_scale": job.get("tpot_scale")}
+    if job.get("save_dir"):  # each comparison as soon as it is done (a long run keeps what it finished)
+        name = f"{job['kind']}_{short(job['cluster'])}_{job['workload']}_{job.get('tpot_scale') or 1:g}.json"
+        (Path(job["save_dir"]) / name).write_text(json.dumps(doc, indent=1))
     return doc
 
 
 def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     common = {"model": args.model, "budget": args.budget, "duration": args.duration,
-              "min_requests": args.min_requests, "warmup": args.warmup,
+              "min_requests": args.min_requests, "warmup": args.warmup, "save_dir": args.save_dir,
               "seed": args.seed, "verify_top": args.verify_top}
     out: list[dict[str, Any]] = []
     if args.only in (None, "headline"):
@@ -88,7 +91,8 @@ def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
             for w in workloads:
                 base = HOME if cluster == "paper-cloud-32" else None  # the paper's framing, same price
                 out.append({**common, "kind": "headline", "cluster": cluster, "workload": w, "baseline": base,
-                            "curves": True, "command": command(args, cluster, w, base)})
+                            "curves": not args.no_curves,
+                            "command": command(args, cluster, w, base, curves=not args.no_curves)})
     if args.only in (None, "sweep"):
         model = load_model(args.model)
         for w in workloads:
@@ -176,6 +180,35 @@ def print_tables(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def markdown(docs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """The README's comparison tables: max rate at the SLO / latency deadline per system and row, the paper's
+    framing, and the ratios."""
+    names: list[str] = []
+    for d in docs:
+        names += [n for n in d["systems"] if "@" not in n and n not in names]
+    lines = ["| cluster | workload | TTFT / TPOT (ms) | " + " | ".join(names) + " |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in names) + " |"]
+    for d in docs:
+        sysd = d["systems"]
+        cells = []
+        for n in names:
+            v = sysd.get(n)
+            cells.append("" if v is None else f"{fmt(v['max_rate_at_slo'])} / {fmt(v['latency_deadline_scale'])}")
+        lines.append(f"| {short(d['cluster'])} | {d['workload']} | {d['slo']['ttft_ms']:.0f} / "
+                     f"{d['slo']['tpot_ms']:.0f} | " + " | ".join(cells) + " |")
+    paper = [d for d in docs if any(n.endswith(f"@{HOME}") for n in d["systems"])]
+    if paper:
+        lines += ["", "| workload | ThunderServe on paper-cloud-32 | " + " | ".join(f"{n} @{HOME}" for n in names)
+                  + " |", "| --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+        for d in paper:
+            sysd = d["systems"]
+            lines.append(f"| {d['workload']} | {fmt(sysd['thunderserve']['max_rate_at_slo'])} | " + " | ".join(
+                fmt(sysd.get(f"{n}@{HOME}", {}).get("max_rate_at_slo")) for n in names) + " |")
+    lines += ["", "Commands:", ""] + [f"    {shlex.join(d['bench']['command'])}" for d in docs]
+    lines += ["", json.dumps(summary)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clusters", default=",".join(CLUSTERS))
@@ -191,9 +224,26 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--verify-top", type=int, default=0, help="every searching system re-scores its K best")
     ap.add_argument("--jobs", type=int, default=2, help="comparisons run in parallel (processes)")
+    ap.add_argument("--no-curves", action="store_true", help="headline without the attainment-vs-rate curves")
     ap.add_argument("--out", help="write every comparison document and the summary to this JSON file")
     ap.add_argument("--plot-dir", help="write one plot per headline comparison here")
+    ap.add_argument("--save-dir", help="write each comparison document here as soon as it is done")
+    ap.add_argument("--from-dir", help="only print the tables (and plots) of the documents saved in this directory")
+    ap.add_argument("--markdown", action="store_true", help="with --from-dir: also print the README tables")
     args = ap.parse_args()
+    if args.from_dir:
+        docs = [json.loads(p.read_text()) for p in sorted(Path(args.from_dir).glob("*.json"))]
+        docs.sort(key=lambda d: (d["bench"]["kind"] != "headline", d["cluster"] != "paper-cloud-32", d["cluster"],
+                                 d["workload"], d["bench"].get("tpot_scale") or 1))
+        for doc in docs:
+            if args.plot_dir and doc["bench"]["kind"] == "headline":
+                plot_comparison(doc, Path(args.plot_dir) / f"compare_{short(doc['cluster'])}_{doc['workload']}.png")
+        summary = print_tables(docs)
+        if args.markdown:
+            print(markdown(docs, summary))
+        return
+    if args.save_dir:
+        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(args)
     console.print(f"[dim]{len(jobs)} comparisons, {args.jobs} at a time[/dim]")
     docs: list[dict[str, Any]] = []

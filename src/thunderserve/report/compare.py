@@ -148,10 +148,9 @@ def run_comparison(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, s
 
     for e in entries:
         tick(f"max rate of {e.name}")
-        policies = [ColocatedPolicy(p) for p in e.spec.colocated_policies] if _colocated_only(e.plan) else []
-        if not config.try_prefill_first:
-            policies = [p for p in policies if p is not ColocatedPolicy.PREFILL_FIRST]
-        policies = policies or [e.sim.colocated_policy]
+        policies = [ColocatedPolicy(p) for p in e.spec.colocated_policies] \
+            if config.try_prefill_first and _colocated_only(e.plan) else []
+        policies = policies or [e.sim.colocated_policy]  # the comparison's own (a user's explicit choice)
         best, best_sim, hint = -1.0, e.sim, rate_hint(e.plan)
         for policy in policies:
             sim = replace(e.sim, colocated_policy=policy)

@@ -19,7 +19,6 @@ from typing import Any
 
 from thunderserve.costmodel.comm import Compression
 from thunderserve.plan import Phase, Plan
-from thunderserve.policy.batching import BatchingConfig
 from thunderserve.policy.routing import Dispatch
 from thunderserve.sim.config import SimConfig
 from thunderserve.spec.cluster import Cluster
@@ -30,7 +29,7 @@ from thunderserve.spec.workload import WorkloadSpec
 THUNDERSERVE = "thunderserve"
 PUBLISHED_PEERS = ("vllm", "distserve", "hexgen")  # the ratios the issue asks for are taken against these
 ABLATIONS = ("thunderserve-colocated", "thunderserve-uncompressed")
-ONE_REQUEST_PER_CALL = BatchingConfig(max_batch_size=1)  # HexGen's runtime: no continuous batching
+ONE_REQUEST_PER_CALL = 1  # HexGen's runtime: one sequence at a time per group, no continuous batching
 
 
 @dataclass(frozen=True)
@@ -59,14 +58,16 @@ class SystemSpec:
     dispatch: Dispatch  # how the simulator dispatches its requests and KV caches
     kv_compression: str  # "none", "int8", "int4", or "planner" (the gate-allowed level the planner picks)
     scheduler: str  # how its replicas batch
-    batching: BatchingConfig | None = None  # simulator batching override (None: the comparison's own)
+    max_num_seqs: int | None = None  # caps the simulator's sequences per group (None: the comparison's own)
     colocated_policies: tuple[str, ...] = ("chunked", "prefill_first")  # tried for colocated-only plans
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def sim_config(self, base: SimConfig) -> SimConfig:
         """The simulator knobs this system runs with, from the comparison's base config."""
-        return replace(base, dispatch=self.dispatch, batching=self.batching or base.batching)
+        batching = base.batching if self.max_num_seqs is None else \
+            replace(base.batching, max_batch_size=min(self.max_num_seqs, base.batching.max_batch_size))
+        return replace(base, dispatch=self.dispatch, batching=batching)
 
     def describe(self, knobs: PlanKnobs) -> dict[str, Any]:
         """The `config` entry of `compare --json`: what this system was given."""
@@ -76,8 +77,8 @@ class SystemSpec:
         if self.searches:
             out.update({"search_budget_evaluations": knobs.budget, "seed": knobs.seed,
                         "verify_top": knobs.verify_top, "time_limit_s": knobs.time_limit_s})
-        if self.batching is not None:
-            out["max_batch_size"] = self.batching.max_batch_size
+        if self.max_num_seqs is not None:
+            out["max_num_seqs"] = self.max_num_seqs
         if self.notes:
             out["notes"] = self.notes
         return out
@@ -174,7 +175,7 @@ SYSTEMS: dict[str, SystemSpec] = {
         shapes="any grouping, asymmetric TP/PP over heterogeneous GPUs, colocated (no prefill/decode split)",
         dispatch=Dispatch.LEAST_OUTSTANDING, kv_compression="none",
         scheduler="HexGen's runtime: one request per call, no continuous batching",
-        batching=ONE_REQUEST_PER_CALL,
+        max_num_seqs=ONE_REQUEST_PER_CALL,
         notes="HexGen's genetic search is replaced by ours restricted to colocated groups (at least as strong); "
               "verification re-scores candidates under its one-request runtime"),
 }

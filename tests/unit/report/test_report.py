@@ -35,7 +35,7 @@ def test_rows_format_values_and_missing_ones() -> None:
 
 def test_markdown_report_states_the_ratio_and_links_the_plot(tmp_path: Path) -> None:
     text = write_markdown(DOC, tmp_path / "r.md", "plot.png").read_text()
-    assert "**1.50x** the rate of the best baseline (vllm)" in text
+    assert "**1.50x** the rate of the best other system (vllm)" in text
     assert "![SLO attainment vs rate and vs SLO scale](plot.png)" in text
     assert "common rate 2.00 req/s" in text
 
