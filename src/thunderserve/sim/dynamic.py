@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from thunderserve.costmodel.comm import Compression
-from thunderserve.costmodel.kv import kv_seconds_per_token
+from thunderserve.costmodel.network import Topology, kv_paths
 from thunderserve.plan import Group, Phase, Plan, group_perf_of
 from thunderserve.policy.routing import WeightedChooser
 from thunderserve.sim.config import SimConfig
@@ -47,6 +47,7 @@ from thunderserve.sim.dynamic_groups import (
     _DynPrefill,
 )
 from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_DECIDE, EventLoop
+from thunderserve.sim.network import FlowNetwork
 from thunderserve.sim.replay import _DecodeSim, _PrefillSim, _Replay, _Requests
 from thunderserve.sim.steptime import GroupTimer
 from thunderserve.spec.cluster import Cluster
@@ -77,6 +78,9 @@ class DynamicReplay(_Replay):
         self.tpot_target = math.inf
         self.warmup_s = config.warmup_s
         self.cluster = cluster  # every GPU that ever existed (cost models only need the GPUs to exist)
+        self.topology = Topology.of(cluster)
+        self.net = FlowNetwork(self.loop, self.topology.capacity_bytes_s)
+        self._topology_of = cluster  # the cluster `topology` describes
         self.model = model
         self.compression: Compression | str = Compression.NONE
         n = len(req.arrival)
@@ -128,11 +132,15 @@ class DynamicReplay(_Replay):
         if src.idx in dst.links:
             return
         stages = [([self.cluster.by_id[x] for x in s.gpus], s.num_layers) for s in src.group.stages]
-        rate = kv_seconds_per_token(self.model, stages, [self.cluster.by_id[x] for x in dst.group.gpus],
-                                    self.cluster, self.compression,
-                                    decode_stages=[([self.cluster.by_id[x] for x in d.gpus], d.num_layers)
-                                                   for d in dst.group.stages])
-        dst.links[src.idx] = _DynLink(self, src, dst, rate)
+        if self._topology_of is not self.cluster:  # nodes may have joined since the last link
+            self.topology = Topology.of(self.cluster)
+            self.net.add_resources(self.topology.capacity_bytes_s)
+            self._topology_of = self.cluster
+        paths = kv_paths(self.model, stages, [self.cluster.by_id[x] for x in dst.group.gpus], self.cluster,
+                         self.topology, self.compression,
+                         decode_stages=[([self.cluster.by_id[x] for x in d.gpus], d.num_layers)
+                                        for d in dst.group.stages])
+        dst.links[src.idx] = _DynLink(self, src, dst, paths)
 
     # -- routing ---------------------------------------------------------------------------------------
     def _refresh(self) -> None:

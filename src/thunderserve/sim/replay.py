@@ -5,9 +5,10 @@ Request lifecycle (this module implements it; `policy.step` makes every decision
     -> FIFO queue -> prefill batch (token budget; KV of the batch must fit in the group's free KV memory)
     -> first token (TTFT ends here)
     [disaggregated]  -> routed to a decode group by `routing.kv[p]` -> waits in the decode group's FIFO until
-                        admitted (reserves prompt + output KV tokens there) -> KV transfer over the link
-                        (processor sharing per (prefill group, decode group) link; the prefill group keeps
-                        the KV until the transfer ends, DistServe's pull model) -> joins the running batch
+                        admitted (reserves prompt + output KV tokens there) -> KV transfer: one flow per
+                        prefill stage in the shared network (`sim.network`: NICs, zone paths and links are
+                        shared max-min fairly by every concurrent transfer; the prefill group keeps the KV
+                        until the transfer ends, DistServe's pull model) -> joins the running batch
     [colocated]      -> admitted with prompt + output KV reserved, prefilled in chunks inside decode steps
                         (or whole, prefill-first), then decodes in the same group
     -> continuous-batching decode steps, one token per running sequence per step -> finish (KV freed).
@@ -28,12 +29,14 @@ from itertools import islice
 
 import numpy as np
 
-from thunderserve.costmodel.kv import kv_seconds_per_token, kv_transfer_time_s
+from thunderserve.costmodel.comm import SEND_LATENCY_S
+from thunderserve.costmodel.network import Path, Topology, kv_paths
 from thunderserve.plan import Phase, Plan, group_perf_of, validate_plan
 from thunderserve.policy.routing import Dispatch, LeastOutstandingChooser, WeightedChooser
 from thunderserve.policy.step import colocated_step, decode_admissions, prefill_batch_size
 from thunderserve.sim.config import SimConfig
 from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_COMPLETE, PRIORITY_DECIDE, EventLoop
+from thunderserve.sim.network import FlowNetwork
 from thunderserve.sim.steptime import GroupTimer
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
@@ -120,58 +123,36 @@ class _Requests:
 
 
 class _Link:
-    """Processor-sharing link between a prefill group and a decode group (virtual-time bookkeeping)."""
+    """KV transfers from one prefill group to one decode group: each request's streams (one per prefill stage,
+    `costmodel.network.kv_paths`) are flows in the simulation's shared network (`sim.network`); the request's
+    KV has arrived when its last stream ends."""
 
-    __slots__ = ("sim", "src", "dst", "s_per_token", "n", "v", "last_s", "heap", "version", "seq")
+    __slots__ = ("sim", "src", "dst", "paths", "left")
 
-    def __init__(self, sim: _Replay, src: _PrefillSim, dst: _DecodeSim, s_per_token: float) -> None:
-        self.sim, self.src, self.dst, self.s_per_token = sim, src, dst, s_per_token
-        self.n = 0
-        self.v = 0.0  # service each active transfer has received since the start (seconds at full speed)
-        self.last_s = 0.0
-        self.heap: list[tuple[float, int, int]] = []
-        self.version = 0
-        self.seq = 0
+    def __init__(self, sim: _Replay, src: _PrefillSim, dst: _DecodeSim, paths: list[Path]) -> None:
+        self.sim, self.src, self.dst, self.paths = sim, src, dst, paths
+        self.left: dict[int, int] = {}  # request -> streams still in flight
 
     def start(self, r: int, tokens: int) -> None:
         sim = self.sim
-        if sim.config.ideal_kv_links:
-            sim.loop.schedule(sim.loop.now_s, PRIORITY_COMPLETE, self._done_one, r)
+        if sim.config.ideal_kv_links or not self.paths:
+            sim.loop.schedule(sim.loop.now_s, PRIORITY_COMPLETE, self._transfer_done, r)
             return
-        self._advance()
-        self.seq += 1
-        heapq.heappush(self.heap, (self.v + kv_transfer_time_s(tokens, self.s_per_token), self.seq, r))
-        self.n += 1
-        self._reschedule()
+        self.left[r] = len(self.paths)
+        net = sim.net
+        for p in self.paths:
+            net.start(p.resources, p.cap_bytes_s, p.nbytes(tokens), self._stream_done, r)
 
-    def _advance(self) -> None:
-        now = self.sim.loop.now_s
-        if self.n:
-            self.v += (now - self.last_s) / self.n
-        self.last_s = now
+    def _stream_done(self, r: int) -> None:
+        n = self.left[r] - 1
+        if n:
+            self.left[r] = n
+            return
+        del self.left[r]
+        loop = self.sim.loop
+        loop.schedule(loop.now_s + SEND_LATENCY_S, PRIORITY_COMPLETE, self._transfer_done, r)
 
-    def _reschedule(self) -> None:
-        self.version += 1
-        if self.heap:
-            loop = self.sim.loop
-            t = loop.now_s + max(self.heap[0][0] - self.v, 0.0) * self.n
-            loop.schedule(t, PRIORITY_COMPLETE, self._on_event, self.version)
-
-    def _on_event(self, version: int) -> None:
-        if version != self.version:
-            return  # superseded by a later arrival or completion on this link
-        self._advance()
-        heap = self.heap
-        done = []
-        limit = self.v + 1e-9 * (1.0 + self.v)
-        while heap and heap[0][0] <= limit:
-            done.append(heapq.heappop(heap)[2])
-        self.n -= len(done)
-        self._reschedule()
-        for r in done:
-            self._done_one(r)
-
-    def _done_one(self, r: int) -> None:
+    def _transfer_done(self, r: int) -> None:
         self.src.release_kv(self.sim.req.prompt[r])
         self.dst.transfer_done(r)
 
@@ -446,6 +427,8 @@ class _Replay:
         self.loop = EventLoop()
         self.req = req
         self.config = config
+        self.topology = Topology.of(cluster)
+        self.net = FlowNetwork(self.loop, self.topology.capacity_bytes_s)
         self.oversized = 0
         self.finished = 0
         self.failures = 0
@@ -480,12 +463,12 @@ class _Replay:
                 dst = self.by_id[dst_id]
                 assert isinstance(dst, _DecodeSim)
                 dg = plan.group(dst_id)
-                rate = kv_seconds_per_token(model, stages, [cluster.by_id[x] for x in dg.gpus],
-                                            cluster, plan.kv_transfer.compression,
-                                            decode_stages=[([cluster.by_id[x] for x in d.gpus], d.num_layers)
-                                                           for d in dg.stages])
+                paths = kv_paths(model, stages, [cluster.by_id[x] for x in dg.gpus], cluster, self.topology,
+                                 plan.kv_transfer.compression,
+                                 decode_stages=[([cluster.by_id[x] for x in d.gpus], d.num_layers)
+                                                for d in dg.stages])
                 src.dest[dst_id] = dst
-                dst.links[src.idx] = _Link(self, src, dst, rate)
+                dst.links[src.idx] = _Link(self, src, dst, paths)
         self.entry_chooser = WeightedChooser(routing.entry)
         self.entry_lor = LeastOutstandingChooser(routing.entry)
 
