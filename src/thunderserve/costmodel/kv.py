@@ -35,6 +35,19 @@ def kv_seconds_per_token(model: ModelSpec, prefill_stages: Sequence[tuple[Sequen
     return alone_seconds_per_token(paths, topology.capacity_bytes_s)
 
 
+def codec_seconds_per_token(model: ModelSpec, stages: Sequence[tuple[Sequence[GpuRef], int]],
+                            compression: Compression | str) -> float:
+    """GPU seconds per prompt token a group spends quantising (prefill side) or dequantising (decode side) its
+    KV at this compression: each stage codes its own layers' fp16 KV, split over its TP GPUs, at the slowest
+    GPU's `GpuSpec.codec_bytes_s` (measured on the CPU by `bench-kv`; on GPUs a memory-bandwidth-bound
+    estimate); stages work in parallel, the slowest sets the time. 0 without compression."""
+    if Compression(compression) is Compression.NONE:
+        return 0.0
+    per_layer = float(model.kv_bytes_per_token_per_layer)
+    return max((per_layer * layers / (len(gpus) * min(g.spec.codec_bytes_s for g in gpus))
+                for gpus, layers in stages if gpus and layers > 0), default=0.0)
+
+
 def kv_transfer_time_s(num_tokens: float, seconds_per_token: float) -> float:
     """Time to move one request's KV given the per-token rate from `kv_seconds_per_token`."""
     if seconds_per_token == float("inf"):

@@ -48,7 +48,7 @@ from thunderserve.sim.dynamic_groups import (
 )
 from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_DECIDE, EventLoop
 from thunderserve.sim.network import FlowNetwork
-from thunderserve.sim.replay import _DecodeSim, _PrefillSim, _Replay, _Requests
+from thunderserve.sim.replay import _DecodeSim, _PrefillSim, _Replay, _Requests, set_group_costs
 from thunderserve.sim.steptime import GroupTimer
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
@@ -107,6 +107,14 @@ class DynamicReplay(_Replay):
         self.on_state: Callable[[str, str, float], None] | None = None  # (group id, state, time)
 
     # -- group objects -------------------------------------------------------------------------------
+    def _topology(self) -> Topology:
+        """The network of the cluster as known now (nodes may have joined since it was last built)."""
+        if self._topology_of is not self.cluster:
+            self.topology = Topology.of(self.cluster)
+            self.net.add_resources(self.topology.capacity_bytes_s)
+            self._topology_of = self.cluster
+        return self.topology
+
     def _make(self, group: Group) -> _DynGroup:
         if group.stages not in self._timers:
             perf = group_perf_of(group, self.model, self.cluster)
@@ -117,6 +125,7 @@ class DynamicReplay(_Replay):
         kinds: dict[Phase, type[_DynPrefill] | type[_DynDecode] | type[_DynColocated]] = {
             Phase.PREFILL: _DynPrefill, Phase.DECODE: _DynDecode, Phase.COLOCATED: _DynColocated}
         obj = kinds[group.phase](self, idx, timer, cap)
+        set_group_costs(obj, group, self.model, self.cluster, self._topology(), self.compression)
         obj._init_life(group)
         self.live.append(obj)
         return obj
@@ -132,12 +141,8 @@ class DynamicReplay(_Replay):
         if src.idx in dst.links:
             return
         stages = [([self.cluster.by_id[x] for x in s.gpus], s.num_layers) for s in src.group.stages]
-        if self._topology_of is not self.cluster:  # nodes may have joined since the last link
-            self.topology = Topology.of(self.cluster)
-            self.net.add_resources(self.topology.capacity_bytes_s)
-            self._topology_of = self.cluster
         paths = kv_paths(self.model, stages, [self.cluster.by_id[x] for x in dst.group.gpus], self.cluster,
-                         self.topology, self.compression,
+                         self._topology(), self.compression,
                          decode_stages=[([self.cluster.by_id[x] for x in d.gpus], d.num_layers)
                                         for d in dst.group.stages])
         dst.links[src.idx] = _DynLink(self, src, dst, paths)
@@ -291,6 +296,7 @@ class DynamicReplay(_Replay):
     # -- operations a rescheduler applies --------------------------------------------------------------
     def install(self, plan: Plan, ready_at_s: float | None = None) -> None:
         """Start every group of `plan` (active now, or loading until `ready_at_s`) with its routing."""
+        self.compression = plan.kv_transfer.compression  # before the groups: it sets their codec cost
         objs = []
         for g in plan.groups:
             obj = self._make(g)

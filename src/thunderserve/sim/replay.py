@@ -9,6 +9,8 @@ Request lifecycle (this module implements it; `policy.step` makes every decision
                         prefill stage in the shared network (`sim.network`: NICs, zone paths and links are
                         shared max-min fairly by every concurrent transfer; the prefill group keeps the KV
                         until the transfer ends, DistServe's pull model) -> joins the running batch
+                        (compressed KV: the prefill stages quantise after their pass, which occupies them
+                        and delays the KV's departure; the decode step it joins first dequantises it)
     [colocated]      -> admitted with prompt + output KV reserved, prefilled in chunks inside decode steps
                         (or whole, prefill-first), then decodes in the same group
     -> continuous-batching decode steps, one token per running sequence per step -> finish (KV freed).
@@ -29,9 +31,10 @@ from itertools import islice
 
 import numpy as np
 
-from thunderserve.costmodel.comm import SEND_LATENCY_S
+from thunderserve.costmodel.comm import SEND_LATENCY_S, Compression
+from thunderserve.costmodel.kv import codec_seconds_per_token
 from thunderserve.costmodel.network import Path, Topology, kv_paths
-from thunderserve.plan import Phase, Plan, group_perf_of, validate_plan
+from thunderserve.plan import Group, Phase, Plan, group_perf_of, validate_plan
 from thunderserve.policy.routing import Dispatch, LeastOutstandingChooser, WeightedChooser
 from thunderserve.policy.step import colocated_step, decode_admissions, prefill_batch_size
 from thunderserve.sim.config import SimConfig
@@ -149,8 +152,10 @@ class _Link:
             self.left[r] = n
             return
         del self.left[r]
-        loop = self.sim.loop
-        loop.schedule(loop.now_s + SEND_LATENCY_S, PRIORITY_COMPLETE, self._transfer_done, r)
+        sim = self.sim
+        # message latency, and the prefill GPUs' quantise of this prompt before its KV could leave
+        delay = SEND_LATENCY_S + self.src.quantise_s_per_token * sim.req.prompt[r]
+        sim.loop.schedule(sim.loop.now_s + delay, PRIORITY_COMPLETE, self._transfer_done, r)
 
     def _transfer_done(self, r: int) -> None:
         self.src.release_kv(self.sim.req.prompt[r])
@@ -214,6 +219,8 @@ class _PrefillSim:
         self.deciding = False
         self.chooser: WeightedChooser | None = None
         self.lor: LeastOutstandingChooser | None = None  # with load-aware dispatch
+        self.quantise_s_per_token = 0.0  # KV compression: GPU time per prompt token (costmodel.kv.codec_...)
+        self.pp_send_resources: list[tuple[str, ...]] = []  # network resources each pipeline send crosses
         self.dest: dict[str, _DecodeSim] = {}
 
     def arrive(self, r: int) -> None:
@@ -252,15 +259,20 @@ class _PrefillSim:
                                                            float(n))
         now = sim.loop.now_s
         t = now
+        if self.pp_send_resources:  # a send takes its share of what concurrent KV transfers leave
+            net, caps = sim.net, self.timer.send_bytes_s
+            send_s = [x * net.slowdown(res, cap) for x, res, cap in zip(send_s, self.pp_send_resources, caps,
+                                                                         strict=False)]
         free = self.stage_free_s
         last = len(stage_s) - 1
+        code_s = self.quantise_s_per_token * total  # each stage quantises its layers' KV after its pass
         for k, dt in enumerate(stage_s):
             t = max(t, free[k]) + dt
-            free[k] = t
+            free[k] = t + code_s
             if k < last:
                 t += send_s[k]
         sim.loop.schedule(t, PRIORITY_COMPLETE, self._batch_done, rids)
-        self.next_start_s = now + max(stage_s)
+        self.next_start_s = now + max(stage_s) + code_s
         if q:
             self._wake()
 
@@ -300,6 +312,7 @@ class _DecodeSim(_DecodeLoop):
         self.inflight = 0  # admitted, KV on the wire
         self.joining: list[int] = []  # transferred, join at the next step
         self.links: dict[int, _Link] = {}  # by prefill group index
+        self.dequantise_s_per_token = 0.0  # KV compression: GPU time per prompt token joining
 
     def try_admit(self) -> None:
         pend = self.pending
@@ -333,15 +346,19 @@ class _DecodeSim(_DecodeLoop):
             loop.schedule(loop.now_s, PRIORITY_DECIDE, self._step_start, None)
 
     def _step_start(self, _: object) -> None:
+        code_s = 0.0
         if self.joining:
+            prompt = self.sim.req.prompt
             for r in self.joining:
                 self.join(r)
+                code_s += prompt[r]
+            code_s *= self.dequantise_s_per_token  # the joining caches are dequantised first
             self.joining.clear()
         if self.running == 0:
             self.stepping = False
             return
         loop = self.sim.loop
-        loop.schedule(loop.now_s + self.timer.decode_step_s(self.running, self.ctx), PRIORITY_COMPLETE,
+        loop.schedule(loop.now_s + code_s + self.timer.decode_step_s(self.running, self.ctx), PRIORITY_COMPLETE,
                       self._step_end, None)
 
     def _step_end(self, _: object) -> None:
@@ -421,6 +438,21 @@ class _ColocatedSim(_DecodeLoop):
         self._step_start(None)
 
 
+def set_group_costs(obj: _PrefillSim | _DecodeSim | _ColocatedSim, group: Group, model: ModelSpec,
+                    cluster: Cluster, topology: Topology, compression: Compression | str) -> None:
+    """KV compression's GPU time (quantise on a prefill group, dequantise on a decode group) and what a
+    prefill group's pipeline sends cross."""
+    stages = [[cluster.by_id[x] for x in st.gpus] for st in group.stages]
+    s = codec_seconds_per_token(model, [(g, st.num_layers) for g, st in zip(stages, group.stages, strict=True)],
+                                compression)
+    if isinstance(obj, _PrefillSim):
+        obj.quantise_s_per_token = s
+        obj.pp_send_resources = [topology.crossed([g.node_index for g in a], [g.node_index for g in b])
+                                 for a, b in zip(stages, stages[1:], strict=False)]
+    elif isinstance(obj, _DecodeSim):
+        obj.dequantise_s_per_token = s
+
+
 class _Replay:
     def __init__(self, plan: Plan, cluster: Cluster, model: ModelSpec, req: _Requests, config: SimConfig,
                  slo: SloSpec | None, stop_after_failures: int | None) -> None:
@@ -443,7 +475,8 @@ class _Replay:
             timer = GroupTimer(perf)
             kinds: dict[Phase, type[_PrefillSim] | type[_DecodeSim] | type[_ColocatedSim]] = {
                 Phase.PREFILL: _PrefillSim, Phase.DECODE: _DecodeSim, Phase.COLOCATED: _ColocatedSim}
-            self.by_id[g.id] = kinds[g.phase](self, idx, timer, perf.kv_capacity_tokens)
+            self.by_id[g.id] = obj = kinds[g.phase](self, idx, timer, perf.kv_capacity_tokens)
+            set_group_costs(obj, g, model, cluster, self.topology, plan.kv_transfer.compression)
         routing = plan.routing
         assert routing is not None
         self.load_aware = config.dispatch is Dispatch.LEAST_OUTSTANDING

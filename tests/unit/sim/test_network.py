@@ -122,3 +122,44 @@ def test_contention_slowdown_grows_with_load_and_saturates() -> None:
     assert contention_slowdown(path, {"r": 5.0}, cap) == pytest.approx(2.0)
     assert contention_slowdown(path, {"r": 10.0}, cap) == float("inf")
     assert contention_slowdown([Path(("r",), 1.0, 2.0)], {"r": 5.0}, cap) == 1.0  # its own cap binds first
+
+
+def test_compressed_kv_pays_quantise_on_prefill_and_dequantise_on_decode() -> None:
+    from sim_builders import disagg_plan, two_node_cluster
+
+    from thunderserve.costmodel.kv import codec_seconds_per_token
+
+    cluster = two_node_cluster()
+    plan = disagg_plan("int8")
+    p_perf = group_perf_of(plan.group("p0"), MODEL, cluster)
+    d_perf = group_perf_of(plan.group("d0"), MODEL, cluster)
+    a0, b0 = cluster.by_id["a:0"], cluster.by_id["b:0"]
+    quant = codec_seconds_per_token(MODEL, [([a0], 2)], "int8")
+    dequant = codec_seconds_per_token(MODEL, [([b0], 2)], "int8")
+    # one GPU codes the fp16 KV of every layer at its codec throughput
+    assert quant == pytest.approx(MODEL.kv_bytes_per_token / a0.spec.codec_bytes_s)
+    assert codec_seconds_per_token(MODEL, [([a0], 2)], "none") == 0.0
+    spt = kv_seconds_per_token(MODEL, [([a0], 2)], [b0], cluster, "int8")
+    r = simulate(plan, cluster, MODEL, *requests([0.0], 200, 3), SimConfig(warmup_s=0))
+    ttft = p_perf.prefill_time_s(200, 200**2, 1)
+    decode = sum(d_perf.decode_time_s(1, 200 + k) for k in range(2))
+    assert r.first_token_s[0] == pytest.approx(ttft, rel=1e-12)  # the first token leaves before quantising
+    expected = ttft + 200 * quant + kv_transfer_time_s(200, spt) + 200 * dequant + decode
+    assert r.finish_s[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_pipeline_send_takes_its_share_of_a_busy_nic() -> None:
+    # p0 is TP1 x PP2 over nodes a and b; while p1's KV leaves node a, p0's activations share a's NIC
+    cluster = make_cluster((("a", "TOY", 2), ("b", "TOY", 1), ("c", "TOY", 1), ("d", "TOY", 1)))
+    from thunderserve.sim.replay import _Replay, _Requests
+
+    plan = make_plan([("p0", "prefill", [["a:0"], ["b:0"]], [0, 1, 2]), ("p1", "prefill", [["a:1"]], [0, 2]),
+                      ("d0", "decode", [["c:0"]], [0, 2]), ("d1", "decode", [["d:0"]], [0, 2])],
+                     entry={"p0": 0.5, "p1": 0.5}, kv={"p0": {"d0": 1.0}, "p1": {"d1": 1.0}})
+    arrival, prompt, output = requests([0.0], 100, 2)
+    replay = _Replay(plan, cluster, MODEL, _Requests(arrival, prompt, output), SimConfig(warmup_s=0), None, None)
+    p0 = replay.by_id["p0"]
+    assert p0.pp_send_resources == [("nic-in:b", "nic-out:a", "zone:a:b")]  # type: ignore[union-attr]
+    assert replay.net.slowdown(("nic-out:a",), cluster.nic_bytes_s[0]) == 1.0
+    replay.net.start(("nic-out:a",), float("inf"), 1e12, lambda _: None, None)
+    assert replay.net.slowdown(("nic-out:a",), cluster.nic_bytes_s[0]) == pytest.approx(2.0)
