@@ -133,18 +133,19 @@ def _ranges(stages: Sequence[tuple[Sequence[GpuRef], int]]) -> list[tuple[list[G
     return out
 
 
-def max_min_rates(resources: Sequence[Sequence[str]], caps: Sequence[float], capacity: Mapping[str, float]
-                  ) -> list[float]:
-    """Max-min fair rates (bytes/s) of flows crossing `resources[f]` with own caps `caps[f]`, by progressive
-    filling: raise every unfrozen flow's rate together; a flow freezes at its cap or when a resource it
-    crosses fills up. Deterministic (fixed iteration order)."""
+def max_min_rates(resources: Sequence[Sequence[str]], caps: Sequence[float], capacity: Mapping[str, float],
+                  counts: Sequence[int] | None = None) -> list[float]:
+    """Max-min fair rates (bytes/s, per flow) of flows crossing `resources[f]` with own caps `caps[f]` (with
+    `counts`, entry f stands for that many identical flows), by progressive filling: raise every unfrozen
+    flow's rate together; a flow freezes at its cap or when a resource it crosses fills up. Deterministic."""
     n = len(caps)
+    weight = counts if counts is not None else [1] * n
     rate = [0.0] * n
     left = {r: capacity[r] for f in range(n) for r in resources[f]}
     users: dict[str, int] = {}
     for f in range(n):
         for r in resources[f]:
-            users[r] = users.get(r, 0) + 1
+            users[r] = users.get(r, 0) + weight[f]
     active = list(range(n))
     level = 0.0
     while active:
@@ -164,7 +165,7 @@ def max_min_rates(resources: Sequence[Sequence[str]], caps: Sequence[float], cap
             if full:
                 rate[f] = level
                 for r in resources[f]:
-                    users[r] -= 1
+                    users[r] -= weight[f]
             else:
                 still.append(f)
         if len(still) == len(active):  # numerical safety: nothing froze
