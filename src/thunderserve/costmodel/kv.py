@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from thunderserve.costmodel.comm import Compression, compression_ratio, send_time_s
+from thunderserve.costmodel.network import Topology, alone_seconds_per_token, kv_paths
 from thunderserve.spec.cluster import Cluster, GpuRef
 from thunderserve.spec.model import ModelSpec
 
@@ -21,39 +22,30 @@ def kv_seconds_per_token(model: ModelSpec, prefill_stages: Sequence[tuple[Sequen
     """Marginal transfer seconds per prompt token from a prefill group to a decode group.
 
     Stages are (GPUs, number of layers), in layer order from layer 0. Each prefill stage sends the KV of its
-    own layers in parallel with the other stages; the slowest stage sets the pace. Without `decode_stages`
-    a stage sends everything over the slowest link to any of the decode group's GPUs. With them, each layer's
+    own layers in parallel with the other stages (`costmodel.network.kv_paths`). Without `decode_stages` a
+    stage sends everything over the slowest link to any of the decode group's GPUs. With them, each layer's
     KV goes only to the decode stage holding that layer (per-segment transfer: a pipeline whose prefill and
-    decode segments of the same layers share a node keeps its KV inside the node), a stage's sends to
-    several decode stages following each other. Returns inf when a needed link has zero bandwidth.
+    decode segments of the same layers share a node keeps its KV inside the node). Streams that cross a
+    common resource (the NIC of a node holding several stages) share it, as they would alone on the network
+    (`costmodel.network.alone_seconds_per_token`). Returns inf when a needed link has zero bandwidth.
     """
-    ratio = compression_ratio(compression, model.dtype_bytes)
-    per_layer = model.kv_bytes_per_token_per_layer * ratio
-    targets = [(list(decode_gpus), 0, model.num_layers)] if decode_stages is None else _ranges(decode_stages)
-    worst = 0.0
-    for gpus, lo, hi in _ranges(prefill_stages):
-        seconds = 0.0
-        for dst, d_lo, d_hi in targets:
-            overlap = min(hi, d_hi) - max(lo, d_lo)
-            if decode_stages is None:
-                overlap = hi - lo
-            if overlap <= 0:
-                continue
-            bw = cluster.min_bandwidth_bytes_s(list(gpus), dst)
-            if bw <= 0:
-                return float("inf")
-            seconds += per_layer * overlap / bw
-        worst = max(worst, seconds)
-    return worst
+    topology = Topology.of(cluster)
+    paths = kv_paths(model, prefill_stages, decode_gpus, cluster, topology, compression,
+                     decode_stages=decode_stages)
+    return alone_seconds_per_token(paths, topology.capacity_bytes_s)
 
 
-def _ranges(stages: Sequence[tuple[Sequence[GpuRef], int]]) -> list[tuple[list[GpuRef], int, int]]:
-    """(GPUs, first layer, end layer) of consecutive stages starting at layer 0."""
-    out, start = [], 0
-    for gpus, layers in stages:
-        out.append((list(gpus), start, start + layers))
-        start += layers
-    return out
+def codec_seconds_per_token(model: ModelSpec, stages: Sequence[tuple[Sequence[GpuRef], int]],
+                            compression: Compression | str) -> float:
+    """GPU seconds per prompt token a group spends quantising (prefill side) or dequantising (decode side) its
+    KV at this compression: each stage codes its own layers' fp16 KV, split over its TP GPUs, at the slowest
+    GPU's `GpuSpec.codec_bytes_s` (measured on the CPU by `bench-kv`; on GPUs a memory-bandwidth-bound
+    estimate); stages work in parallel, the slowest sets the time. 0 without compression."""
+    if Compression(compression) is Compression.NONE:
+        return 0.0
+    per_layer = float(model.kv_bytes_per_token_per_layer)
+    return max((per_layer * layers / (len(gpus) * min(g.spec.codec_bytes_s for g in gpus))
+                for gpus, layers in stages if gpus and layers > 0), default=0.0)
 
 
 def kv_transfer_time_s(num_tokens: float, seconds_per_token: float) -> float:

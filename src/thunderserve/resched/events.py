@@ -83,7 +83,8 @@ def failed_gpus(cluster: Cluster, event: ReschedEvent) -> set[str]:
 def cluster_without(cluster: Cluster, gpu_ids: set[str]) -> Cluster:
     """The same cluster with some GPUs gone (ids of the others unchanged; links unchanged)."""
     return Cluster(spec=cluster.spec, gpus=tuple(g for g in cluster.gpus if g.id not in gpu_ids),
-                   node_names=cluster.node_names, node_bandwidth_bytes_s=cluster.node_bandwidth_bytes_s)
+                   node_names=cluster.node_names, node_bandwidth_bytes_s=cluster.node_bandwidth_bytes_s,
+                   nic_bytes_s=cluster.nic_bytes_s)
 
 
 def cluster_with_added(cluster: Cluster, path: str) -> Cluster:

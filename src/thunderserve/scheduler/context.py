@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from thunderserve.costmodel.comm import Compression
-from thunderserve.costmodel.kv import kv_seconds_per_token
+from thunderserve.costmodel.kv import codec_seconds_per_token, kv_seconds_per_token
+from thunderserve.costmodel.network import Path, Topology, kv_paths
 from thunderserve.costmodel.perf import GroupPerf, group_perf
 from thunderserve.plan.model import Group, Phase, Stage
 from thunderserve.policy.batching import DEFAULT_CHUNK_TOKEN_BUDGET, DEFAULT_MAX_BATCH_SIZE
@@ -56,6 +57,7 @@ class PlanningContext:
     compression: Compression = Compression.INT4
     max_pp: int = 4
     sample: LengthSample = field(init=False)
+    topology: Topology = field(init=False, repr=False)
     shapes: Shapes = field(init=False, repr=False)
     _layouts: dict[tuple[GroupShape, Phase], LayoutCandidate | None] = field(default_factory=dict, init=False,
                                                                              repr=False)
@@ -64,6 +66,7 @@ class PlanningContext:
     _decode: dict[Sig, DecodeModel] = field(default_factory=dict, init=False, repr=False)
     _colocated: dict[Sig, ColocatedModel] = field(default_factory=dict, init=False, repr=False)
     _spt: dict[tuple[tuple[tuple[Shape, int], ...], Shape], float] = field(default_factory=dict, init=False, repr=False)
+    _paths: dict[object, list[Path]] = field(default_factory=dict, init=False, repr=False)
     _edges: dict[float, EdgeModel] = field(default_factory=dict, init=False, repr=False)
     _cap_prefill: dict[tuple[Sig, float, float], float] = field(default_factory=dict, init=False, repr=False)
     _cap_decode: dict[tuple[Sig, float, float], float] = field(default_factory=dict, init=False, repr=False)
@@ -77,6 +80,7 @@ class PlanningContext:
     def __post_init__(self) -> None:
         self.sample = length_sample(self.workload)
         self.shapes = Shapes(self.cluster)
+        self.topology = Topology.of(self.cluster)
 
     def sig(self, stages: Stages) -> Sig:
         if stages not in self._sig:
@@ -150,7 +154,8 @@ class PlanningContext:
     def prefill_model(self, stages: Stages) -> PrefillModel:
         sig = self.sig(stages)
         if sig not in self._prefill:
-            self._prefill[sig] = PrefillModel.build(self.perf(stages), self.sample)
+            self._prefill[sig] = PrefillModel.build(self.perf(stages), self.sample,
+                                                    quantise_s_per_token=self.codec_s_per_token(stages))
         return self._prefill[sig]
 
     def decode_model(self, stages: Stages) -> DecodeModel:
@@ -178,6 +183,23 @@ class PlanningContext:
                 self.model, [([by_id[g] for g in s.gpus], s.num_layers) for s in prefill],
                 [by_id[g] for g in sorted(decode_gpus)], self.cluster, self.compression)
         return self._spt[key]
+
+    def codec_s_per_token(self, stages: Stages) -> float:
+        """GPU seconds per prompt token to quantise (or dequantise) a group's KV at the plan's compression."""
+        by_id = self.cluster.by_id
+        return codec_seconds_per_token(self.model, [([by_id[g] for g in s.gpus], s.num_layers) for s in stages],
+                                       self.compression)
+
+    def kv_paths(self, prefill: Stages, decode_gpus: Iterable[str]) -> list[Path]:
+        """The streams of a KV transfer and the network resources they cross (`costmodel.network`). Not keyed
+        by shape: which NIC or zone path a transfer crosses depends on the actual nodes."""
+        key = (tuple((tuple(sorted(s.gpus)), s.num_layers) for s in prefill), tuple(sorted(decode_gpus)))
+        if key not in self._paths:
+            by_id = self.cluster.by_id
+            self._paths[key] = kv_paths(self.model, [([by_id[g] for g in s.gpus], s.num_layers) for s in prefill],
+                                        [by_id[g] for g in sorted(decode_gpus)], self.cluster, self.topology,
+                                        self.compression)
+        return self._paths[key]
 
     def edge(self, seconds_per_token: float) -> EdgeModel:
         key = _rate_key(seconds_per_token)

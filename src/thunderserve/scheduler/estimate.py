@@ -18,8 +18,14 @@ held ~ compound Poisson, mean λ·E[p·hold] and variance λ·E[p²·hold]; the 
 probability Φ((KV tokens - mean)/sd), which multiplies the TTFT probability. Prompts larger than the group's KV memory never run (P = 0).
 
 KV link p→d (λ_pd = λ_p·share): the (compressed) KV of prompt p_i needs K_i = 30 µs + p_i·(seconds per token
-from costmodel.kv_seconds_per_token) at full speed; the link is processor sharing, so the transfer takes
-K_i/(1-ρ_pd) on average, ρ_pd = λ_pd·E[K].
+from costmodel.kv_seconds_per_token) at full speed. Transfers share the network's resources (NICs, zone paths,
+links, a node's bus; `costmodel.network`): each resource r has utilisation ρ_r = Σ over links crossing it of
+λ_pd·E[p]·(bytes per token on r) / capacity, and a transfer takes K_i times the slowdown of the busiest
+resource it crosses (processor sharing there, `contention_slowdown`); a saturated resource makes the links
+crossing it unusable. Compressed KV adds the prefill GPUs' quantise and the decode GPUs' dequantise time
+(`costmodel.kv.codec_seconds_per_token`) to the sojourn; the quantise also occupies the prefill server (its
+service time); the dequantise's share of the decode GPUs' time (λ_d·E[p]·seconds per token, ~1-2% at
+typical rates) is not taken from the decode group's steps.
 
 Decode group (λ_d = Σ_p λ_pd): continuous batching; each sequence reserves p + o KV tokens from admission
 (before its transfer) to its end. The mean running batch N solves Little's law N = λ_d·E[o-1]·τ(N), τ(N) =
@@ -58,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from thunderserve.costmodel.network import contention_slowdown
 from thunderserve.errors import PlanError
 from thunderserve.plan.model import Phase, Plan
 from thunderserve.scheduler.context import PlanningContext
@@ -88,6 +95,7 @@ def _ok_fn(ctx: PlanningContext, plan: Plan, rate_rps: float, ttft_s: float, wit
     decode_scv: dict[str, float] = {}
     sample = ctx.sample
     has = sample.decode_steps > 0
+    slowdown = _network_slowdowns(ctx, plan, rate_rps)
     for p, share in sorted(entry.items()):
         if groups[p].phase is not Phase.PREFILL:
             continue
@@ -97,7 +105,8 @@ def _ok_fn(ctx: PlanningContext, plan: Plan, rate_rps: float, ttft_s: float, wit
         for d, s in sorted(kv.get(p, {}).items()):
             lam = lam_p * s
             edge = ctx.edge(ctx.seconds_per_token(groups[p].stages, groups[d].gpus))
-            soj = edge.sojourn_s(lam)
+            codec = ctx.codec_s_per_token(groups[p].stages) + ctx.codec_s_per_token(groups[d].stages)
+            soj = edge.transfer_s * slowdown.get((p, d), 1.0) + codec * sample.prompt_tokens
             links[(p, d)] = (lam, soj)
             decode_rate[d] = decode_rate.get(d, 0.0) + lam
             moved = float(soj[has].mean()) if has.any() else 0.0
@@ -137,6 +146,27 @@ def _ok_fn(ctx: PlanningContext, plan: Plan, rate_rps: float, ttft_s: float, wit
                 ok = ttft
             parts.append((share * s, ok))
     return parts
+
+
+def _network_slowdowns(ctx: PlanningContext, plan: Plan, rate_rps: float) -> dict[tuple[str, str], float]:
+    """Per KV link (prefill, decode): how much the network's shared resources stretch its transfers at this
+    rate (see the module docstring; 1.0 on an idle network, inf when a resource it crosses is saturated)."""
+    assert plan.routing is not None
+    groups = {g.id: g for g in plan.groups}
+    mean_prompt = ctx.sample.mean_prompt_tokens
+    load: dict[str, float] = {}
+    paths = {}
+    for p, share in sorted(plan.routing.entry.items()):
+        if groups[p].phase is not Phase.PREFILL:
+            continue
+        for d, s in sorted(plan.routing.kv.get(p, {}).items()):
+            lam = rate_rps * share * s
+            ps = paths[(p, d)] = ctx.kv_paths(groups[p].stages, groups[d].gpus)
+            for path in ps:
+                for r in path.resources:
+                    load[r] = load.get(r, 0.0) + lam * mean_prompt * path.bytes_per_token
+    cap = ctx.topology.capacity_bytes_s
+    return {key: contention_slowdown(ps, load, cap) for key, ps in paths.items()}
 
 
 def attainment(ctx: PlanningContext, plan: Plan, rate_rps: float) -> float:

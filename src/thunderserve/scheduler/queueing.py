@@ -193,7 +193,9 @@ class PrefillModel:
 
     @classmethod
     def build(cls, gp: GroupPerf, sample: LengthSample,
-              token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET) -> PrefillModel:
+              token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET, quantise_s_per_token: float = 0.0) -> PrefillModel:
+        """`quantise_s_per_token`: KV compression's GPU time after the pass (occupies the server, not the
+        TTFT: the first token leaves before it; `costmodel.kv.codec_seconds_per_token`)."""
         p = sample.prompt_tokens
         pbar = sample.mean_prompt_tokens
         companions = np.minimum(np.maximum(token_budget - p, 0.0), 2.0 * pbar)
@@ -206,7 +208,7 @@ class PrefillModel:
         attn = sum(s.attn_prefill_flops_per_sq_token for s in gp.stages)
         head = sum(s.lm_head_flops_per_seq for s in gp.stages)
         share = (p * lin + p * p * attn + head) / (tokens * lin + sum_sq * attn + seqs * head)
-        service = batch_bottleneck * share
+        service = batch_bottleneck * share + quantise_s_per_token * p
         return cls(p, alone, batch_latency, service, float(service.mean()), float((service ** 2).mean()),
                    (p <= gp.kv_capacity_tokens).astype(float), gp.kv_capacity_tokens)
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from thunderserve.costmodel.comm import Compression
-from thunderserve.costmodel.kv import kv_seconds_per_token
+from thunderserve.costmodel.network import Topology, kv_paths
 from thunderserve.plan import Group, Phase, Plan, group_perf_of
 from thunderserve.policy.routing import WeightedChooser
 from thunderserve.sim.config import SimConfig
@@ -47,7 +47,8 @@ from thunderserve.sim.dynamic_groups import (
     _DynPrefill,
 )
 from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_DECIDE, EventLoop
-from thunderserve.sim.replay import _DecodeSim, _PrefillSim, _Replay, _Requests
+from thunderserve.sim.network import FlowNetwork
+from thunderserve.sim.replay import _DecodeSim, _PrefillSim, _Replay, _Requests, set_group_costs
 from thunderserve.sim.steptime import GroupTimer
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
@@ -77,6 +78,9 @@ class DynamicReplay(_Replay):
         self.tpot_target = math.inf
         self.warmup_s = config.warmup_s
         self.cluster = cluster  # every GPU that ever existed (cost models only need the GPUs to exist)
+        self.topology = Topology.of(cluster)
+        self.net = FlowNetwork(self.loop, self.topology.capacity_bytes_s)
+        self._topology_of = cluster  # the cluster `topology` describes
         self.model = model
         self.compression: Compression | str = Compression.NONE
         n = len(req.arrival)
@@ -103,6 +107,14 @@ class DynamicReplay(_Replay):
         self.on_state: Callable[[str, str, float], None] | None = None  # (group id, state, time)
 
     # -- group objects -------------------------------------------------------------------------------
+    def _topology(self) -> Topology:
+        """The network of the cluster as known now (nodes may have joined since it was last built)."""
+        if self._topology_of is not self.cluster:
+            self.topology = Topology.of(self.cluster)
+            self.net.add_resources(self.topology.capacity_bytes_s)
+            self._topology_of = self.cluster
+        return self.topology
+
     def _make(self, group: Group) -> _DynGroup:
         if group.stages not in self._timers:
             perf = group_perf_of(group, self.model, self.cluster)
@@ -113,6 +125,7 @@ class DynamicReplay(_Replay):
         kinds: dict[Phase, type[_DynPrefill] | type[_DynDecode] | type[_DynColocated]] = {
             Phase.PREFILL: _DynPrefill, Phase.DECODE: _DynDecode, Phase.COLOCATED: _DynColocated}
         obj = kinds[group.phase](self, idx, timer, cap)
+        set_group_costs(obj, group, self.model, self.cluster, self._topology(), self.compression)
         obj._init_life(group)
         self.live.append(obj)
         return obj
@@ -128,11 +141,11 @@ class DynamicReplay(_Replay):
         if src.idx in dst.links:
             return
         stages = [([self.cluster.by_id[x] for x in s.gpus], s.num_layers) for s in src.group.stages]
-        rate = kv_seconds_per_token(self.model, stages, [self.cluster.by_id[x] for x in dst.group.gpus],
-                                    self.cluster, self.compression,
-                                    decode_stages=[([self.cluster.by_id[x] for x in d.gpus], d.num_layers)
-                                                   for d in dst.group.stages])
-        dst.links[src.idx] = _DynLink(self, src, dst, rate)
+        paths = kv_paths(self.model, stages, [self.cluster.by_id[x] for x in dst.group.gpus], self.cluster,
+                         self._topology(), self.compression,
+                         decode_stages=[([self.cluster.by_id[x] for x in d.gpus], d.num_layers)
+                                        for d in dst.group.stages])
+        dst.links[src.idx] = _DynLink(self, src, dst, paths)
 
     # -- routing ---------------------------------------------------------------------------------------
     def _refresh(self) -> None:
@@ -283,6 +296,7 @@ class DynamicReplay(_Replay):
     # -- operations a rescheduler applies --------------------------------------------------------------
     def install(self, plan: Plan, ready_at_s: float | None = None) -> None:
         """Start every group of `plan` (active now, or loading until `ready_at_s`) with its routing."""
+        self.compression = plan.kv_transfer.compression  # before the groups: it sets their codec cost
         objs = []
         for g in plan.groups:
             obj = self._make(g)

@@ -186,6 +186,6 @@ def hand_over(old: _DynDecode | _DynColocated) -> None:
 
 
 class _DynLink(_Link):
-    def _on_event(self, version: int) -> None:
+    def _transfer_done(self, r: int) -> None:
         if not (self.src.dead or self.dst.dead):  # type: ignore[attr-defined]
-            super()._on_event(version)
+            super()._transfer_done(r)

@@ -5,9 +5,12 @@ Request lifecycle (this module implements it; `policy.step` makes every decision
     -> FIFO queue -> prefill batch (token budget; KV of the batch must fit in the group's free KV memory)
     -> first token (TTFT ends here)
     [disaggregated]  -> routed to a decode group by `routing.kv[p]` -> waits in the decode group's FIFO until
-                        admitted (reserves prompt + output KV tokens there) -> KV transfer over the link
-                        (processor sharing per (prefill group, decode group) link; the prefill group keeps
-                        the KV until the transfer ends, DistServe's pull model) -> joins the running batch
+                        admitted (reserves prompt + output KV tokens there) -> KV transfer: one flow per
+                        prefill stage in the shared network (`sim.network`: NICs, zone paths and links are
+                        shared max-min fairly by every concurrent transfer; the prefill group keeps the KV
+                        until the transfer ends, DistServe's pull model) -> joins the running batch
+                        (compressed KV: the prefill stages quantise after their pass, which occupies them
+                        and delays the KV's departure; the decode step it joins first dequantises it)
     [colocated]      -> admitted with prompt + output KV reserved, prefilled in chunks inside decode steps
                         (or whole, prefill-first), then decodes in the same group
     -> continuous-batching decode steps, one token per running sequence per step -> finish (KV freed).
@@ -28,12 +31,15 @@ from itertools import islice
 
 import numpy as np
 
-from thunderserve.costmodel.kv import kv_seconds_per_token, kv_transfer_time_s
-from thunderserve.plan import Phase, Plan, group_perf_of, validate_plan
+from thunderserve.costmodel.comm import SEND_LATENCY_S, Compression
+from thunderserve.costmodel.kv import codec_seconds_per_token
+from thunderserve.costmodel.network import Path, Topology, kv_paths
+from thunderserve.plan import Group, Phase, Plan, group_perf_of, validate_plan
 from thunderserve.policy.routing import Dispatch, LeastOutstandingChooser, WeightedChooser
 from thunderserve.policy.step import colocated_step, decode_admissions, prefill_batch_size
 from thunderserve.sim.config import SimConfig
 from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_COMPLETE, PRIORITY_DECIDE, EventLoop
+from thunderserve.sim.network import FlowNetwork
 from thunderserve.sim.steptime import GroupTimer
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
@@ -120,58 +126,38 @@ class _Requests:
 
 
 class _Link:
-    """Processor-sharing link between a prefill group and a decode group (virtual-time bookkeeping)."""
+    """KV transfers from one prefill group to one decode group: each request's streams (one per prefill stage,
+    `costmodel.network.kv_paths`) are flows in the simulation's shared network (`sim.network`); the request's
+    KV has arrived when its last stream ends."""
 
-    __slots__ = ("sim", "src", "dst", "s_per_token", "n", "v", "last_s", "heap", "version", "seq")
+    __slots__ = ("sim", "src", "dst", "paths", "left")
 
-    def __init__(self, sim: _Replay, src: _PrefillSim, dst: _DecodeSim, s_per_token: float) -> None:
-        self.sim, self.src, self.dst, self.s_per_token = sim, src, dst, s_per_token
-        self.n = 0
-        self.v = 0.0  # service each active transfer has received since the start (seconds at full speed)
-        self.last_s = 0.0
-        self.heap: list[tuple[float, int, int]] = []
-        self.version = 0
-        self.seq = 0
+    def __init__(self, sim: _Replay, src: _PrefillSim, dst: _DecodeSim, paths: list[Path]) -> None:
+        self.sim, self.src, self.dst, self.paths = sim, src, dst, paths
+        self.left: dict[int, int] = {}  # request -> streams still in flight
 
     def start(self, r: int, tokens: int) -> None:
         sim = self.sim
-        if sim.config.ideal_kv_links:
-            sim.loop.schedule(sim.loop.now_s, PRIORITY_COMPLETE, self._done_one, r)
+        if sim.config.ideal_kv_links or not self.paths:
+            sim.loop.schedule(sim.loop.now_s, PRIORITY_COMPLETE, self._transfer_done, r)
             return
-        self._advance()
-        self.seq += 1
-        heapq.heappush(self.heap, (self.v + kv_transfer_time_s(tokens, self.s_per_token), self.seq, r))
-        self.n += 1
-        self._reschedule()
+        self.left[r] = len(self.paths)
+        net = sim.net
+        for p in self.paths:
+            net.start(p.resources, p.cap_bytes_s, p.nbytes(tokens), self._stream_done, r)
 
-    def _advance(self) -> None:
-        now = self.sim.loop.now_s
-        if self.n:
-            self.v += (now - self.last_s) / self.n
-        self.last_s = now
+    def _stream_done(self, r: int) -> None:
+        n = self.left[r] - 1
+        if n:
+            self.left[r] = n
+            return
+        del self.left[r]
+        sim = self.sim
+        # message latency, and the prefill GPUs' quantise of this prompt before its KV could leave
+        delay = SEND_LATENCY_S + self.src.quantise_s_per_token * sim.req.prompt[r]
+        sim.loop.schedule(sim.loop.now_s + delay, PRIORITY_COMPLETE, self._transfer_done, r)
 
-    def _reschedule(self) -> None:
-        self.version += 1
-        if self.heap:
-            loop = self.sim.loop
-            t = loop.now_s + max(self.heap[0][0] - self.v, 0.0) * self.n
-            loop.schedule(t, PRIORITY_COMPLETE, self._on_event, self.version)
-
-    def _on_event(self, version: int) -> None:
-        if version != self.version:
-            return  # superseded by a later arrival or completion on this link
-        self._advance()
-        heap = self.heap
-        done = []
-        limit = self.v + 1e-9 * (1.0 + self.v)
-        while heap and heap[0][0] <= limit:
-            done.append(heapq.heappop(heap)[2])
-        self.n -= len(done)
-        self._reschedule()
-        for r in done:
-            self._done_one(r)
-
-    def _done_one(self, r: int) -> None:
+    def _transfer_done(self, r: int) -> None:
         self.src.release_kv(self.sim.req.prompt[r])
         self.dst.transfer_done(r)
 
@@ -233,6 +219,8 @@ class _PrefillSim:
         self.deciding = False
         self.chooser: WeightedChooser | None = None
         self.lor: LeastOutstandingChooser | None = None  # with load-aware dispatch
+        self.quantise_s_per_token = 0.0  # KV compression: GPU time per prompt token (costmodel.kv.codec_...)
+        self.pp_send_resources: list[tuple[str, ...]] = []  # network resources each pipeline send crosses
         self.dest: dict[str, _DecodeSim] = {}
 
     def arrive(self, r: int) -> None:
@@ -271,15 +259,20 @@ class _PrefillSim:
                                                            float(n))
         now = sim.loop.now_s
         t = now
+        if self.pp_send_resources:  # a send takes its share of what concurrent KV transfers leave
+            net, caps = sim.net, self.timer.send_bytes_s
+            send_s = [x * net.slowdown(res, cap) for x, res, cap in zip(send_s, self.pp_send_resources, caps,
+                                                                         strict=False)]
         free = self.stage_free_s
         last = len(stage_s) - 1
+        code_s = self.quantise_s_per_token * total  # each stage quantises its layers' KV after its pass
         for k, dt in enumerate(stage_s):
             t = max(t, free[k]) + dt
-            free[k] = t
+            free[k] = t + code_s
             if k < last:
                 t += send_s[k]
         sim.loop.schedule(t, PRIORITY_COMPLETE, self._batch_done, rids)
-        self.next_start_s = now + max(stage_s)
+        self.next_start_s = now + max(stage_s) + code_s
         if q:
             self._wake()
 
@@ -319,6 +312,7 @@ class _DecodeSim(_DecodeLoop):
         self.inflight = 0  # admitted, KV on the wire
         self.joining: list[int] = []  # transferred, join at the next step
         self.links: dict[int, _Link] = {}  # by prefill group index
+        self.dequantise_s_per_token = 0.0  # KV compression: GPU time per prompt token joining
 
     def try_admit(self) -> None:
         pend = self.pending
@@ -352,15 +346,19 @@ class _DecodeSim(_DecodeLoop):
             loop.schedule(loop.now_s, PRIORITY_DECIDE, self._step_start, None)
 
     def _step_start(self, _: object) -> None:
+        code_s = 0.0
         if self.joining:
+            prompt = self.sim.req.prompt
             for r in self.joining:
                 self.join(r)
+                code_s += prompt[r]
+            code_s *= self.dequantise_s_per_token  # the joining caches are dequantised first
             self.joining.clear()
         if self.running == 0:
             self.stepping = False
             return
         loop = self.sim.loop
-        loop.schedule(loop.now_s + self.timer.decode_step_s(self.running, self.ctx), PRIORITY_COMPLETE,
+        loop.schedule(loop.now_s + code_s + self.timer.decode_step_s(self.running, self.ctx), PRIORITY_COMPLETE,
                       self._step_end, None)
 
     def _step_end(self, _: object) -> None:
@@ -440,12 +438,29 @@ class _ColocatedSim(_DecodeLoop):
         self._step_start(None)
 
 
+def set_group_costs(obj: _PrefillSim | _DecodeSim | _ColocatedSim, group: Group, model: ModelSpec,
+                    cluster: Cluster, topology: Topology, compression: Compression | str) -> None:
+    """KV compression's GPU time (quantise on a prefill group, dequantise on a decode group) and what a
+    prefill group's pipeline sends cross."""
+    stages = [[cluster.by_id[x] for x in st.gpus] for st in group.stages]
+    s = codec_seconds_per_token(model, [(g, st.num_layers) for g, st in zip(stages, group.stages, strict=True)],
+                                compression)
+    if isinstance(obj, _PrefillSim):
+        obj.quantise_s_per_token = s
+        obj.pp_send_resources = [topology.crossed([g.node_index for g in a], [g.node_index for g in b])
+                                 for a, b in zip(stages, stages[1:], strict=False)]
+    elif isinstance(obj, _DecodeSim):
+        obj.dequantise_s_per_token = s
+
+
 class _Replay:
     def __init__(self, plan: Plan, cluster: Cluster, model: ModelSpec, req: _Requests, config: SimConfig,
                  slo: SloSpec | None, stop_after_failures: int | None) -> None:
         self.loop = EventLoop()
         self.req = req
         self.config = config
+        self.topology = Topology.of(cluster)
+        self.net = FlowNetwork(self.loop, self.topology.capacity_bytes_s)
         self.oversized = 0
         self.finished = 0
         self.failures = 0
@@ -460,7 +475,8 @@ class _Replay:
             timer = GroupTimer(perf)
             kinds: dict[Phase, type[_PrefillSim] | type[_DecodeSim] | type[_ColocatedSim]] = {
                 Phase.PREFILL: _PrefillSim, Phase.DECODE: _DecodeSim, Phase.COLOCATED: _ColocatedSim}
-            self.by_id[g.id] = kinds[g.phase](self, idx, timer, perf.kv_capacity_tokens)
+            self.by_id[g.id] = obj = kinds[g.phase](self, idx, timer, perf.kv_capacity_tokens)
+            set_group_costs(obj, g, model, cluster, self.topology, plan.kv_transfer.compression)
         routing = plan.routing
         assert routing is not None
         self.load_aware = config.dispatch is Dispatch.LEAST_OUTSTANDING
@@ -480,12 +496,12 @@ class _Replay:
                 dst = self.by_id[dst_id]
                 assert isinstance(dst, _DecodeSim)
                 dg = plan.group(dst_id)
-                rate = kv_seconds_per_token(model, stages, [cluster.by_id[x] for x in dg.gpus],
-                                            cluster, plan.kv_transfer.compression,
-                                            decode_stages=[([cluster.by_id[x] for x in d.gpus], d.num_layers)
-                                                           for d in dg.stages])
+                paths = kv_paths(model, stages, [cluster.by_id[x] for x in dg.gpus], cluster, self.topology,
+                                 plan.kv_transfer.compression,
+                                 decode_stages=[([cluster.by_id[x] for x in d.gpus], d.num_layers)
+                                                for d in dg.stages])
                 src.dest[dst_id] = dst
-                dst.links[src.idx] = _Link(self, src, dst, rate)
+                dst.links[src.idx] = _Link(self, src, dst, paths)
         self.entry_chooser = WeightedChooser(routing.entry)
         self.entry_lor = LeastOutstandingChooser(routing.entry)
 

@@ -4,6 +4,10 @@
 subsystem uses: a flat, ordered list of GPUs ("<node>:<index>") with their type and price, and the bandwidth
 between any two GPUs in bytes/s (intra-node link, or the most specific network rule: node-pair link, zone
 pair, default).
+
+Shared capacities (`costmodel.network`): each node's NIC (`NodeSpec.nic_gbps`), each inter-zone path (the zone
+pair's bandwidth, or the default between zones without a rule) and each explicit node-pair link are resources
+that concurrent transfers crossing them share.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ class NodeSpec(BaseModel):
     price_per_gpu_hour: float | None = Field(default=None, ge=0)  # overrides the catalog price
     zone: str = "default"
     intra_node_gbs: float | None = Field(default=None, gt=0)  # overrides the GPU type's intra-node link, GB/s
+    # the node's network interface, gigabits per second in each direction (full duplex), shared by every
+    # transfer into (or out of) the node; None: the fastest inter-node bandwidth the network section gives
+    # this node (so one transfer alone runs at its path's bandwidth, as before this field existed)
+    nic_gbps: float | None = Field(default=None, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -107,6 +115,7 @@ class Cluster:
     gpus: tuple[GpuRef, ...]
     node_names: tuple[str, ...]
     node_bandwidth_bytes_s: np.ndarray  # [num_nodes, num_nodes]; diagonal = intra-node link
+    nic_bytes_s: tuple[float, ...] = ()  # per node: its NIC's capacity in each direction (see NodeSpec.nic_gbps)
 
     @property
     def name(self) -> str:
@@ -173,7 +182,13 @@ def resolve_cluster(spec: ClusterSpec, source: str = "cluster") -> Cluster:
     for i in range(n):
         bw[i, i] = intra[i]
     bw.setflags(write=False)
-    return Cluster(spec=spec, gpus=tuple(gpus), node_names=tuple(names), node_bandwidth_bytes_s=bw)
+    nic = []
+    for i, node in enumerate(spec.nodes):
+        others = [float(bw[i, j]) for j in range(n) if j != i]
+        fastest = max(others) if others else spec.network.default_gbps * GBPS_TO_BYTES
+        nic.append(node.nic_gbps * GBPS_TO_BYTES if node.nic_gbps is not None else fastest)
+    return Cluster(spec=spec, gpus=tuple(gpus), node_names=tuple(names), node_bandwidth_bytes_s=bw,
+                   nic_bytes_s=tuple(nic))
 
 
 def builtin_clusters() -> list[str]:

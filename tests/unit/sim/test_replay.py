@@ -7,6 +7,7 @@ import pytest
 from sim_builders import MODEL, colocated_plan, constant_workload, disagg_plan, requests, two_node_cluster
 
 from builders import make_cluster
+from thunderserve.costmodel.comm import SEND_LATENCY_S
 from thunderserve.costmodel.kv import kv_seconds_per_token, kv_transfer_time_s
 from thunderserve.errors import PlanError
 from thunderserve.plan import group_perf_of
@@ -54,7 +55,8 @@ def test_concurrent_transfers_share_the_link(ideal: bool) -> None:
     spt = kv_seconds_per_token(MODEL, [([CLUSTER.by_id["a:0"]], 2)], [CLUSTER.by_id["b:0"]], CLUSTER)
     r = simulate(plan, CLUSTER, MODEL, *requests([0.0, 0.0], 300, 4), SimConfig(warmup_s=0, ideal_kv_links=ideal))
     ttft = p_perf.prefill_time_s(600, 2 * 300**2, 2)  # both prompts in one batch
-    shared = 0.0 if ideal else 2 * kv_transfer_time_s(300, spt)  # each gets half the bandwidth
+    # each gets half the bandwidth (then one message latency)
+    shared = 0.0 if ideal else 2 * kv_transfer_time_s(300, spt) - SEND_LATENCY_S
     assert np.allclose(r.first_token_s, ttft, rtol=1e-12)
     assert np.allclose(r.finish_s, ttft + shared + decode_sum(d_perf, 2, 300, 3), rtol=1e-12)
 
