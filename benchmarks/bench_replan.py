@@ -69,7 +69,7 @@ def decide(plan: Plan, cluster: Cluster, model: ModelSpec, workload: WorkloadSpe
 def run(size: int, model: ModelSpec, before: WorkloadSpec, after: WorkloadSpec, slo: SloSpec, seed: int,
         iterations: int, repeat: int) -> list[dict[str, Any]]:
     cluster = resolve_cluster(generate_cluster(size, seed=seed))
-    cfg = SchedulerConfig(time_limit_s=1e6, max_iterations=iterations, patience=iterations, seed=seed)
+    cfg = SchedulerConfig(max_evaluations=100_000, max_iterations=iterations, patience=iterations, seed=seed)
     t0 = time.perf_counter()
     planned = plan_deployment(cluster, model, before, slo, cfg)
     plan_s = time.perf_counter() - t0

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from thunderserve.costmodel.reference import slo_from_scale
 from thunderserve.errors import SpecError
+from thunderserve.scheduler.config import DEFAULT_MAX_EVALUATIONS
 from thunderserve.spec import (
     Cluster,
     ModelSpec,
@@ -34,6 +35,11 @@ TtftOpt = typer.Option(None, "--ttft-ms", help="TTFT target in ms (overrides --s
 TpotOpt = typer.Option(None, "--tpot-ms", help="TPOT target in ms (overrides --slo)")
 AttainOpt = typer.Option(DEFAULT_ATTAINMENT, "--attainment", help="Fraction of requests that must meet the SLO")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout")
+BudgetOpt = typer.Option(DEFAULT_MAX_EVALUATIONS, "--budget",
+                         help="Search budget: states the tabu search scores at most (same seed and budget, same "
+                              "plan on any machine)")
+TimeCapOpt = typer.Option(None, "--time-limit",
+                          help="Optional wall-clock cap of the search, s (a capped search depends on machine speed)")
 
 
 @dataclass(frozen=True)

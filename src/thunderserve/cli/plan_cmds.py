@@ -18,11 +18,13 @@ from rich.table import Table
 
 from thunderserve.cli.common import (
     AttainOpt,
+    BudgetOpt,
     ClusterOpt,
     Inputs,
     JsonOpt,
     ModelOpt,
     SloScaleOpt,
+    TimeCapOpt,
     TpotOpt,
     TtftOpt,
     WorkloadOpt,
@@ -158,7 +160,8 @@ def plan_cmd(
     ttft_ms: float | None = TtftOpt,
     tpot_ms: float | None = TpotOpt,
     attainment: float = AttainOpt,
-    time_limit: float = typer.Option(10.0, "--time-limit", help="Seconds the tabu search may run"),
+    budget: int = BudgetOpt,
+    time_limit: float | None = TimeCapOpt,
     seed: int = typer.Option(0, "--seed", help="Seed of the tabu search (same seed, same plan)"),
     kv_compression: str = typer.Option("int4", "--kv-compression", help="KV transfer compression: none|int8|int4"),
     verify_top: int = typer.Option(0, "--verify-top", help="Re-score the K best candidates (distinct parallel "
@@ -169,11 +172,13 @@ def plan_cmd(
     """Plan groups, phases, parallel layouts and routing for a cluster, model, workload and SLO."""
     _positive("--rate", rate)
     _positive("--time-limit", time_limit)
+    _positive("--budget", budget)
     if verify_top < 0:
         raise SpecError(f"must be 0 or more, got {verify_top}", field="--verify-top")
     comp = _compression(kv_compression)
     inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
-    config = SchedulerConfig(time_limit_s=time_limit, seed=seed, kv_compression=comp, verify_top=verify_top)
+    config = SchedulerConfig(time_limit_s=time_limit, max_evaluations=budget, seed=seed, kv_compression=comp,
+                             verify_top=verify_top)
     result = run_plan(inputs, config, rate)
     if output is not None:
         try:

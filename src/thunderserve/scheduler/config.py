@@ -8,13 +8,20 @@ from thunderserve.costmodel.comm import Compression
 from thunderserve.plan.model import Phase, Plan
 
 ALL_PHASES: tuple[Phase, ...] = (Phase.PREFILL, Phase.DECODE, Phase.COLOCATED)
+# Default search budget in distinct states scored (routing LP solves), shared by the two search phases. Chosen
+# so that paper-cloud-32 plans in 10-25 s on a loaded CI-class machine (README "Planner"); a count, so the
+# same seed gives the same plan on any machine, whatever its load.
+DEFAULT_MAX_EVALUATIONS = 400
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Search knobs. Same config and seed => same plan (unless the time limit cuts the search short)."""
+    """Search knobs. Same config and seed => same plan on any machine: the search is bounded by work
+    (`max_evaluations`, `max_iterations`, `patience`), not by time. `time_limit_s` is an optional wall-clock
+    cap on top; a search it cuts short depends on the machine's speed (PlanResult.stopped_by says so)."""
 
-    time_limit_s: float = 10.0  # wall-clock budget of the tabu search
+    time_limit_s: float | None = None  # optional wall-clock cap of the whole search, s (None: no cap)
+    max_evaluations: int = DEFAULT_MAX_EVALUATIONS  # states scored by the tabu search at most (the budget)
     max_iterations: int = 2000  # tabu iterations at most
     patience: int = 200  # stop after this many iterations without a new best
     seed: int = 0  # seeds the move sampler (random.Random)
@@ -23,7 +30,7 @@ class SchedulerConfig:
     max_pp: int = 4  # most pipeline stages in one group
     tabu_tenure: int = 12  # iterations a moved GPU / flipped group stays tabu
     neighbourhood_size: int = 16  # candidate moves sampled and scored per iteration
-    time_budget_fraction_initial: float = 0.3  # share of the time limit the initial solution may use
+    time_budget_fraction_initial: float = 0.3  # share of the time cap (if any) the initial solution may use
     # After the search, re-score the best `verify_top` distinct candidates with the caller's rescorer (the
     # simulator) and keep the best simulated one; 0 or 1: keep the search's best (no rescorer needed).
     verify_top: int = 0
@@ -42,3 +49,5 @@ class PlanResult:
     # with verify_top: (estimated, re-scored) max rate of each candidate, best estimate first; the chosen plan
     # is the one with the highest re-scored rate
     verified: tuple[tuple[float, float], ...] = ()
+    evaluations: int = 0  # distinct states the tabu search scored (the budget spent)
+    stopped_by: str = "budget"  # what ended the search: "budget", "iterations", "patience" or "time_limit"

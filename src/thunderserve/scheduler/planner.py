@@ -100,7 +100,7 @@ def _best_start(ctx: PlanningContext, config: SchedulerConfig, ev: Evaluator, de
     return best[0]
 
 
-INTENSIFY_FRACTION = 0.6  # share of the search time spent inside the starting solution's regime
+INTENSIFY_FRACTION = 0.6  # share of the search budget (and time cap) spent inside the starting solution's regime
 
 
 def _regime(state: State, phases: tuple[Phase, ...]) -> tuple[Phase, ...]:
@@ -122,18 +122,21 @@ def _two_phase_search(ctx: PlanningContext, start: State, config: SchedulerConfi
     if set(regime) == set(config.phases):
         return tabu_search(ctx, start, config, deadline=deadline, progress=progress, evaluator=ev)
     now = time.monotonic()
-    mid = now + INTENSIFY_FRACTION * max(deadline - now, 0.0)
+    mid = now + INTENSIFY_FRACTION * max(deadline - now, 0.0) if deadline < float("inf") else deadline
+    first_budget = round(INTENSIFY_FRACTION * config.max_evaluations)
 
     def part(lo: float, hi: float) -> Callable[[float], None] | None:
         return None if progress is None else (lambda f: progress(lo + (hi - lo) * f))
 
+    ev0 = ev.evaluations
     first = tabu_search(ctx, start, replace(config, phases=regime), deadline=mid,
-                        progress=part(0.0, INTENSIFY_FRACTION), evaluator=ev)
+                        progress=part(0.0, INTENSIFY_FRACTION), evaluator=ev, max_evaluations=first_budget)
+    spent = ev.evaluations - ev0
     second = tabu_search(ctx, first.state, config, deadline=deadline, progress=part(INTENSIFY_FRACTION, 1.0),
-                         evaluator=ev)
+                         evaluator=ev, max_evaluations=max(config.max_evaluations - spent, 0))
     best = second if second.score.better_than(first.score) else first
     return SearchResult(best.state, best.score, first.iterations + second.iterations,
-                        first.history + second.history, second.evaluations)
+                        first.history + second.history, second.evaluations, second.stopped_by)
 
 
 def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
@@ -149,14 +152,16 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
     if config.verify_top > 1 and rescore is None:
         raise ValueError("verify_top needs a rescore function (e.g. thunderserve.sim.rescore)")
     t0 = time.monotonic()
-    # the search stops early enough for the final routing and estimate to fit in the time limit
-    deadline = t0 + config.time_limit_s - min(FINALISE_RESERVE_S, 0.1 * config.time_limit_s)
+    # with a time cap, the search stops early enough for the final routing and estimate to fit in it
+    cap = config.time_limit_s
+    deadline = float("inf") if cap is None else t0 + cap - min(FINALISE_RESERVE_S, 0.1 * cap)
+    initial_deadline = float("inf") if cap is None else t0 + cap * config.time_budget_fraction_initial
     ctx = PlanningContext(cluster, model, workload, slo, config.kv_compression, config.max_pp)
     total_bytes = sum(g.spec.memory_gb * 1e9 * MEMORY_UTILIZATION for g in cluster.gpus)
     if model.weight_bytes >= total_bytes:
         raise _infeasible(cluster, model)
     ev = Evaluator(ctx)
-    start = _best_start(ctx, config, ev, t0 + config.time_limit_s * config.time_budget_fraction_initial)
+    start = _best_start(ctx, config, ev, initial_deadline)
     result = _two_phase_search(ctx, start, config, deadline, progress, ev)
     verified: tuple[tuple[float, float], ...] = ()
     if config.verify_top > 1 and rescore is not None:
@@ -172,4 +177,5 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
         progress(1.0)
     return PlanResult(plan=plan, max_rate_at_slo=float(plan.estimate["max_rate_at_slo"]),
                       decision_time_s=time.monotonic() - t0, iterations=result.iterations,
-                      history=result.history, start_objective=ev.evaluate(start)[0].value_rps, verified=verified)
+                      history=result.history, start_objective=ev.evaluate(start)[0].value_rps, verified=verified,
+                      evaluations=result.evaluations, stopped_by=result.stopped_by)

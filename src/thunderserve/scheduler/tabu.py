@@ -11,9 +11,9 @@ group's phase. Each iteration samples `neighbourhood_size` moves (seeded
 `random.Random`, biased toward groups sharing a zone, i.e. fast links), scores them (layouts, queueing
 models, capacities and LP results are memoised) and applies the best one that is not tabu. A move is tabu
 when it touches a GPU moved, or a group created, in the last `tabu_tenure` iterations; a tabu move is still
-taken when it beats the best state found (aspiration). The search stops at `max_iterations`, after
-`patience` iterations without a new best, or at the time limit. Deterministic for a seed when not stopped
-by the clock.
+taken when it beats the best state found (aspiration). The search stops when its evaluation budget (distinct
+states scored) is spent, at `max_iterations`, after `patience` iterations without a new best, or at the
+optional wall-clock deadline. Deterministic for a seed when not stopped by the clock.
 """
 
 from __future__ import annotations
@@ -221,13 +221,18 @@ class SearchResult:
     iterations: int
     history: tuple[float, ...]
     evaluations: int
+    stopped_by: str = "budget"  # "budget", "iterations", "patience" or "time_limit"
 
 
-def tabu_search(ctx: PlanningContext, start: State, config: SchedulerConfig, *, deadline: float,
+def tabu_search(ctx: PlanningContext, start: State, config: SchedulerConfig, *, deadline: float = float("inf"),
                 progress: Callable[[float], None] | None = None,
-                evaluator: Evaluator | None = None) -> SearchResult:
-    """Run the tabu search from `start` until iterations, patience or the deadline (time.monotonic) run out."""
+                evaluator: Evaluator | None = None, max_evaluations: int | None = None) -> SearchResult:
+    """Run the tabu search from `start` until its evaluation budget (`max_evaluations`, default
+    `config.max_evaluations`, counted from this call), iterations, patience or the optional deadline
+    (time.monotonic) run out."""
     ev = evaluator or Evaluator(ctx)
+    budget = config.max_evaluations if max_evaluations is None else max_evaluations
+    ev0 = ev.evaluations
     sampler = MoveSampler(ctx, config)
     current = start
     cur_score = ev.evaluate(current)[0]
@@ -239,7 +244,10 @@ def tabu_search(ctx: PlanningContext, start: State, config: SchedulerConfig, *, 
     t0 = time.monotonic()
     total = max(deadline - t0, 1e-9)
     done = 0.0
-    while it < config.max_iterations and since < config.patience and time.monotonic() < deadline:
+    def spent() -> bool:
+        return ev.evaluations - ev0 >= budget
+
+    while it < config.max_iterations and since < config.patience and not spent() and time.monotonic() < deadline:
         it += 1
         chosen: tuple[Score, Move] | None = None
         seen: set[State] = set()
@@ -256,7 +264,7 @@ def tabu_search(ctx: PlanningContext, start: State, config: SchedulerConfig, *, 
                 continue
             if chosen is None or score.better_than(chosen[0]):
                 chosen = (score, move)
-            if time.monotonic() >= deadline:
+            if spent() or time.monotonic() >= deadline:
                 break
         if chosen is not None:
             cur_score, move = chosen
@@ -273,6 +281,9 @@ def tabu_search(ctx: PlanningContext, start: State, config: SchedulerConfig, *, 
         history.append(best_score.value_rps)
         if progress is not None:  # monotone: the furthest any stopping rule has got
             done = max(done, min(1.0, max(it / config.max_iterations, since / max(config.patience, 1),
+                                          (ev.evaluations - ev0) / max(budget, 1),
                                           (time.monotonic() - t0) / total)))
             progress(done)
-    return SearchResult(best, best_score, it, tuple(history), ev.evaluations)
+    stopped = ("budget" if spent() else "iterations" if it >= config.max_iterations
+               else "patience" if since >= config.patience else "time_limit")
+    return SearchResult(best, best_score, it, tuple(history), ev.evaluations, stopped)

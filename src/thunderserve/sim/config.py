@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from thunderserve.policy.batching import BatchingConfig
+from thunderserve.policy.routing import Dispatch
 from thunderserve.policy.step import ColocatedPolicy
 
 # Measurement protocol of max_rate_at_slo and compare (see sim.metrics): Poisson arrivals for
@@ -22,6 +23,9 @@ class SimConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     colocated_policy: ColocatedPolicy = ColocatedPolicy.CHUNKED
     ideal_kv_links: bool = False  # KV transfers take no time (what DistServe's placement search assumes)
+    # how requests pick an entry group and KV caches a decode group: the plan's shares in weighted round-robin,
+    # or least outstanding requests per unit of share (load-aware; see policy.routing)
+    dispatch: Dispatch = Dispatch.WEIGHTED
     warmup_s: float = DEFAULT_WARMUP_S  # arrivals before this are simulated but not measured
 
 

@@ -129,7 +129,9 @@ class DynamicReplay(_Replay):
             return
         stages = [([self.cluster.by_id[x] for x in s.gpus], s.num_layers) for s in src.group.stages]
         rate = kv_seconds_per_token(self.model, stages, [self.cluster.by_id[x] for x in dst.group.gpus],
-                                    self.cluster, self.compression)
+                                    self.cluster, self.compression,
+                                    decode_stages=[([self.cluster.by_id[x] for x in d.gpus], d.num_layers)
+                                                   for d in dst.group.stages])
         dst.links[src.idx] = _DynLink(self, src, dst, rate)
 
     # -- routing ---------------------------------------------------------------------------------------

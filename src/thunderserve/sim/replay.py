@@ -30,7 +30,7 @@ import numpy as np
 
 from thunderserve.costmodel.kv import kv_seconds_per_token, kv_transfer_time_s
 from thunderserve.plan import Phase, Plan, group_perf_of, validate_plan
-from thunderserve.policy.routing import WeightedChooser
+from thunderserve.policy.routing import Dispatch, LeastOutstandingChooser, WeightedChooser
 from thunderserve.policy.step import colocated_step, decode_admissions, prefill_batch_size
 from thunderserve.sim.config import SimConfig
 from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_COMPLETE, PRIORITY_DECIDE, EventLoop
@@ -232,6 +232,7 @@ class _PrefillSim:
         self.stage_free_s = [0.0] * timer.pp
         self.deciding = False
         self.chooser: WeightedChooser | None = None
+        self.lor: LeastOutstandingChooser | None = None  # with load-aware dispatch
         self.dest: dict[str, _DecodeSim] = {}
 
     def arrive(self, r: int) -> None:
@@ -462,26 +463,53 @@ class _Replay:
             self.by_id[g.id] = kinds[g.phase](self, idx, timer, perf.kv_capacity_tokens)
         routing = plan.routing
         assert routing is not None
+        self.load_aware = config.dispatch is Dispatch.LEAST_OUTSTANDING
+        self.entry_of: dict[int, str] = {}  # load-aware dispatch: request -> entry group it counts against
+        # load-aware dispatch: request -> (KV chooser, decode group it counts against)
+        self.decode_of: dict[int, tuple[LeastOutstandingChooser, str]] = {}
+        decode_counts: dict[str, int] = {}  # shared by every prefill group's KV chooser
         for src_id, shares in sorted(routing.kv.items()):
             src = self.by_id[src_id]
             assert isinstance(src, _PrefillSim)
             src.chooser = WeightedChooser(shares)
+            if self.load_aware:
+                src.lor = LeastOutstandingChooser(shares, decode_counts)
             sg = plan.group(src_id)
             stages = [([cluster.by_id[x] for x in s.gpus], s.num_layers) for s in sg.stages]
             for dst_id in sorted(src.chooser.shares):
                 dst = self.by_id[dst_id]
                 assert isinstance(dst, _DecodeSim)
-                rate = kv_seconds_per_token(model, stages, [cluster.by_id[x] for x in plan.group(dst_id).gpus],
-                                            cluster, plan.kv_transfer.compression)
+                dg = plan.group(dst_id)
+                rate = kv_seconds_per_token(model, stages, [cluster.by_id[x] for x in dg.gpus],
+                                            cluster, plan.kv_transfer.compression,
+                                            decode_stages=[([cluster.by_id[x] for x in d.gpus], d.num_layers)
+                                                           for d in dg.stages])
                 src.dest[dst_id] = dst
                 dst.links[src.idx] = _Link(self, src, dst, rate)
         self.entry_chooser = WeightedChooser(routing.entry)
+        self.entry_lor = LeastOutstandingChooser(routing.entry)
 
     # -- hooks a changing deployment overrides (see sim.dynamic) -------------------------------------------
     def route_kv(self, src: _PrefillSim, r: int) -> _DecodeSim | None:
         """The decode group that takes request r's KV cache from prefill group `src` (None: none can)."""
+        if src.lor is not None:
+            gid = src.lor.choose()
+            src.lor.started(gid)
+            self.decode_of[r] = (src.lor, gid)
+            return src.dest[gid]
         assert src.chooser is not None
         return src.dest[src.chooser.choose()]
+
+    def _release(self, r: int, *, finished: bool) -> None:
+        """Load-aware dispatch: a prefill group is done with a request at its first token, a colocated or
+        decode group when it finishes."""
+        gid = self.entry_of.get(r)
+        if gid is not None and (finished or isinstance(self.by_id[gid], _PrefillSim)):
+            del self.entry_of[r]
+            self.entry_lor.released(gid)
+        if finished and r in self.decode_of:
+            chooser, dst = self.decode_of.pop(r)
+            chooser.released(dst)
 
     def requeue(self, r: int) -> None:
         """Send request r back to the entry router (its KV is gone); a fixed plan never needs it."""
@@ -491,6 +519,8 @@ class _Replay:
     def first_token(self, r: int, now: float) -> None:
         req = self.req
         req.first[r] = now
+        if self.entry_of:
+            self._release(r, finished=False)
         if self.stop_after is not None and now - req.arrival[r] > self.ttft_target \
                 and req.arrival[r] >= self.warmup_s:
             self._fail()
@@ -498,6 +528,8 @@ class _Replay:
     def finish(self, r: int, now: float) -> None:
         req = self.req
         req.finish[r] = now
+        if self.entry_of or self.decode_of:
+            self._release(r, finished=True)
         self.finished += 1
         if self.stop_after is not None and req.arrival[r] >= self.warmup_s and req.output[r] > 1:
             first = req.first[r]
@@ -516,15 +548,29 @@ class _Replay:
         n = len(req.arrival)
         if n == 0:
             return True
-        choose = self.entry_chooser.choose
-        targets = [self.by_id[choose()] for _ in range(n)]
-        for r, g in enumerate(targets):
-            req.entry[r] = g.idx
         arrival = req.arrival
         loop = self.loop
+        if self.load_aware:  # decided on arrival, from the load at that moment
+            lor = self.entry_lor
+
+            def target(r: int) -> _PrefillSim | _DecodeSim | _ColocatedSim:
+                gid = lor.choose()
+                lor.started(gid)
+                self.entry_of[r] = gid
+                g = self.by_id[gid]
+                req.entry[r] = g.idx
+                return g
+        else:  # weighted round-robin does not depend on load: decided up front
+            choose = self.entry_chooser.choose
+            targets = [self.by_id[choose()] for _ in range(n)]
+            for r, g in enumerate(targets):
+                req.entry[r] = g.idx
+
+            def target(r: int) -> _PrefillSim | _DecodeSim | _ColocatedSim:
+                return targets[r]
 
         def arrive(r: int) -> None:
-            targets[r].arrive(r)  # type: ignore[union-attr]
+            target(r).arrive(r)  # type: ignore[union-attr]
             if r + 1 < n:
                 loop.schedule(arrival[r + 1], PRIORITY_ARRIVAL, arrive, r + 1)
 

@@ -33,7 +33,7 @@ from thunderserve.spec.model import ModelSpec
 from thunderserve.spec.slo import SloSpec
 from thunderserve.spec.workload import WorkloadSpec
 
-DETERMINISTIC_SEARCH = SchedulerConfig(time_limit_s=1e6, max_iterations=200, patience=200)
+DETERMINISTIC_SEARCH = SchedulerConfig(max_evaluations=100_000, max_iterations=200, patience=200)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def setup():  # type: ignore[no-untyped-def]
     cluster = make_cluster(A40, default_gbps=25)
     workload = load_workload("conversation")
     slo = slo_from_scale(MODEL, workload, 5.0)
-    plan = plan_deployment(cluster, MODEL, workload, slo, SchedulerConfig(time_limit_s=60, max_iterations=30, seed=1)).plan
+    plan = plan_deployment(cluster, MODEL, workload, slo, SchedulerConfig(max_evaluations=100_000, max_iterations=30, seed=1)).plan
     return cluster, workload, slo, plan
 
 
@@ -48,7 +48,7 @@ def test_workload_shift_only_flips_and_reroutes(setup) -> None:  # type: ignore[
 def test_full_replan_restarts_with_reload(setup) -> None:  # type: ignore[no-untyped-def]
     cluster, workload, slo, plan = setup
     survivors = cluster_without(cluster, {"d:0", "d:1"})
-    result = full_replan(plan, survivors, MODEL, workload, slo, SchedulerConfig(time_limit_s=60, max_iterations=30, seed=1))
+    result = full_replan(plan, survivors, MODEL, workload, slo, SchedulerConfig(max_evaluations=100_000, max_iterations=30, seed=1))
     validate_plan(result.plan, survivors, MODEL)
     assert result.changes[0].kind == "restart" and result.changes[0].reloads_weights
     assert result.apply_time_s > 15

@@ -107,12 +107,12 @@ def test_tabu_matches_exhaustive_enumeration_within_2_percent(nodes, model) -> N
     best = exhaustive_best(ctx)
     assert best > 0
     result = plan_deployment(c, ctx.model, ctx.workload, ctx.slo,
-                             SchedulerConfig(time_limit_s=60, max_iterations=300, patience=80, seed=0))
+                             SchedulerConfig(max_evaluations=100_000, max_iterations=300, patience=80, seed=0))
     assert result.plan.estimate["lp_rate_rps"] >= 0.98 * best
     # and from the worst start (every GPU alone, all prefill: serves nothing), the search alone gets there
     worst = _state(ctx, [([g.id], Phase.PREFILL) for g in c.gpus])
-    found = tabu_search(ctx, worst, SchedulerConfig(max_iterations=400, patience=150, seed=0),
-                        deadline=time.monotonic() + 60)
+    found = tabu_search(ctx, worst, SchedulerConfig(max_evaluations=100_000, max_iterations=400,
+                                                         patience=150, seed=0))
     assert found.score.value_rps >= 0.98 * best
 
 
@@ -122,7 +122,7 @@ def test_tabu_matches_exhaustive_enumeration_on_six_gpus() -> None:
     ctx = context(c, "llama-2-13b")
     best = exhaustive_best(ctx)
     result = plan_deployment(c, ctx.model, ctx.workload, ctx.slo,
-                             SchedulerConfig(time_limit_s=120, max_iterations=500, patience=150, seed=0))
+                             SchedulerConfig(max_evaluations=100_000, max_iterations=500, patience=150, seed=0))
     assert result.plan.estimate["lp_rate_rps"] >= 0.98 * best
 
 
@@ -140,7 +140,7 @@ def test_random_module_not_used_globally() -> None:
 def test_verify_top_rescores_distinct_candidates_and_keeps_the_best_rescored() -> None:
     c = cluster((("a", "TOY", 2), ("b", "SLOW", 2), ("c", "FAST", 2)), default_gbps=25)
     ctx = context(c)
-    config = SchedulerConfig(time_limit_s=30, max_iterations=60, patience=30, seed=0)
+    config = SchedulerConfig(max_evaluations=100_000, max_iterations=60, patience=30, seed=0)
     plain = plan_deployment(c, ctx.model, ctx.workload, ctx.slo, config)
     seen: list[list] = []
 
@@ -168,3 +168,17 @@ def test_verify_top_rescores_distinct_candidates_and_keeps_the_best_rescored() -
     assert [e for e, _ in verified.verified][0] == plain.max_rate_at_slo
     with pytest.raises(ValueError, match="rescore"):
         plan_deployment(c, ctx.model, ctx.workload, ctx.slo, replace(config, verify_top=2))
+
+
+def test_search_is_bounded_by_its_evaluation_budget_and_reproducible() -> None:
+    """The default stopping rule is work, not time: the same seed and budget give the same plan, and the
+    search scores no more states than its budget (plus the starting solutions)."""
+    c = cluster((("a", "TOY", 2), ("b", "SLOW", 2), ("c", "FAST", 2)), default_gbps=25)
+    ctx = context(c)
+    cfg = SchedulerConfig(max_evaluations=40, seed=3)
+    a = plan_deployment(c, ctx.model, ctx.workload, ctx.slo, cfg)
+    b = plan_deployment(c, ctx.model, ctx.workload, ctx.slo, cfg)
+    assert a.stopped_by == "budget"
+    assert a.plan.to_dict() == b.plan.to_dict()
+    assert a.iterations == b.iterations and a.evaluations == b.evaluations
+    assert 40 <= a.evaluations <= 40 + 3 + 16  # budget, starting solutions, at most one sampled move past it

@@ -28,7 +28,7 @@ L = [0, 24]
 PLAN = make_plan([(f"c{i}", "colocated", [[g]], L) for i, g in enumerate(("a:0", "a:1", "b:0", "b:1"))],
                  entry={f"c{i}": 0.25 for i in range(4)})
 SLO = SloSpec(ttft_ms=2000, tpot_ms=60, attainment_target=0.9)
-SCHED = SchedulerConfig(time_limit_s=1e6, max_iterations=20, patience=20)
+SCHED = SchedulerConfig(max_evaluations=100_000, max_iterations=20, patience=20)
 CFG = TimelineConfig(light_decision_s=0.1, full_decision_s=5.0, scheduler=SCHED)
 SIM = SimConfig(warmup_s=0)
 
