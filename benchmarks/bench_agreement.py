@@ -2,7 +2,9 @@
 ThunderServe's planner makes, on paper-cloud-32 (coding, conversation) and on generated clusters
 (`gen_cluster.py`). Target (issue 11): within 10% of the simulated rate. Prints a table (`--json` for rows).
 
-    .venv/bin/python benchmarks/bench_agreement.py [--generated 32:1 48:2] [--time-limit 10]
+    .venv/bin/python benchmarks/bench_agreement.py [--generated 32:1 48:2] [--save-plans DIR]
+
+Plans come from the planner's default work budget (deterministic for the seed), not a wall-clock limit.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from thunderserve.sim import max_rate_at_slo  # noqa: E402
 from thunderserve.spec import load_cluster, load_model, load_workload, resolve_cluster  # noqa: E402
 
 
-def run(name: str, cluster_src: object, model: str, workload: str, time_limit_s: float, seed: int
-        ) -> dict[str, object]:
+def run(name: str, cluster_src: object, model: str, workload: str, time_limit_s: float | None, seed: int,
+        plan_dir: Path | None = None) -> dict[str, object]:
     cluster = load_cluster(cluster_src) if isinstance(cluster_src, str) else resolve_cluster(cluster_src)
     m, w = load_model(model), load_workload(workload)
     slo = make_slo(m, w, None, None, None, 0.9)
     plan = plan_deployment(cluster, m, w, slo, SchedulerConfig(time_limit_s=time_limit_s, seed=seed)).plan
+    if plan_dir is not None:
+        (plan_dir / f"{name}-{workload}.json").write_text(json.dumps(plan.to_dict(), indent=1))
     est = estimate_max_rate(plan, cluster, m, w, slo)
     t0 = time.perf_counter()
     sim = max_rate_at_slo(plan, cluster, m, w, slo, rate_hint_rps=est).rate_rps
@@ -47,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="llama-30b")
     ap.add_argument("--workloads", nargs="+", default=["coding", "conversation"])
     ap.add_argument("--generated", nargs="*", default=["32:1", "48:2"], help="GPUS:SEED generated clusters")
-    ap.add_argument("--time-limit", type=float, default=10.0, help="planner time limit per plan (s)")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="optional planner wall-clock cap per plan (s); default: the planner's work budget only")
+    ap.add_argument("--save-plans", type=Path, help="directory to write the plans to")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     cases: list[tuple[str, object, str]] = [("paper-cloud-32", "paper-cloud-32", w) for w in args.workloads]
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, src, wl in cases:
         console.print(f"{name} / {wl}: planning and simulating ...", highlight=False)
-        rows.append(run(name, src, args.model, wl, args.time_limit, 0))
+        rows.append(run(name, src, args.model, wl, args.time_limit, 0, args.save_plans))
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return 0
