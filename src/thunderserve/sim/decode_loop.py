@@ -96,6 +96,9 @@ class _DecodeLoop:
         """Allocate this decode step's new blocks, preempting latest-admitted sequences when they do not fit.
         Returns whether any request was preempted."""
         need = self.bucket[self.step_idx % BLOCK_TOKENS]
+        if need <= self.total_blocks - self.used_blocks:  # the common case, decided without the policy call
+            self.used_blocks += need
+            return False
         seen: list[int] = []
         n = preemptions(need, self.free_blocks, self.preemptible(), self._newest_first(seen), self.keep_one())
         for r in seen[:n]:
