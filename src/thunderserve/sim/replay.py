@@ -36,7 +36,7 @@ from thunderserve.costmodel.kv import kv_seconds_per_token, kv_transfer_time_s
 from thunderserve.plan import Phase, Plan, group_perf_of, validate_plan
 from thunderserve.policy.kv_blocks import BLOCK_TOKENS, blocks_for
 from thunderserve.policy.routing import Dispatch, LeastOutstandingChooser, WeightedChooser
-from thunderserve.policy.step import colocated_step, decode_admissions, prefill_batch_size
+from thunderserve.policy.step import ColocatedPolicy, colocated_step, decode_admissions, prefill_batch_size
 from thunderserve.sim.config import SimConfig
 from thunderserve.sim.decode_loop import _DecodeLoop
 from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_COMPLETE, PRIORITY_DECIDE, EventLoop
@@ -433,7 +433,10 @@ class _ColocatedSim(_DecodeLoop):
     def _step_start(self, _: object) -> None:
         sim = self.sim
         cfg = sim.config.batching
-        preempted = self.grow() if self.running else False
+        # chunked: the running decodes are scheduled (blocks allocated, preempting if need be) before admission,
+        # as vLLM v1 does; prefill-first: blocks are allocated only for a step that decodes
+        chunked = sim.config.colocated_policy == ColocatedPolicy.CHUNKED
+        preempted = self.grow() if self.running and chunked else False
         waiting = self.waiting
         look = 0 if preempted else max(cfg.max_batch_size - self.running - len(self.prefilling), 0)
         free = self.free_blocks * BLOCK_TOKENS
@@ -445,6 +448,8 @@ class _ColocatedSim(_DecodeLoop):
         if step.idle:
             self.stepping = False
             return
+        if step.decode and not chunked:
+            self.grow()
         for _ in range(step.admit):
             r = waiting.popleft()
             self.prefilling.append([r, self.admit(r), 0])

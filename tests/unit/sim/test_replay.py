@@ -175,3 +175,19 @@ def test_same_seed_same_records() -> None:
 def test_unsorted_arrivals_are_rejected() -> None:
     with pytest.raises(ValueError, match="sorted"):
         simulate(colocated_plan(), CLUSTER, MODEL, *requests([1.0, 0.0], 10, 2))
+
+
+def test_prefill_first_allocates_blocks_only_for_steps_that_decode() -> None:
+    """Found by the property test: prefill steps postpone decoding, and blocks allocated for a decode step that did
+    not run leaked until a prompt that fits the empty memory could never be admitted."""
+    from builders import TOY_GPU, make_plan
+
+    small = {**TOY_GPU, "name": "SMALL", "memory_gb": 1.33}
+    cluster = make_cluster((("a", "TOY", 2), ("b", "SMALL", 2)), default_gbps=10.0, gpu_types=(TOY_GPU, small))
+    plan = make_plan([("c2", "colocated", [["b:0"]], [0, 2])], entry={"c2": 1.0})
+    prompts = np.array([1] * 22 + [15] + [1] * 6 + [3025])
+    outputs = np.array([1] * 21 + [2, 3] + [1] * 7)
+    cfg = SimConfig(batching=BatchingConfig(prefill_token_budget=64, max_batch_size=2, chunk_token_budget=64),
+                    colocated_policy=ColocatedPolicy.PREFILL_FIRST, warmup_s=0)
+    r = simulate(plan, cluster, MODEL, np.zeros(30), prompts, outputs, cfg)
+    assert np.isfinite(r.finish_s).all() and r.oversized_requests == 0
