@@ -81,6 +81,7 @@ def test_simulate_takes_vllm_scheduler_knobs(monkeypatch, capsys, files) -> None
     for key in ("p50_ttft_s", "p90_ttft_s", "p50_tpot_s", "p90_tpot_s", "mean_ttft_s", "mean_tpot_s"):
         assert doc[key] is not None and doc[key] >= 0, key
     assert doc["mean_ttft_s"] > 0
+    assert doc["preemptions"] == 0  # light load: KV memory never runs out
 
 
 def test_simulate_replays_a_trace(monkeypatch, capsys, files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

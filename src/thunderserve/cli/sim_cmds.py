@@ -217,7 +217,7 @@ def simulate_cmd(
     table.add_column("value", justify="right")
     for key in ("max_rate_at_slo", "slo_attainment", "throughput_rps", "throughput_tokens_s",
                 "latency_deadline_scale", "p50_ttft_s", "p90_ttft_s", "p99_ttft_s", "p50_tpot_s", "p90_tpot_s",
-                "p99_tpot_s", "p99_e2e_s", "num_requests", "oversized_requests"):
+                "p99_tpot_s", "p99_e2e_s", "num_requests", "oversized_requests", "preemptions"):
         v = entry.get(key)
         table.add_row(key, "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
     out.print(table)

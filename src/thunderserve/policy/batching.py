@@ -1,9 +1,10 @@
 """Batching and admission decisions shared by the simulator (virtual time) and the runtime (real time).
 
 All functions are pure: they take queue contents as token counts and return how many requests (a FIFO
-prefix) or which chunk sizes to run next. KV memory is reserved per request for prompt + output tokens
-when it joins decoding (no preemption), so a running batch never runs out of KV memory; requests that do
-not fit wait at the head of the queue (backpressure, never a drop).
+prefix) or which chunk sizes to run next. Admission sizes are whatever KV tokens the caller reserves per
+request: the simulator passes each request's prompt rounded up to whole KV blocks and grows memory block by
+block with preemption (`policy.kv_blocks`); the runtime's workers still reserve prompt + requested max tokens.
+Requests that do not fit wait at the head of the queue (backpressure, never a drop).
 """
 
 from __future__ import annotations

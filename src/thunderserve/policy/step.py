@@ -7,7 +7,8 @@ them in virtual time and the runtime in real time. Two rules are added on top of
   forever; when the group holds nothing else it runs alone (over-committed, counted by the caller) instead.
   Such requests are rare (the longest trace requests on the smallest groups), so this changes no decision
   for the others and keeps "requests wait, never dropped" true.
-* Colocated groups reserve prompt + output KV when a request is admitted (no preemption), then either run
+* Colocated groups admit a request when its prompt's KV blocks fit (the simulator passes block-rounded
+  prefill tokens as the `*_reserve_tokens` arguments; growth and preemption: `policy.kv_blocks`), then either run
   vLLM's chunked-prefill step (decodes first, prefill chunks fill the token budget) or the older
   prefill-first step (a prefill batch whenever one can be admitted, decode steps otherwise).
 """
@@ -43,7 +44,7 @@ def prefill_batch_size(queued_prompt_tokens: Sequence[int], kv_free_tokens: floa
 
 def decode_admissions(waiting_reserve_tokens: Sequence[int], kv_free_tokens: float, kv_capacity_tokens: float,
                       active: int, config: BatchingConfig = BatchingConfig()) -> int:
-    """Waiting sequences (FIFO prefix) that reserve prompt+output KV and join; oversized head alone when idle.
+    """Waiting sequences (FIFO prefix) whose KV reservation fits and join; oversized head alone when idle.
 
     `active` counts sequences already holding a reservation (running, joining or in transfer).
     """
@@ -57,7 +58,7 @@ def decode_admissions(waiting_reserve_tokens: Sequence[int], kv_free_tokens: flo
 class ColocatedStep:
     """One step of a colocated group."""
 
-    admit: int  # waiting requests (FIFO prefix) admitted now, each reserving prompt + output KV tokens
+    admit: int  # waiting requests (FIFO prefix) admitted now, each allocating its prompt's KV blocks
     prefill_chunks: tuple[int, ...]  # tokens processed per prefilling request, FIFO: already admitted first,
     #                                  then the newly admitted ones
     decode: bool  # whether the running decodes take one token in this step
@@ -74,7 +75,7 @@ def colocated_step(policy: ColocatedPolicy | str, num_decoding: int, prefill_rem
     """Next step of a group that runs both phases.
 
     `prefill_remaining_tokens`: prompt tokens still to prefill for admitted requests (FIFO);
-    `waiting_*`: prompt and prompt+output tokens of the not yet admitted requests (FIFO; a bounded head is
+    `waiting_*`: prompt tokens and KV reservations of the not yet admitted requests (FIFO; a bounded head is
     enough: at most `config.max_batch_size` entries are looked at).
     """
     active = num_decoding + len(prefill_remaining_tokens)

@@ -305,6 +305,7 @@ def system_entry(plan: Plan, cluster: Cluster, slo: SloSpec, at: SimResult, rate
         "num_groups": len(plan.groups),
         "phases": {str(p): len(plan.groups_in(p)) for p in Phase},
         "oversized_requests": at.oversized_requests,
+        "preemptions": at.preemptions,  # running requests preempted for KV blocks (recomputed), whole run
         "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "attainment_target": slo.attainment_target,
                 "scale": slo.scale},
         "plan": plan.to_dict(),

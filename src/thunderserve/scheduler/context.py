@@ -117,7 +117,7 @@ class PlanningContext:
         """
         smp = self.sample
         ep, em = smp.mean_prompt_tokens, max(smp.mean_decode_steps, 1e-9)
-        ptw, cbar, reserve = smp.token_weighted_prompt_tokens, smp.decode_context_tokens, smp.decode_reserve_tokens
+        ptw, cbar, reserve = smp.token_weighted_prompt_tokens, smp.decode_context_tokens, smp.decode_held_tokens
         p90 = float(np.quantile(smp.prompt_tokens, 0.9))
         ttft = self.slo.ttft_s
 

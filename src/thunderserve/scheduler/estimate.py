@@ -27,13 +27,15 @@ crossing it unusable. Compressed KV adds the prefill GPUs' quantise and the deco
 service time); the dequantise's share of the decode GPUs' time (λ_d·E[p]·seconds per token, ~1-2% at
 typical rates) is not taken from the decode group's steps.
 
-Decode group (λ_d = Σ_p λ_pd): continuous batching; each sequence reserves p + o KV tokens from admission
-(before its transfer) to its end. The mean running batch N solves Little's law N = λ_d·E[o-1]·τ(N), τ(N) =
+Decode group (λ_d = Σ_p λ_pd): continuous batching; KV memory is paged as the simulator pages it
+(`policy.kv_blocks`): a sequence holds its context in 16-token blocks, admitted by its prompt's blocks. The mean running batch N solves Little's law N = λ_d·E[o-1]·τ(N), τ(N) =
 decode step time at batch N and context N·c̄ (c̄ = E[(o-1)(p + o/2)]/E[o-1], the time-weighted mean context;
 with PP the batch runs as min(pp, N) micro-batches: τ = max(pipeline latency, m·bottleneck)). A request's
 TPOT_i = τ(N) + (transfer sojourn_i + τ/2)/(o_i - 1), so it meets the target while N <= N_T,i (the batch at
 which that holds). Slots and KV memory cap the sequences holding a reservation: N + N_transfer <= N_cap =
-min(max batch, KV tokens / time-weighted mean reservation). The running batch of an M/G/∞ system is
+min(max batch, KV tokens / (c̄ + half a block)), the memory a decoding sequence holds on average (expected
+values of the workload: no request's output length is read; preemptions, which the simulator replays when
+memory runs out, are not modelled beyond this cap). The running batch of an M/G/∞ system is
 Poisson(N); averaged over a request's life (x = its steps / mean steps) its variance is N·v(x),
 v(x) = 2(x-1+e^-x)/x². So P(TPOT_i ok) = Φ((min(N_T,i, N_cap - N_transfer) - N)/sqrt(v(x_i)·N)), and 0
 when N has no solution (decode unstable) or when p_i + o_i exceeds the KV memory.

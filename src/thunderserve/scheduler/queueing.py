@@ -288,7 +288,7 @@ class DecodeModel:
     step_s: np.ndarray  # decode step time at batch N = 0..max_batch (N=0 priced as 1), PP micro-batched
     mean_steps: float  # E[m], decode steps per request (m = o - 1)
     steps: np.ndarray  # m_i
-    reserve_mean_tokens: float  # time-weighted mean KV reservation of a running sequence
+    reserve_mean_tokens: float  # time-weighted mean KV a running sequence holds (paged, tokens)
     max_batch: int
     fits: np.ndarray  # 1.0 where prompt + output fits the group's KV memory
     var_factor: np.ndarray  # occupancy_variance_factor per sampled request
@@ -302,7 +302,7 @@ class DecodeModel:
         n = np.maximum(np.arange(max_batch + 1, dtype=float), 1.0)
         step = np.maximum.accumulate(decode_step_s(gp, n, n * sample.decode_context_tokens))
         cap = gp.kv_capacity_tokens
-        return cls(step, sample.mean_decode_steps, sample.decode_steps, sample.decode_reserve_tokens, max_batch,
+        return cls(step, sample.mean_decode_steps, sample.decode_steps, sample.decode_held_tokens, max_batch,
                    (sample.reserve_tokens <= cap).astype(float),
                    occupancy_variance_factor(sample.decode_steps, sample.mean_decode_steps),
                    sample.decode_steps > 0, cap, tpot_s)
@@ -439,7 +439,7 @@ class ColocatedModel:
                             prefix_per_step, chunk / pbar, 1.0 + chunk / pbar)
         cap = gp.kv_capacity_tokens
         return cls(dec, full, chunk, p, sample.mean_prompt_tokens, float((p ** 2).mean()),
-                   sample.mean_decode_steps, sample.decode_steps, sample.decode_reserve_tokens, max_batch,
+                   sample.mean_decode_steps, sample.decode_steps, sample.decode_held_tokens, max_batch,
                    (sample.reserve_tokens <= cap).astype(float),
                    occupancy_variance_factor(sample.decode_steps, sample.mean_decode_steps),
                    sample.decode_steps > 0, cap)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from thunderserve.policy.kv_blocks import BLOCK_TOKENS
 from thunderserve.spec.workload import WorkloadSpec
 
 SAMPLE_SIZE = 512  # length pairs the estimate evaluates
@@ -24,7 +25,7 @@ class LengthSample:
     prompt_tokens: np.ndarray  # p_i
     output_tokens: np.ndarray  # o_i (>= 1); the first token comes from prefill
     decode_steps: np.ndarray  # m_i = o_i - 1 decode steps after the first token
-    reserve_tokens: np.ndarray  # p_i + o_i: KV tokens reserved per request while it decodes
+    reserve_tokens: np.ndarray  # p_i + o_i: KV tokens a request holds at its end
 
     @property
     def size(self) -> int:
@@ -52,12 +53,11 @@ class LengthSample:
         return float((m * (self.prompt_tokens + self.output_tokens / 2)).sum() / m.sum())
 
     @property
-    def decode_reserve_tokens(self) -> float:
-        """Mean KV reservation of a sequence in a decode batch (time-weighted): E[m(p+o)]/E[m]."""
-        m = self.decode_steps
-        if m.sum() <= 0:
-            return float(self.reserve_tokens.mean())
-        return float((m * self.reserve_tokens).sum() / m.sum())
+    def decode_held_tokens(self) -> float:
+        """Mean KV memory a sequence in a decode batch holds (time-weighted), in tokens: paged as vLLM pages it,
+        it holds its context rounded up to whole blocks, E[m(p+o/2)]/E[m] plus half a block on average. No
+        request's output length is known to the server; this is the workload's expectation."""
+        return self.decode_context_tokens + BLOCK_TOKENS / 2
 
 
 def length_sample(workload: WorkloadSpec, size: int = SAMPLE_SIZE) -> LengthSample:

@@ -71,6 +71,7 @@ class DynamicReplay(_Replay):
         self.req = req
         self.config = config
         self.oversized = 0
+        self.preemptions = 0
         self.finished = 0
         self.failures = 0
         self.stop_after = None
@@ -201,6 +202,7 @@ class DynamicReplay(_Replay):
             self.held.append(r)
             return
         obj = self.objects[gid]
+        self.req.gen[r] = 0  # the router sends the prompt: a request preempted where it was starts over
         self.stage[r] = ENTRY
         self.holder[r] = obj
         self.dst_obj[r] = None
@@ -234,6 +236,7 @@ class DynamicReplay(_Replay):
         req = self.req
         for r in rids:
             self.retries[r] += 1
+            req.gen[r] = 0  # its KV is gone: the retry starts from the prompt
             self.holder[r] = None
             self.dst_obj[r] = None
             req.src[r] = None
@@ -286,7 +289,7 @@ class DynamicReplay(_Replay):
             if isinstance(o, _DynPrefill) or o.dead:
                 continue
             step = o.step_idx
-            for end, r in o.fin:
+            for r, (_, _, end) in o.info.items():
                 out[r] = req.output[r] - 1 - (end - step)
         for r in self.active:
             if r not in out and not math.isnan(req.first[r]):
@@ -382,13 +385,16 @@ class DynamicReplay(_Replay):
         except ValueError:
             pass
         dst.inflight -= 1
-        dst.reserved -= self.req.reserve[r]
+        dst.release(r)
 
     def _reroute(self, rids: list[int], lost: list[int]) -> None:
         """Requests whose KV is still at their live prefill group: to another decode group, or start over."""
         touched: dict[int, _DecodeSim] = {}
         for r in rids:
             src = self.req.src[r]
+            if src is None:  # preempted at its decode group: its KV is gone
+                lost.append(r)
+                continue
             assert isinstance(src, _DynPrefill)
             dst = self.route_kv(src, r)
             if dst is None:

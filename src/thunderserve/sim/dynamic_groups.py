@@ -113,17 +113,17 @@ class _DynDecode(_DecodeSim, _Life):
     def _step_start(self, arg: object) -> None:
         if self.dead:
             return
-        if self.successor is not None and self.inflight == 0 and not self.joining:
+        if self.successor is not None and self.inflight == 0 and not self.joining and not self.recompute:
             hand_over(self)
             return
         super()._step_start(arg)
 
-    def _step_end(self, arg: object) -> None:
+    def _step_end(self, arg: tuple[bool, list[int]]) -> None:
         if not self.dead:
             super()._step_end(arg)
 
     def drained(self) -> bool:
-        return not self.pending and self.reserved <= 0
+        return not self.pending and self.used_blocks <= 0
 
     def kv_grew(self) -> None:
         self.try_admit()
@@ -149,7 +149,7 @@ class _DynColocated(_ColocatedSim, _Life):
             super()._step_end(arg)
 
     def drained(self) -> bool:
-        return not self.waiting and not self.prefilling and self.reserved <= 0
+        return not self.waiting and not self.prefilling and self.used_blocks <= 0
 
     def kv_grew(self) -> None:
         if self.waiting and not self.stepping:
@@ -159,7 +159,7 @@ class _DynColocated(_ColocatedSim, _Life):
 
 
 _DynGroup = _DynPrefill | _DynDecode | _DynColocated
-_BATCH_STATE = ("reserved", "running", "ctx", "step_idx", "fin")
+_BATCH_STATE = ("used_blocks", "running", "ctx", "step_idx", "fin", "info", "bucket", "adm", "stack", "seq")
 
 
 def hand_over(old: _DynDecode | _DynColocated) -> None:
@@ -171,7 +171,8 @@ def hand_over(old: _DynDecode | _DynColocated) -> None:
     old.successor = None
     for attr in _BATCH_STATE:
         setattr(new, attr, getattr(old, attr))
-    old.fin, old.running, old.reserved, old.ctx = [], 0, 0, 0
+    old.fin, old.running, old.used_blocks, old.ctx = [], 0, 0, 0
+    old.info, old.bucket, old.adm, old.stack = {}, [0] * len(old.bucket), {}, []
     old.stepping = False
     for r in sorted(sim.active):
         if sim.dst_obj[r] is old or (sim.holder[r] is old and sim.stage[r] == ENTRY):

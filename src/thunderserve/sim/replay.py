@@ -1,31 +1,34 @@
 """Replay a request stream against a Plan on a Cluster in virtual time.
 
-Request lifecycle (this module implements it; `policy.step` makes every decision):
+Request lifecycle (this module implements it; `policy.step` and `policy.kv_blocks` make every decision):
     arrive -> routed to a prefill/colocated group by `routing.entry` (WeightedChooser)
     -> FIFO queue -> prefill batch (token budget; KV of the batch must fit in the group's free KV memory)
     -> first token (TTFT ends here)
     [disaggregated]  -> routed to a decode group by `routing.kv[p]` -> waits in the decode group's FIFO until
-                        admitted (reserves prompt + output KV tokens there) -> KV transfer: one flow per
+                        admitted (allocates the prompt's KV blocks there) -> KV transfer: one flow per
                         prefill stage in the shared network (`sim.network`: NICs, zone paths and links are
                         shared max-min fairly by every concurrent transfer; the prefill group keeps the KV
                         until the transfer ends, DistServe's pull model) -> joins the running batch
                         (compressed KV: the prefill stages quantise after their pass, which occupies them
                         and delays the KV's departure; the decode step it joins first dequantises it)
-    [colocated]      -> admitted with prompt + output KV reserved, prefilled in chunks inside decode steps
+    [colocated]      -> admitted by its prompt's KV blocks, prefilled in chunks inside decode steps
                         (or whole, prefill-first), then decodes in the same group
-    -> continuous-batching decode steps, one token per running sequence per step -> finish (KV freed).
+    -> continuous-batching decode steps, one token per running sequence per step, a new KV block every 16
+       tokens -> finish (blocks freed).
+    When a step's new blocks do not fit, the latest-admitted running request is preempted (vLLM v1): blocks
+    freed, back to the front of its group's queue, later prefilled again over prompt + generated tokens
+    (`sim.decode_loop`). Admission never reads a request's output length.
 Requests are never dropped: when KV memory is full they wait (backpressure up to the prefill queue).
 
 Cost per event, not per token: a decode step is one event per group; per-request finishes come from a heap
 keyed by the step index at which they end; the context held by a batch is a running sum.
 """
-
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 
@@ -35,9 +38,11 @@ from thunderserve.costmodel.comm import SEND_LATENCY_S, Compression
 from thunderserve.costmodel.kv import codec_seconds_per_token
 from thunderserve.costmodel.network import Path, Topology, kv_paths
 from thunderserve.plan import Group, Phase, Plan, group_perf_of, validate_plan
+from thunderserve.policy.kv_blocks import BLOCK_TOKENS, blocks_for
 from thunderserve.policy.routing import Dispatch, LeastOutstandingChooser, WeightedChooser
-from thunderserve.policy.step import colocated_step, decode_admissions, prefill_batch_size
+from thunderserve.policy.step import ColocatedPolicy, colocated_step, decode_admissions, prefill_batch_size
 from thunderserve.sim.config import SimConfig
+from thunderserve.sim.decode_loop import _DecodeLoop
 from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_COMPLETE, PRIORITY_DECIDE, EventLoop
 from thunderserve.sim.network import FlowNetwork
 from thunderserve.sim.steptime import GroupTimer
@@ -66,6 +71,7 @@ class SimResult:
     end_s: float  # virtual time of the last event
     events: int
     wall_s: float
+    preemptions: int = 0  # times a running request was preempted (KV blocks freed, recomputed later)
 
     @property
     def num_requests(self) -> int:
@@ -116,8 +122,8 @@ class _Requests:
         self.arrival = arrival_s.astype(float).tolist()
         self.prompt = prompt.astype(np.int64).tolist()
         self.output = np.maximum(output.astype(np.int64), 1).tolist()
-        self.reserve = [p + o for p, o in zip(self.prompt, self.output, strict=True)]
         n = len(self.prompt)
+        self.gen = [0] * n  # tokens produced before the request's last preemption (recomputed with the prompt)
         self.first = [_NAN] * n
         self.finish = [_NAN] * n
         self.entry = [-1] * n
@@ -160,48 +166,6 @@ class _Link:
     def _transfer_done(self, r: int) -> None:
         self.src.release_kv(self.sim.req.prompt[r])
         self.dst.transfer_done(r)
-
-
-class _DecodeLoop:
-    """Continuous-batching decode state shared by decode and colocated groups."""
-
-    def __init__(self, sim: _Replay, idx: int, timer: GroupTimer, kv_capacity_tokens: int) -> None:
-        self.sim = sim
-        self.idx = idx
-        self.timer = timer
-        self.kv_cap = kv_capacity_tokens
-        self.reserved = 0  # KV tokens reserved by admitted requests (prompt + output each)
-        self.running = 0
-        self.ctx = 0  # KV tokens held by the running sequences
-        self.step_idx = 0  # decode steps run so far
-        self.fin: list[tuple[int, int]] = []  # (index of the step that ends the request, request)
-        self.stepping = False  # a step (or the decision to run one) is scheduled
-
-    def join(self, r: int) -> None:
-        req = self.sim.req
-        self.ctx += req.prompt[r]
-        heapq.heappush(self.fin, (self.step_idx + req.output[r] - 2, r))
-        self.running += 1
-
-    def end_decode_step(self) -> bool:
-        """Account one decode step of the running batch; returns whether KV memory was freed."""
-        self.ctx += self.running
-        fin = self.fin
-        step = self.step_idx
-        freed = False
-        if fin and fin[0][0] <= step:
-            sim = self.sim
-            req = sim.req
-            now = sim.loop.now_s
-            while fin and fin[0][0] <= step:
-                r = heapq.heappop(fin)[1]
-                self.running -= 1
-                self.ctx -= req.prompt[r] + req.output[r] - 1
-                self.reserved -= req.reserve[r]
-                sim.finish(r, now)
-            freed = True
-        self.step_idx = step + 1
-        return freed
 
 
 class _PrefillSim:
@@ -304,13 +268,16 @@ class _PrefillSim:
 
 
 class _DecodeSim(_DecodeLoop):
-    """A decode-only group: admits transferred requests into continuous batching."""
+    """A decode-only group: admits transferred requests into continuous batching; a preempted request is
+    recomputed here (its prompt and generated tokens prefilled inside the next step), as a vLLM decode
+    instance does."""
 
     def __init__(self, sim: _Replay, idx: int, timer: GroupTimer, kv_capacity_tokens: int) -> None:
         super().__init__(sim, idx, timer, kv_capacity_tokens)
-        self.pending: deque[int] = deque()  # prefilled, waiting for KV memory here
+        self.pending: deque[int] = deque()  # prefilled (or preempted here), waiting for KV blocks
         self.inflight = 0  # admitted, KV on the wire
         self.joining: list[int] = []  # transferred, join at the next step
+        self.recompute: list[int] = []  # preempted and re-admitted: prefilled again in the next step
         self.links: dict[int, _Link] = {}  # by prefill group index
         self.dequantise_s_per_token = 0.0  # KV compression: GPU time per prompt token joining
 
@@ -321,29 +288,51 @@ class _DecodeSim(_DecodeLoop):
         sim = self.sim
         req = sim.req
         cfg = sim.config.batching
-        active = self.running + len(self.joining) + self.inflight
+        active = self.running + len(self.joining) + self.inflight + len(self.recompute)
         room = cfg.max_batch_size - active
         if room <= 0:
             return
-        heads = _head(pend, req.reserve, self.kv_cap - self.reserved, room)
-        n = decode_admissions(heads, self.kv_cap - self.reserved, self.kv_cap, active, cfg)
+        free = self.free_blocks * BLOCK_TOKENS
+        heads = _block_heads(pend, self.prefill_tokens, free, room)
+        n = decode_admissions(heads, free, self.total_blocks * BLOCK_TOKENS, active, cfg)
         for _ in range(n):
             r = pend.popleft()
-            self.reserved += req.reserve[r]
-            if req.reserve[r] > self.kv_cap:
-                sim.oversized += 1
+            self.admit(r)
+            if req.gen[r]:
+                self.recompute.append(r)
+                self._wake()
+                continue
             self.inflight += 1
             src = req.src[r]
             assert src is not None
             self.links[src.idx].start(r, req.prompt[r])
 
-    def transfer_done(self, r: int) -> None:
-        self.inflight -= 1
-        self.joining.append(r)
+    def _wake(self) -> None:
         if not self.stepping:
             self.stepping = True
             loop = self.sim.loop
             loop.schedule(loop.now_s, PRIORITY_DECIDE, self._step_start, None)
+
+    def transfer_done(self, r: int) -> None:
+        self.inflight -= 1
+        self.joining.append(r)
+        self._wake()
+
+    def is_prefilling(self, r: int) -> bool:
+        return r in self.recompute
+
+    def preemptible(self) -> int:
+        return self.running + len(self.recompute)
+
+    def keep_one(self) -> bool:
+        return self.inflight == 0  # a KV cache on the wire will join and decode even if all are preempted
+
+    def drop_prefill(self, r: int) -> None:
+        self.recompute.remove(r)
+        self.pending.appendleft(r)
+
+    def requeue_front(self, r: int) -> None:
+        self.pending.appendleft(r)
 
     def _step_start(self, _: object) -> None:
         code_s = 0.0
@@ -354,17 +343,59 @@ class _DecodeSim(_DecodeLoop):
                 code_s += prompt[r]
             code_s *= self.dequantise_s_per_token  # the joining caches are dequantised first
             self.joining.clear()
-        if self.running == 0:
+        if self.running:
+            self.grow()
+        if self.running == 0 and not self.recompute:
             self.stepping = False
             return
         loop = self.sim.loop
-        loop.schedule(loop.now_s + code_s + self.timer.decode_step_s(self.running, self.ctx), PRIORITY_COMPLETE,
-                      self._step_end, None)
+        if self.recompute:
+            redo = list(self.recompute)
+            self.recompute.clear()
+            chunks = [self.prefill_tokens(r) for r in redo]
+            dt = self.timer.mixed_step_s(self.running, float(self.ctx), chunks, [0] * len(chunks), len(chunks))
+        else:
+            redo = []
+            dt = self.timer.decode_step_s(self.running, self.ctx)
+        loop.schedule(loop.now_s + code_s + dt, PRIORITY_COMPLETE, self._step_end, (self.running > 0, redo))
 
-    def _step_end(self, _: object) -> None:
-        if self.end_decode_step():
+    def _step_end(self, arg: tuple[bool, list[int]]) -> None:
+        decoded, redo = arg
+        freed = self.end_decode_step() if decoded else False
+        for r in redo:
+            freed |= _prefilled(self, r)
+        if freed:
             self.try_admit()
         self._step_start(None)
+
+
+def _block_heads(queue: deque[int], tokens_of: Callable[[int], int], limit: float, max_n: int) -> list[int]:
+    """`_head` over the block-rounded prefill tokens of the queued requests."""
+    out: list[int] = []
+    total = 0
+    for r in islice(queue, max_n):
+        s = blocks_for(tokens_of(r)) * BLOCK_TOKENS
+        out.append(s)
+        total += s
+        if total > limit:
+            break
+    return out
+
+
+def _prefilled(group: _DecodeLoop, r: int) -> bool:
+    """Request r's prefill (or recompute) on `group` ended: first token (unless recomputed), then it joins the
+    batch or, with no token left to produce, finishes. Returns whether KV memory was freed."""
+    sim = group.sim
+    req = sim.req
+    now = sim.loop.now_s
+    if req.gen[r] == 0:
+        sim.first_token(r, now)
+    if req.output[r] - req.gen[r] <= 1:
+        group.release(r)
+        sim.finish(r, now)
+        return True
+    group.join(r)
+    return False
 
 
 class _ColocatedSim(_DecodeLoop):
@@ -382,26 +413,43 @@ class _ColocatedSim(_DecodeLoop):
             loop = self.sim.loop
             loop.schedule(loop.now_s, PRIORITY_DECIDE, self._step_start, None)
 
+    def is_prefilling(self, r: int) -> bool:
+        return r in self.adm and r not in self.info
+
+    def preemptible(self) -> int:
+        return self.running + len(self.prefilling)
+
+    def drop_prefill(self, r: int) -> None:
+        e = self.prefilling.pop()  # the latest admitted is the last one being prefilled
+        assert e[0] == r
+        self.waiting.appendleft(r)
+
+    def requeue_front(self, r: int) -> None:
+        self.waiting.appendleft(r)
+
     def _step_start(self, _: object) -> None:
         sim = self.sim
-        req = sim.req
         cfg = sim.config.batching
+        # chunked: the running decodes are scheduled (blocks allocated, preempting if need be) before admission,
+        # as vLLM v1 does; prefill-first: blocks are allocated only for a step that decodes
+        chunked = sim.config.colocated_policy == ColocatedPolicy.CHUNKED
+        preempted = self.grow() if self.running and chunked else False
         waiting = self.waiting
-        look = max(cfg.max_batch_size - self.running - len(self.prefilling), 0)
-        reserve_heads = _head(waiting, req.reserve, self.kv_cap - self.reserved, look)
-        prompt_heads = [req.prompt[r] for r in islice(waiting, len(reserve_heads))]
+        look = 0 if preempted else max(cfg.max_batch_size - self.running - len(self.prefilling), 0)
+        free = self.free_blocks * BLOCK_TOKENS
+        reserve_heads = _block_heads(waiting, self.prefill_tokens, free, look)
+        prompt_heads = [self.prefill_tokens(r) for r in islice(waiting, len(reserve_heads))]
         remaining = [e[1] for e in islice(self.prefilling, cfg.chunk_token_budget)]
         step = colocated_step(sim.config.colocated_policy, self.running, remaining, prompt_heads, reserve_heads,
-                              self.kv_cap - self.reserved, self.kv_cap, cfg)
+                              free, self.total_blocks * BLOCK_TOKENS, cfg)
         if step.idle:
             self.stepping = False
             return
+        if step.decode and not chunked:
+            self.grow()
         for _ in range(step.admit):
             r = waiting.popleft()
-            self.reserved += req.reserve[r]
-            if req.reserve[r] > self.kv_cap:
-                sim.oversized += 1
-            self.prefilling.append([r, req.prompt[r], 0])
+            self.prefilling.append([r, self.admit(r), 0])
         chunks = step.prefill_chunks
         entries = list(islice(self.prefilling, len(chunks)))
         done = [e[2] for e in entries]
@@ -415,9 +463,6 @@ class _ColocatedSim(_DecodeLoop):
         loop.schedule(loop.now_s + dt, PRIORITY_COMPLETE, self._step_end, step)
 
     def _step_end(self, step: object) -> None:
-        sim = self.sim
-        req = sim.req
-        now = sim.loop.now_s
         if step.decode:  # type: ignore[attr-defined]
             self.end_decode_step()
         pre = self.prefilling
@@ -428,13 +473,7 @@ class _ColocatedSim(_DecodeLoop):
             if e[1] > 0:
                 break  # only the last chunk of a step can be partial
             pre.popleft()
-            r = e[0]
-            sim.first_token(r, now)
-            if req.output[r] == 1:
-                self.reserved -= req.reserve[r]
-                sim.finish(r, now)
-            else:
-                self.join(r)
+            _prefilled(self, e[0])
         self._step_start(None)
 
 
@@ -462,6 +501,7 @@ class _Replay:
         self.topology = Topology.of(cluster)
         self.net = FlowNetwork(self.loop, self.topology.capacity_bytes_s)
         self.oversized = 0
+        self.preemptions = 0
         self.finished = 0
         self.failures = 0
         self.stop_after = stop_after_failures
@@ -634,5 +674,6 @@ def simulate(plan: Plan, cluster: Cluster, model: ModelSpec, arrival_s: np.ndarr
         end_s=replay.loop.now_s,
         events=replay.loop.events_processed,
         wall_s=wall,
+        preemptions=replay.preemptions,
     )
 

@@ -12,8 +12,10 @@ from thunderserve.costmodel.kv import kv_seconds_per_token, kv_transfer_time_s
 from thunderserve.errors import PlanError
 from thunderserve.plan import group_perf_of
 from thunderserve.policy.batching import BatchingConfig
+from thunderserve.policy.kv_blocks import BLOCK_TOKENS
 from thunderserve.policy.step import ColocatedPolicy
 from thunderserve.sim import SimConfig, simulate
+from thunderserve.sim.decode_loop import _DecodeLoop
 
 CLUSTER = two_node_cluster()
 
@@ -84,21 +86,59 @@ def test_md1_mean_wait_matches_pollaczek_khinchine() -> None:
     assert np.all(r.finish_s == r.first_token_s)  # one-token outputs finish at prefill
 
 
-def test_kv_memory_full_delays_but_never_drops() -> None:
+def _watch_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record every group's used KV blocks after each admission and step allocation (and check the bound)."""
+    seen: list[int] = []
+    admit, grow = _DecodeLoop.admit, _DecodeLoop.grow
+
+    def admit_(self: _DecodeLoop, r: int) -> int:
+        out = admit(self, r)
+        assert self.used_blocks <= self.total_blocks
+        seen.append(self.used_blocks)
+        return out
+
+    def grow_(self: _DecodeLoop) -> bool:
+        out = grow(self)
+        assert self.used_blocks <= self.total_blocks
+        seen.append(self.used_blocks)
+        return out
+
+    monkeypatch.setattr(_DecodeLoop, "admit", admit_)
+    monkeypatch.setattr(_DecodeLoop, "grow", grow_)
+    return seen
+
+
+@pytest.mark.parametrize("plan", ["colocated", "disaggregated"])
+def test_kv_memory_full_preempts_and_recomputes_but_never_drops(plan: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = two_node_cluster(small=True)
+    the_plan = colocated_plan("b:0") if plan == "colocated" else disagg_plan()
+    group = the_plan.groups[-1]
+    cap = group_perf_of(group, MODEL, cluster).kv_capacity_tokens
+    if plan == "colocated":
+        assert 2 * 1400 <= cap < 3 * 1400  # two requests of 1000 + 400 tokens fit at a time
+    seen = _watch_blocks(monkeypatch)
+    n = max(8, 3 * cap // 1400)
+    r = simulate(the_plan, cluster, MODEL, *requests([0.0] * n, 1000, 400), SimConfig(warmup_s=0))
+    assert np.isfinite(r.finish_s).all() and r.completed and r.events > 0
+    assert np.all(r.finish_s >= r.first_token_s)
+    assert r.preemptions > 0  # admitted by their prompts, they outgrow the memory and some are recomputed
+    assert max(seen) <= cap // BLOCK_TOKENS and max(seen) > (cap // BLOCK_TOKENS) * 0.9
+    assert r.oversized_requests == 0
+
+
+def test_admission_reads_prompts_never_output_lengths() -> None:
+    """The same prompts with 400 or 4,000 output tokens are admitted alike: three 1,000-token prompts fit in the
+    colocated group's blocks at once, whatever they will generate (a reservation of prompt + output would
+    have admitted two, or none of the long ones)."""
     cluster = two_node_cluster(small=True)
     plan = colocated_plan("b:0")
-    cap = group_perf_of(plan.groups[0], MODEL, cluster).kv_capacity_tokens
-    assert 2 * 1400 <= cap < 3 * 1400  # two requests of 1000 + 400 tokens fit at a time
-    r = simulate(plan, cluster, MODEL, *requests([0.0] * 8, 1000, 400), SimConfig(warmup_s=0))
-    assert np.isfinite(r.finish_s).all() and r.completed
-    # Intervals holding KV (first token .. finish) never overlap more than two at a time.
-    events = sorted([(t, 1) for t in r.first_token_s] + [(t, -1) for t in r.finish_s], key=lambda e: (e[0], e[1]))
-    live = peak = 0
-    for _, d in events:
-        live += d
-        peak = max(peak, live)
-    assert peak == 2
-    assert r.ttft_s.max() > 3 * r.ttft_s.min()
+    cfg = SimConfig(warmup_s=0)
+    short = simulate(plan, cluster, MODEL, *requests([0.0] * 4, 1000, 400), cfg)
+    long = simulate(plan, cluster, MODEL, *requests([0.0] * 4, 1000, 4000), cfg)
+    assert np.array_equal(short.first_token_s[:3], long.first_token_s[:3])
+    assert np.all(long.first_token_s[:3] < long.first_token_s[3])  # the fourth's prompt does not fit
+    assert np.isfinite(long.finish_s).all() and long.preemptions > 0
 
 
 def test_decode_memory_full_backs_up_to_the_prefill_group() -> None:
@@ -137,3 +177,19 @@ def test_same_seed_same_records() -> None:
 def test_unsorted_arrivals_are_rejected() -> None:
     with pytest.raises(ValueError, match="sorted"):
         simulate(colocated_plan(), CLUSTER, MODEL, *requests([1.0, 0.0], 10, 2))
+
+
+def test_prefill_first_allocates_blocks_only_for_steps_that_decode() -> None:
+    """Found by the property test: prefill steps postpone decoding, and blocks allocated for a decode step that did
+    not run leaked until a prompt that fits the empty memory could never be admitted."""
+    from builders import TOY_GPU, make_plan
+
+    small = {**TOY_GPU, "name": "SMALL", "memory_gb": 1.33}
+    cluster = make_cluster((("a", "TOY", 2), ("b", "SMALL", 2)), default_gbps=10.0, gpu_types=(TOY_GPU, small))
+    plan = make_plan([("c2", "colocated", [["b:0"]], [0, 2])], entry={"c2": 1.0})
+    prompts = np.array([1] * 22 + [15] + [1] * 6 + [3025])
+    outputs = np.array([1] * 21 + [2, 3] + [1] * 7)
+    cfg = SimConfig(batching=BatchingConfig(prefill_token_budget=64, max_batch_size=2, chunk_token_budget=64),
+                    colocated_policy=ColocatedPolicy.PREFILL_FIRST, warmup_s=0)
+    r = simulate(plan, cluster, MODEL, np.zeros(30), prompts, outputs, cfg)
+    assert np.isfinite(r.finish_s).all() and r.oversized_requests == 0
