@@ -29,7 +29,8 @@ def _root() -> None:
 
 
 # Modules that define commands; each exposes register(app).
-COMMAND_MODULES: list[str] = ["calib_cmds", "serve_cmds", "sim_cmds", "resched_cmds", "plan_cmds", "demo_cmd"]
+COMMAND_MODULES: list[str] = ["calib_cmds", "serve_cmds", "sim_cmds", "resched_cmds", "plan_cmds", "demo_cmd",
+                              "bench_kv_cmds"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"thunderserve.cli.{_name}").register(app)

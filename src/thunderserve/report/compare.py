@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from thunderserve.costmodel.comm import Compression
 from thunderserve.plan import Phase, Plan
 from thunderserve.policy.step import ColocatedPolicy
 from thunderserve.sim.config import LoadConfig, SimConfig
@@ -56,6 +57,7 @@ class CompareConfig:
     curves: bool = True
     seed: int = 0
     verify_top: int = 0  # ThunderServe's planner re-scores its K best candidates by simulation (0: off)
+    kv_compression: Compression = Compression.INT4  # ThunderServe's KV compression (the CLI applies the KV gate)
 
 
 def default_planners(config: CompareConfig) -> dict[str, PlannerFn]:
@@ -67,7 +69,7 @@ def default_planners(config: CompareConfig) -> dict[str, PlannerFn]:
         from thunderserve.sim import rescorer
 
         cfg = SchedulerConfig(time_limit_s=config.planner_time_limit_s, seed=config.seed,
-                              verify_top=config.verify_top)
+                              verify_top=config.verify_top, kv_compression=config.kv_compression)
         result = plan_deployment(cluster, model, workload, slo, config=cfg,
                                  rescore=rescorer(cluster, model, workload, slo))
         est = dict(result.plan.estimate)
