@@ -106,7 +106,9 @@ def test_compare_json_shape(monkeypatch, capsys, files, tmp_path: Path) -> None:
                        "--no-curves", "--chunked-only", "--report", str(report), "--json")
     assert code == 0
     doc = json.loads(out)
-    assert set(doc) == {"cluster", "model", "workload", "cost_per_hour", "systems"}
+    assert set(doc) == {"cluster", "model", "workload", "cost_per_hour", "systems", "kv_gate"}
+    # no gate results stored for this model: auto plans ThunderServe with int8, and says so
+    assert (doc["kv_gate"]["level"], doc["kv_gate"]["passes_gate"], doc["kv_gate"]["forced"]) == ("int8", True, False)
     assert list(doc["systems"]) == ["thunderserve", "vllm"]
     for entry in doc["systems"].values():
         assert ENTRY_KEYS <= entry.keys()

@@ -262,6 +262,7 @@ def _param_dtype(body_k: torch.Tensor, body_v: torch.Tensor, compression: str, g
 
 def _scheme(compression: str | Enum | KvScheme, **overrides: int | bool | None) -> tuple[str, KvScheme | None]:
     """The level name and its scheme (None for `none`) with the given non-None knobs overridden."""
+    scheme: KvScheme | None
     if isinstance(compression, KvScheme):
         name, scheme = compression.compression, compression
     else:
