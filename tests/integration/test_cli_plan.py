@@ -117,7 +117,7 @@ KNOWN_MODELS = ", ".join(model_catalog())
     ("ok.yaml", CLUSTER, ["--model", "nope"],
      "error: model: unknown model 'nope' (catalog: " + KNOWN_MODELS + "; or give a config.json path)"),
     ("ok.yaml", CLUSTER, ["--model", "llama-2-7b", "--kv-compression", "int3"],
-     "error: --kv-compression: unknown compression 'int3' (known: none, int8, int4)"),
+     "error: --kv-compression: unknown compression 'int3' (known: auto, none, int8, int4)"),
     ("ok.yaml", CLUSTER, ["--model", "llama-2-7b", "--rate", "-1"], "error: --rate: must be positive, got -1.0"),
 ])
 def test_plan_errors_are_one_line_with_exit_code_2(monkeypatch, capsys, tmp_path, name, yaml_text, extra,  # type: ignore[no-untyped-def]
@@ -132,7 +132,8 @@ def test_plan_errors_are_one_line_with_exit_code_2(monkeypatch, capsys, tmp_path
 @pytest.mark.parametrize("text,expected", [
     ('{"format": "thunderserve.plan/v1", "model": "llama-2-7b"', "malformed JSON at line 1: Expecting ',' delimiter"),
     ('{"format": "thunderserve.plan/v9", "model": "llama-2-7b", "cluster": "mini", "groups": []}',
-     "format: unsupported plan format 'thunderserve.plan/v9' (expected thunderserve.plan/v1)"),
+     "format: unsupported plan format 'thunderserve.plan/v9' (expected one of thunderserve.plan/v1, "
+     "thunderserve.plan/v2)"),
     ('{"model": "llama-2-7b", "cluster": "mini", "groups": [{"id": "c0", "phase": "colocated", '
      '"stages": [{"gpus": ["a:0"], "layers": [0, 30]}]}]}',
      "groups.c0: stages cover layers [0, 30), model llama-2-7b has 32"),
@@ -209,3 +210,34 @@ def test_plan_verify_top_rescores_by_simulation(monkeypatch, capsys, tmp_path) -
     assert "verified by simulation" in err and "kept" in err
     code, _, err = run(monkeypatch, capsys, "plan", "--cluster", cluster, *FAST, "--verify-top", "-1")
     assert code == 2 and "--verify-top" in err and "Traceback" not in err
+
+
+def _gate_file(tmp_path: Path, int4_delta: float) -> str:
+    levels = {"none": (0.0, 1.0), "int8": (0.001, 0.998), "int4": (int4_delta, 0.995)}
+    doc = {"levels": {k: {"perplexity_delta_rel": d, "teacher_forced_agreement": a} for k, (d, a) in levels.items()}}
+    return write(tmp_path, f"gate-{int4_delta}.json", json.dumps(doc))
+
+
+def test_plan_never_picks_a_level_that_fails_the_gate_unless_forced(monkeypatch, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cluster = write(tmp_path, "mini.yaml", CLUSTER)
+    failing, passing = _gate_file(tmp_path, 0.05), _gate_file(tmp_path, 0.005)
+    seen = {}
+    for name, extra in (("auto-failing", ["--kv-gate", failing]), ("auto-none-stored", []),
+                        ("auto-passing", ["--kv-gate", passing]),
+                        ("forced", ["--kv-compression", "int4", "--kv-gate", failing])):
+        code, out, err = run(monkeypatch, capsys, "plan", "--cluster", cluster, *FAST, *extra, "--json")
+        assert code == 0, err
+        seen[name] = (plan_from_dict(json.loads(out)).kv_transfer, err)
+    kv, err = seen["auto-failing"]  # int4 fails its stored gate: auto keeps to int8
+    assert kv.compression == "int8" and kv.gate is not None and kv.gate.passes_gate and not kv.gate.forced
+    assert "KV compression int8 (auto): passes the KV quality gate" in err
+    kv, err = seen["auto-none-stored"]  # no results for llama-2-7b: the int8 fallback
+    assert kv.compression == "int8" and kv.gate is not None and not kv.gate.measured
+    kv, _ = seen["auto-passing"]
+    assert kv.compression == "int4" and kv.gate is not None and kv.gate.passes_gate
+    kv, err = seen["forced"]  # forcing is allowed; the plan and the output say it failed
+    assert kv.compression == "int4" and kv.gate is not None and kv.gate.forced and not kv.gate.passes_gate
+    assert "KV compression int4 (forced): did NOT pass the KV quality gate" in err
+    code, out, err = run(monkeypatch, capsys, "plan", "--cluster", cluster, *FAST, "--kv-gate",
+                         str(tmp_path / "nope.json"))
+    assert code == 2 and err == f"error: {tmp_path / 'nope.json'}: file not found\n"

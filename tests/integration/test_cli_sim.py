@@ -121,7 +121,9 @@ def test_compare_json_shape(monkeypatch, capsys, files, tmp_path: Path) -> None:
     assert code == 0
     doc = json.loads(out)
     assert set(doc) == {"cluster", "model", "workload", "cost_per_hour", "slo", "common_rate_rps", "systems",
-                        "summary"}
+                        "summary", "kv_gate"}
+    # no gate results stored for this model: auto plans ThunderServe with int8, and says so
+    assert (doc["kv_gate"]["level"], doc["kv_gate"]["passes_gate"], doc["kv_gate"]["forced"]) == ("int8", True, False)
     assert list(doc["systems"]) == ["thunderserve", "vllm"]
     assert doc["systems"]["vllm"]["config"]["dispatch"] == "least_outstanding"
     assert doc["systems"]["thunderserve"]["config"]["search_budget_evaluations"] == 30

@@ -20,11 +20,12 @@ from thunderserve.errors import ThunderServeError
 # found (every module is then loaded), only slower; top-level --help loads them all.
 COMMANDS: dict[str, str] = {
     "plan": "plan_cmds", "evaluate": "plan_cmds", "simulate": "sim_cmds", "compare": "sim_cmds",
-    "replan": "resched_cmds", "serve": "serve_cmds", "bench-serve": "serve_cmds", "bench-kv": "serve_cmds",
+    "replan": "resched_cmds", "serve": "serve_cmds", "bench-serve": "serve_cmds", "bench-kv": "bench_kv_cmds",
     "calibrate": "calib_cmds", "fidelity": "calib_cmds", "profile": "calib_cmds", "demo": "demo_cmd",
 }
 # Modules that define commands; each exposes register(app).
-COMMAND_MODULES: list[str] = ["calib_cmds", "serve_cmds", "sim_cmds", "resched_cmds", "plan_cmds", "demo_cmd"]
+COMMAND_MODULES: list[str] = ["calib_cmds", "serve_cmds", "sim_cmds", "resched_cmds", "plan_cmds", "demo_cmd",
+                              "bench_kv_cmds"]
 
 
 def _needs_extra(name: str, missing: str) -> Any:

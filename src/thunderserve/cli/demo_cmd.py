@@ -15,9 +15,17 @@ from typing import Any
 import typer
 
 from thunderserve.cli.common import JsonOpt, console, load_inputs, out, print_json
-from thunderserve.cli.plan_cmds import print_plan_summary, run_plan
+from thunderserve.cli.plan_cmds import (
+    KvCompressionOpt,
+    KvGateOpt,
+    print_plan_summary,
+    resolve_kv_compression,
+    run_plan,
+)
+from thunderserve.costmodel.comm import Compression
 from thunderserve.errors import SpecError
 from thunderserve.plan import Plan
+from thunderserve.quality.gate import stamp_plan
 from thunderserve.report.systems import PlanKnobs
 from thunderserve.scheduler import SchedulerConfig
 from thunderserve.sim.config import LoadConfig, SimConfig
@@ -39,6 +47,8 @@ def demo_cmd(
                                  help="Where plan.json, compare.png and report.md are written"),
     duration: float = typer.Option(DEMO_DURATION_S, "--duration", help="Seconds of arrivals per simulated run"),
     plan_only: bool = typer.Option(False, "--plan-only", help="Only plan (no simulation or comparison)"),
+    kv_compression: str = KvCompressionOpt,
+    kv_gate: Path | None = KvGateOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Plan paper-cloud-32 (llama-30b, conversation), simulate it, and compare with the baselines."""
@@ -58,15 +68,16 @@ def demo_cmd(
     if out_dir.exists() and not out_dir.is_dir():
         raise SpecError(f"{out_dir} exists and is not a directory", field="--out-dir")
     inputs = load_inputs(DEMO_CLUSTER, DEMO_MODEL, DEMO_WORKLOAD)
-    result = run_plan(inputs, SchedulerConfig(time_limit_s=time_limit))
-    plan = result.plan
+    verdict, forced = resolve_kv_compression(kv_compression, inputs.model.name, kv_gate)
+    result = run_plan(inputs, SchedulerConfig(time_limit_s=time_limit, kv_compression=Compression(verdict.level)))
+    plan = stamp_plan(result.plan, verdict, forced)
     print_plan_summary(plan, inputs.cluster, to_stderr=as_json, result=result)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plan.json").write_text(plan.to_json())
     doc: dict[str, Any] | None = None
     if not plan_only:
         config = CompareConfig(load=LoadConfig(duration_s=duration), planner_time_limit_s=time_limit,
-                               per_kv_level=False)
+                               per_kv_level=False, kv_compression=Compression(verdict.level))
         specs = {n: system(n, inputs.model) for n in system_names(config, inputs.model)}
         estimate = dict(plan.estimate)
         estimate.setdefault("planner_max_rate_rps", result.max_rate_at_slo)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,9 +37,11 @@ from thunderserve.cli.common import (
 from thunderserve.costmodel.comm import Compression
 from thunderserve.errors import PlanError, SpecError, ThunderServeError
 from thunderserve.plan import Plan, load_plan, plan_from_dict
+from thunderserve.quality.gate import stamp_plan
 from thunderserve.spec.cluster import Cluster
 
 if TYPE_CHECKING:  # the scheduler (scipy, networkx) loads when a command runs, not for --help
+    from thunderserve.quality.gate import GateVerdict
     from thunderserve.scheduler.config import PlanResult, SchedulerConfig
 
 RateOpt = typer.Option(None, "--rate", help="Request rate (req/s) to report attainment at (default: the max rate)")
@@ -49,12 +52,23 @@ def _positive(name: str, value: float | None) -> None:
         raise SpecError(f"must be positive, got {value}", field=name)
 
 
-def _compression(value: str) -> Compression:
-    try:
-        return Compression(value.lower())
-    except ValueError:
-        known = ", ".join(c.value for c in Compression)
-        raise SpecError(f"unknown compression '{value}' (known: {known})", field="--kv-compression") from None
+KvCompressionOpt = typer.Option("auto", "--kv-compression", help="KV transfer compression: auto (the most "
+                                "compressed level that passes the KV quality gate for the model; int8 when no gate "
+                                "results are stored) or none|int8|int4 (forced, even when it fails the gate)")
+KvGateOpt = typer.Option(None, "--kv-gate", help="Gate results for the model (a `bench-kv --json` file); default: "
+                         "the results the package ships for it")
+
+
+def resolve_kv_compression(requested: str, model: str, gate_file: Path | None) -> tuple[GateVerdict, bool]:
+    """The level to plan with and its gate verdict, and whether the user forced it (`quality.gate`)."""
+    from thunderserve.quality.gate import LEVELS, choose_level, load_results
+
+    req = requested.strip().lower()
+    if req != "auto" and req not in LEVELS:
+        known = ", ".join(("auto", *LEVELS))
+        raise SpecError(f"unknown compression '{requested}' (known: {known})", field="--kv-compression")
+    results = load_results(gate_file) if gate_file is not None else None
+    return choose_level(req, model, results), req != "auto"
 
 
 @contextmanager
@@ -117,8 +131,13 @@ def estimate_lines(est: dict[str, Any]) -> list[str]:
 
 def print_plan_summary(plan: Plan, cluster: Cluster, to_stderr: bool = False,
                        result: PlanResult | None = None) -> None:
+    from thunderserve.quality.gate import gate_line
+
     con = console if to_stderr else out
     con.print(plan_table(plan, cluster))
+    line = gate_line(plan)
+    if line is not None:
+        con.print(line, soft_wrap=True, highlight=False)
     for line in estimate_lines(plan.estimate):
         con.print(line, soft_wrap=True, highlight=False)
     if not plan.estimate.get("max_rate_at_slo"):
@@ -167,7 +186,8 @@ def plan_cmd(
     budget: int = BudgetOpt,
     time_limit: float | None = TimeCapOpt,
     seed: int = typer.Option(0, "--seed", help="Seed of the tabu search (same seed, same plan)"),
-    kv_compression: str = typer.Option("int4", "--kv-compression", help="KV transfer compression: none|int8|int4"),
+    kv_compression: str = KvCompressionOpt,
+    kv_gate: Path | None = KvGateOpt,
     verify_top: int = typer.Option(0, "--verify-top", help="Re-score the K best candidates (distinct parallel "
                                    "shapes first) by simulation and keep the best simulated one (0: off)"),
     output: Path | None = typer.Option(None, "-o", "--output", help="Write the plan JSON here"),
@@ -179,13 +199,15 @@ def plan_cmd(
     _positive("--budget", budget)
     if verify_top < 0:
         raise SpecError(f"must be 0 or more, got {verify_top}", field="--verify-top")
-    comp = _compression(kv_compression)
     inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
+    verdict, forced = resolve_kv_compression(kv_compression, inputs.model.name, kv_gate)
     from thunderserve.scheduler.config import SchedulerConfig
 
-    config = SchedulerConfig(time_limit_s=time_limit, max_evaluations=budget, seed=seed, kv_compression=comp,
+    config = SchedulerConfig(time_limit_s=time_limit, max_evaluations=budget, seed=seed,
+                             kv_compression=Compression(verdict.level),
                              verify_top=verify_top)
     result = run_plan(inputs, config, rate)
+    result = replace(result, plan=stamp_plan(result.plan, verdict, forced))
     if output is not None:
         try:
             output.write_text(result.plan.to_json() + "\n")

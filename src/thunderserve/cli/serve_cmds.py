@@ -1,4 +1,4 @@
-"""`thunderserve serve`, `bench-serve` and `bench-kv`: run a plan behind the OpenAI API, load-test it."""
+"""`thunderserve serve` and `bench-serve`: run a plan behind the OpenAI API, load-test it."""
 
 from __future__ import annotations
 
@@ -263,38 +263,6 @@ def bench_serve(
     out.print(table)
 
 
-def bench_kv(
-    model: str = typer.Option("smollm2", "--model", help="HuggingFace model directory, .gguf file, or smollm2"),
-    num_tokens: int = typer.Option(64, "--num-tokens", help="Greedy tokens generated per prompt"),
-    storage_references: str = typer.Option(
-        "", "--storage-references", help="Also measure a cache merely stored as these dtypes: bf16,fp16"),
-    as_json: bool = JsonOpt,
-) -> None:
-    """KV compression on a real model: bytes, codec speed, greedy-token agreement and logit error per level."""
-    try:
-        from thunderserve.cli_bench_kv import bench_kv as run_bench_kv
-        from thunderserve.cli_bench_kv import format_table
-    except ImportError as exc:
-        raise ThunderServeError(f"bench-kv needs thunderserve.cli_bench_kv: {exc}") from None
-    refs = [r.strip() for r in storage_references.split(",") if r.strip()]
-    with Progress(TextColumn("bench-kv {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("", total=None)
-
-        def tick(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what)
-
-        try:
-            result = run_bench_kv(model=model, num_tokens=num_tokens, storage_references=refs, progress=tick)
-        except ValueError as exc:
-            raise ThunderServeError(f"bench-kv: {exc}") from None
-    if as_json:
-        print_json(result)
-        return
-    out.print(format_table(result), highlight=False, soft_wrap=True)
-
-
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.command("bench-serve")(bench_serve)
-    app.command("bench-kv")(bench_kv)

@@ -28,6 +28,8 @@ from thunderserve.cli.common import (
     out,
     print_json,
 )
+from thunderserve.cli.plan_cmds import KvCompressionOpt, KvGateOpt, resolve_kv_compression
+from thunderserve.costmodel.comm import Compression
 from thunderserve.errors import SpecError
 from thunderserve.plan import load_plan
 from thunderserve.policy.batching import (
@@ -321,6 +323,8 @@ def compare_cmd(
     no_curves: bool = typer.Option(False, "--no-curves", help="Skip the attainment-vs-rate curve runs"),
     verify_top: int = typer.Option(0, "--verify-top", help="Every system that searches re-scores its K best "
                                    "candidates by simulation (0: off)"),
+    kv_compression: str = KvCompressionOpt,
+    kv_gate: Path | None = KvGateOpt,
     chunked_only: bool = typer.Option(False, "--chunked-only",
                                       help="Do not also try the prefill-first policy for colocated-only systems"),
     enable_chunked_prefill: bool | None = typer.Option(
@@ -354,6 +358,7 @@ def compare_cmd(
     if verify_top < 0:
         raise SpecError("must be >= 0", field="--verify-top")
     inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
+    verdict, forced = resolve_kv_compression(kv_compression, inputs.model.name, kv_gate)
     other = load_cluster(baseline_cluster) if baseline_cluster else None
     names = tuple(x.strip() for x in systems.split(",") if x.strip()) if systems else CompareConfig().systems
     if systems and "thunderserve" not in names:
@@ -366,7 +371,12 @@ def compare_cmd(
     config = CompareConfig(load=LoadConfig(duration_s=duration, seed=seed, min_requests=min_requests),
                            sim=sim_cfg, systems=names, per_kv_level=not no_kv_levels, budget=budget,
                            planner_time_limit_s=time_limit, curves=not no_curves or plot is not None,
-                           try_prefill_first=not chunked_only and chunked is None, seed=seed, verify_top=verify_top)
+                           try_prefill_first=not chunked_only and chunked is None, seed=seed, verify_top=verify_top,
+                           kv_compression=Compression(verdict.level) if forced else None)
+    gate = {**verdict.as_dict(), "forced": forced}
+    console.print(f"ThunderServe's KV compression: {verdict.level} ({'forced' if forced else 'auto'}; "
+                  f"{'passes' if verdict.passes else 'did NOT pass'} the KV quality gate: {verdict.source})",
+                  soft_wrap=True, highlight=False)
     with _progress() as bar:
         task = bar.add_task("comparing", total=None)
 
@@ -375,6 +385,7 @@ def compare_cmd(
 
         doc = run_comparison(inputs.cluster, inputs.model, inputs.workload, inputs.slo, baseline_cluster=other,
                              config=config, progress=tick)
+    doc["kv_gate"] = gate
     if plot is not None:
         plot_comparison(doc, plot)
     if report is not None:

@@ -2,7 +2,9 @@
 
 from thunderserve.plan.model import (
     PLAN_FORMAT,
+    READABLE_FORMATS,
     Group,
+    KvGate,
     KvTransfer,
     Phase,
     Plan,
@@ -14,6 +16,6 @@ from thunderserve.plan.model import (
 from thunderserve.plan.validate import group_perf_of, validate_plan
 
 __all__ = [
-    "PLAN_FORMAT", "Group", "KvTransfer", "Phase", "Plan", "Routing", "Stage", "group_perf_of", "load_plan",
+    "PLAN_FORMAT", "READABLE_FORMATS", "Group", "KvGate", "KvTransfer", "Phase", "Plan", "Routing", "Stage", "group_perf_of", "load_plan",
     "plan_from_dict", "validate_plan",
 ]

@@ -1,15 +1,17 @@
 """The Plan: the one decision object every subsystem consumes (scheduler -> sim, runtime, resched).
 
-JSON (format "thunderserve.plan/v1"):
-    {"format": "thunderserve.plan/v1", "model": "llama-30b", "cluster": "paper-cloud-32",
-     "kv_transfer": {"compression": "int4"},
+JSON (format "thunderserve.plan/v2"; v1 documents, which lack `kv_transfer.gate`, are still read):
+    {"format": "thunderserve.plan/v2", "model": "llama-30b", "cluster": "paper-cloud-32",
+     "kv_transfer": {"compression": "int8", "gate": {"passes_gate": true, "forced": false, "measured": false,
+                                                     "source": "..."}},
      "groups": [{"id": "p0", "phase": "prefill",
                  "stages": [{"gpus": ["n0:0", "n0:1"], "layers": [0, 30]}, ...]}, ...],
      "routing": {"entry": {"p0": 0.7, "c0": 0.3}, "kv": {"p0": {"d0": 1.0}}},
      "estimate": {...}}
 A stage is a tensor-parallel set of GPUs holding the half-open layer range `layers`; a group's stages cover
 all layers in order. `routing.entry` splits arriving requests over prefill and colocated groups;
-`routing.kv[p]` splits prefill group p's KV caches over decode groups.
+`routing.kv[p]` splits prefill group p's KV caches over decode groups. `kv_transfer.gate` is the KV quality
+gate's verdict on the compression for this model when the plan was made (`quality.gate`; absent: not checked).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from thunderserve.costmodel.comm import Compression
 from thunderserve.errors import PlanError
 from thunderserve.spec._load import first_error
 
-PLAN_FORMAT = "thunderserve.plan/v1"
+PLAN_FORMAT = "thunderserve.plan/v2"
+READABLE_FORMATS = ("thunderserve.plan/v1", PLAN_FORMAT)  # v1: no kv_transfer.gate
 
 
 class Phase(StrEnum):
@@ -79,10 +82,22 @@ class Routing(BaseModel):
     kv: dict[str, dict[str, float]] = {}  # prefill group id -> decode group id -> share of its KV caches
 
 
+class KvGate(BaseModel):
+    """The KV quality gate's verdict on a plan's compression for its model (`quality.gate.GateVerdict`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    passes_gate: bool  # the level passed the gate (or is allowed unmeasured: none is exact, int8 the fallback)
+    forced: bool  # the user forced this level (`--kv-compression LEVEL`), rather than `auto` choosing it
+    measured: bool  # a stored gate result for the model backs the verdict
+    source: str  # where the verdict comes from
+
+
 class KvTransfer(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     compression: Compression = Compression.NONE
+    gate: KvGate | None = None  # the gate's verdict when planned; None: not checked (library callers, v1 plans)
 
 
 class Plan(BaseModel):
@@ -115,7 +130,10 @@ class Plan(BaseModel):
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        d = self.model_dump(mode="json")
+        if d["kv_transfer"].get("gate") is None:  # unchecked: leave the optional field out
+            del d["kv_transfer"]["gate"]
+        return d
 
 
 def plan_from_dict(data: Any, source: str = "plan") -> Plan:
@@ -123,8 +141,11 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
     if not isinstance(data, dict):
         raise PlanError(f"{source}: expected a JSON object")
     fmt = data.get("format", PLAN_FORMAT)
+    if fmt not in READABLE_FORMATS:
+        raise PlanError(f"{source}: format: unsupported plan format '{fmt}' (expected one of "
+                        f"{', '.join(READABLE_FORMATS)})")
     if fmt != PLAN_FORMAT:
-        raise PlanError(f"{source}: format: unsupported plan format '{fmt}' (expected {PLAN_FORMAT})")
+        data = {**data, "format": PLAN_FORMAT}  # v1 is v2 without the optional kv_transfer.gate
     try:
         return Plan.model_validate(data)
     except ValidationError as exc:

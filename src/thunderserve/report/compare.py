@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from thunderserve.costmodel.comm import Compression
 from thunderserve.plan import Phase, Plan
 from thunderserve.policy.step import ColocatedPolicy
 from thunderserve.report.systems import (
@@ -68,11 +69,13 @@ class CompareConfig:
     curves: bool = True
     seed: int = 0
     verify_top: int = 0  # every searching system re-scores its K best candidates by simulation (0: off)
+    kv_compression: Compression | None = None  # ThunderServe's level when forced (None: the KV gate decides)
 
     @property
     def knobs(self) -> PlanKnobs:
         return PlanKnobs(budget=self.budget, seed=self.seed, verify_top=self.verify_top,
-                         time_limit_s=self.planner_time_limit_s)
+                         time_limit_s=self.planner_time_limit_s,
+                         kv_compression=None if self.kv_compression is None else str(self.kv_compression))
 
 
 def system_names(config: CompareConfig, model: ModelSpec) -> list[str]:

@@ -40,6 +40,7 @@ class PlanKnobs:
     seed: int = 0
     verify_top: int = 0  # re-score the K best candidates by simulation (0: off), for every system that searches
     time_limit_s: float | None = None  # optional wall-clock cap (results then depend on the machine)
+    kv_compression: str | None = None  # ThunderServe's level when the user forced one (None: the KV gate decides)
 
 
 # (cluster, model, workload, slo, knobs, the system's simulator config, memo shared within one comparison)
@@ -108,7 +109,8 @@ def _search(phases: tuple[Phase, ...], compression: Compression | None, system: 
         from thunderserve.scheduler import SchedulerConfig, plan_deployment
         from thunderserve.sim import rescorer
 
-        level = compression if compression is not None else Compression(default_kv_level(model))
+        level = compression if compression is not None else Compression(
+            knobs.kv_compression if knobs.kv_compression is not None else default_kv_level(model))
         key = (cluster.name, phases, level, knobs, sim if knobs.verify_top > 1 else None)
         if key not in memo:
             cfg = SchedulerConfig(max_evaluations=knobs.budget, time_limit_s=knobs.time_limit_s, seed=knobs.seed,

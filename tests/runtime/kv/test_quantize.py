@@ -21,6 +21,7 @@ from thunderserve.runtime.kv.quantize import (
     quantize_kv,
     to_bytes,
 )
+from thunderserve.runtime.kv.schemes import SCHEMES
 from thunderserve.runtime.workers.codec import QuantizeKvCodec
 
 LEVELS = {"int8": 255, "int4": 15}
@@ -35,27 +36,31 @@ def make_kv(shape: tuple[int, int, int, int] = (2, 3, 5, 64), seed: int = 0, dty
 
 
 def assert_within_bound(kv: KVCache, compression: str, group_size: int = 64, **options: object) -> QuantizedKV:
-    """Sink tokens are off by at most 16-bit rounding. Every other element is off by at most half its group's
-    step in the quantised coordinates; unrotated that bounds the cache itself, rotated each token's error over a
-    group of g channels has L2 norm at most sqrt(sum (step/2)^2) over that group."""
+    """Sink and recent tokens are off by at most 16-bit rounding. Every other element is off by at most half its
+    group's step in the quantised coordinates; unrotated that bounds the cache itself, rotated each token's error
+    over a group of g channels has L2 norm at most sqrt(sum (step/2)^2) over that group. Without an explicit
+    `residual_tokens` the recent window is off (0), so small caches still exercise the grid."""
+    options.setdefault("residual_tokens", 0)
     q = quantize_kv(kv, compression, group_size, **options)  # type: ignore[arg-type]
     back = from_bytes(to_bytes(q))
     out = dequantize_kv(back)
     g, s, d = q.group_size, q.sink_tokens, kv.keys.shape[-1]
+    e = s + q.body_tokens
     for which, rotated in (("keys", q.rotate_keys), ("values", q.rotate_values)):
         x, y = getattr(kv, which).to(torch.float32), getattr(out, which)
         assert y.shape == x.shape and y.dtype == getattr(kv, which).dtype
-        sink_err = (y[:, :, :s].to(torch.float32) - x[:, :, :s]).abs()
-        assert bool((sink_err <= x[:, :, :s].abs() * 2.0**-8 + 2.0**-24).all()), f"{which}: sink"
+        for a, b in ((0, s), (e, x.shape[2])):
+            window_err = (y[:, :, a:b].to(torch.float32) - x[:, :, a:b]).abs()
+            assert bool((window_err <= x[:, :, a:b].abs() * 2.0**-8 + 2.0**-24).all()), f"{which}: window"
         want, grid, step = grid_view(back, getattr(kv, which), which)
         tol = 1e-6 * (want.abs() + LEVELS[compression] * step) + 1e-30
         err = (grid - want).abs()
         assert bool((err <= step / 2 + tol).all()), f"{which}: grid error {float(err.max())}"
-        diff = y[:, :, s:].to(torch.float32) - x[:, :, s:]
+        diff = y[:, :, s:e].to(torch.float32) - x[:, :, s:e]
         noise = 1e-5 * (1 + float(x.abs().max())) if x.numel() else 0.0
         if not rotated:
             half = step[..., :d] / 2
-            assert bool((diff.abs() <= half + noise + 2.0**-8 * x[:, :, s:].abs()).all()), which
+            assert bool((diff.abs() <= half + noise + 2.0**-8 * x[:, :, s:e].abs()).all()), which
         elif diff.numel():
             padded = torch.nn.functional.pad(diff, (0, step.shape[-1] - d))
             l2 = padded.reshape(*padded.shape[:-1], -1, g).pow(2).sum(-1).sqrt()
@@ -91,7 +96,7 @@ def test_keys_are_grouped_per_channel_and_values_per_token() -> None:
     keys, values = kv.keys.clone(), kv.values.clone()
     keys[:, :, 1:, 5] *= 1000.0
     values[:, :, 7, :] *= 1000.0
-    out = dequantize_kv(quantize_kv(KVCache(keys=keys, values=values), "int4"))
+    out = dequantize_kv(quantize_kv(KVCache(keys=keys, values=values), "int4", residual_tokens=0))
     key_err, value_err = (out.keys - keys).abs(), (out.values - values).abs()
     assert float(key_err[..., 5].max()) > 10 and float(torch.cat([key_err[..., :5], key_err[..., 6:]], -1).max()) < 0.5
     assert float(value_err[:, :, 7].max()) > 10 and float(value_err[:, :, 8:].max()) < 1.0
@@ -112,9 +117,29 @@ def test_first_token_is_kept_in_16_bits() -> None:
     assert quantize_kv(make_kv((1, 1, 2, 8)), "int4", sink_tokens=5).sink_tokens == 2  # all sink
 
 
+def test_recent_tokens_travel_in_16_bits() -> None:
+    """int4's recent-token window (KIVI's residual): the last 128 tokens come back to 16-bit rounding; the
+    tokens before them on the 4-bit grid; short prompts are all window."""
+    kv = make_kv((2, 2, 300, 64))
+    q = quantize_kv(kv, "int4")
+    assert (q.sink_tokens, q.residual_tokens, q.body_tokens) == (1, 128, 171)
+    out = dequantize_kv(from_bytes(to_bytes(q)))
+    recent = (out.values[:, :, -128:] - kv.values[:, :, -128:]).abs()
+    assert torch.equal(out.values[:, :, -128:], kv.values[:, :, -128:].half().float())
+    assert float(recent.max()) < 0.01 < float((out.values[:, :, 1:-128] - kv.values[:, :, 1:-128]).abs().max())
+    assert quantize_kv(kv, "int8").residual_tokens == 0
+    short = quantize_kv(make_kv((1, 1, 40, 64)), "int4")
+    assert (short.sink_tokens, short.residual_tokens, short.body_tokens) == (1, 39, 0)
+    assert_within_bound(kv, "int4", residual_tokens=128)
+    assert_within_bound(kv, "int4", residual_tokens=7, key_block_tokens=16, sink_tokens=2)
+    with pytest.raises(ValueError, match="residual_tokens"):
+        quantize_kv(kv, "int4", residual_tokens=-1)
+
+
 def test_int4_is_coarser_than_int8_and_both_are_close() -> None:
     kv = make_kv((4, 2, 16, 64))
-    err = {c: float((dequantize_kv(quantize_kv(kv, c)).keys - kv.keys).abs().max()) for c in ("int8", "int4")}
+    err = {c: float((dequantize_kv(quantize_kv(kv, c, residual_tokens=0)).keys - kv.keys).abs().max())
+           for c in ("int8", "int4")}
     assert err["int8"] < 0.05 < err["int4"] < 0.8
 
 
@@ -124,7 +149,7 @@ def test_constant_groups_have_zero_scale_and_come_back_exactly() -> None:
     values = torch.zeros((1, 2, 3, 64))
     kv = KVCache(keys=keys, values=values)
     for c in ("int8", "int4"):
-        q = quantize_kv(kv, c, rotate_values=False)
+        q = quantize_kv(kv, c, rotate_values=False, residual_tokens=0)
         out = dequantize_kv(from_bytes(to_bytes(q)))
         assert torch.equal(out.keys, keys) and torch.equal(out.values, values)
         assert bool((q.keys.scale == 0).all()) and bool((q.values.scale == 0).all())
@@ -156,14 +181,19 @@ def test_huge_values_fall_back_to_float32_parameters_and_sinks() -> None:
 
 
 def test_payload_sizes_and_ratios_vs_fp16() -> None:
-    kv = make_kv((4, 2, 600, 64), dtype=torch.float16)
+    """At the coding workload's mean prompt (2,048 tokens) int4 sends >= 3x fewer bytes than fp16 (issue 12),
+    every byte counted; each scheme's own count (`KvScheme.bytes_vs_fp16`) is the real payload."""
+    kv = make_kv((4, 2, 2048, 64), dtype=torch.float16)
     fp16 = 2 * kv.keys.numel() * 2
     sizes = {c: len(to_bytes(quantize_kv(kv, c))) for c in ("none", "int8", "int4")}
     for c, n in sizes.items():
         assert n == payload_nbytes(quantize_kv(kv, c))
     assert sizes["none"] == fp16 + HEADER_BYTES
     assert fp16 / sizes["int8"] >= 1.8
-    assert fp16 / sizes["int4"] >= 3.6
+    assert fp16 / sizes["int4"] >= 3.0
+    for scheme in SCHEMES.values():
+        actual = len(to_bytes(quantize_kv(kv, scheme))) - HEADER_BYTES
+        assert actual / fp16 == pytest.approx(scheme.bytes_vs_fp16(2048, head_dim=64), rel=1e-9)
 
 
 @pytest.mark.parametrize("compression", ["none", "int8", "int4"])
@@ -179,11 +209,15 @@ def test_cost_model_ratio_matches_the_wire_bytes(compression: str, num_tokens: i
 
 def test_header_is_validated() -> None:
     blob = to_bytes(quantize_kv(make_kv(), "int4"))
-    assert blob[4] == VERSION == 2
+    assert blob[4] == VERSION == 3 and HEADER_BYTES == 48
     with pytest.raises(ValueError, match="magic"):
         from_bytes(b"XXXX" + blob[4:])
-    with pytest.raises(ValueError, match="version"):
-        from_bytes(blob[:4] + bytes([1]) + blob[5:])  # the version-1 layout is not read as version 2
+    for old in (1, 2, 4):  # older layouts (v2: no recent-token window) and newer ones are refused, not misread
+        with pytest.raises(ValueError, match=f"wire format version {old} is not supported .* reads version 3"):
+            from_bytes(blob[:4] + bytes([old]) + blob[5:])
+    v2_header = blob[:4] + bytes([2]) + blob[5:44]  # a version-2 payload is 4 bytes shorter in the header
+    with pytest.raises(ValueError, match="version 2"):
+        from_bytes(v2_header)
     with pytest.raises(ValueError, match="bytes"):
         from_bytes(blob[:-1])
     with pytest.raises(ValueError, match="header"):
@@ -200,14 +234,16 @@ def test_header_is_validated() -> None:
 
 def test_payload_describes_itself() -> None:
     kv = make_kv((3, 2, 6, 32), dtype=torch.bfloat16, first_layer=4)
-    q = from_bytes(to_bytes(quantize_kv(kv, "int4", group_size=16, key_block_tokens=4)))
+    q = from_bytes(to_bytes(quantize_kv(kv, "int4", group_size=16, key_block_tokens=2, residual_tokens=2)))
     assert (q.compression, q.shape, q.dtype, q.first_layer, q.group_size) == ("int4", (3, 2, 6, 32),
                                                                                 torch.bfloat16, 4, 16)
-    assert (q.sink_tokens, q.key_block_tokens, q.rotate_values, q.rotate_keys) == (1, 4, True, False)
-    assert q.keys.data.dtype == torch.uint8 and q.keys.data.shape == (3 * 2 * 32 * 5 // 2,)
+    assert (q.sink_tokens, q.residual_tokens, q.key_block_tokens, q.rotate_values, q.rotate_keys) == (
+        1, 2, 2, True, False)
+    assert q.keys.data.dtype == torch.uint8 and q.keys.data.shape == (3 * 2 * 32 * 3 // 2,)
     assert q.keys.scale is not None and q.keys.scale.dtype == torch.float16 and q.keys.scale.shape == (6, 32, 2)
-    assert q.values.scale is not None and q.values.scale.shape == (3 * 2 * 5, 2)
+    assert q.values.scale is not None and q.values.scale.shape == (3 * 2 * 3, 2)
     assert q.keys.sink is not None and q.keys.sink.shape == (3, 2, 1, 32) and q.sink_dtype == torch.bfloat16
+    assert q.values.recent is not None and q.values.recent.shape == (3, 2, 2, 32)
     assert quantize_kv(kv, "int8").keys.data.dtype == torch.uint8
     assert quantize_kv(kv, "int8").param_dtype == torch.float32
     assert not quantize_kv(kv, "int4", group_size=16, rotate_values=False).rotate_values
@@ -241,7 +277,7 @@ def test_codecs_match_the_workers_codec() -> None:
 
 def test_grid_view_is_in_the_rotated_coordinates() -> None:
     kv = make_kv((1, 1, 8, 64), scale=3.0)
-    q = quantize_kv(kv, "int4")
+    q = quantize_kv(kv, "int4", residual_tokens=0)
     want, grid, step = grid_view(q, kv.values, "values")
     assert torch.allclose(want @ hadamard(64), kv.values[:, :, 1:], atol=1e-5)  # H undoes the rotation
     assert bool(((grid - want).abs() <= step / 2 + 1e-5).all())

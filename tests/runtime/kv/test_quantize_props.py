@@ -30,11 +30,11 @@ def caches(draw: st.DrawFn) -> KVCache:
 @settings(max_examples=60, deadline=None)
 @given(kv=caches(), compression=st.sampled_from(["int8", "int4"]), group_size=st.sampled_from([2, 8, 32, 64]),
        sink_tokens=st.sampled_from([0, 1, 2]), key_block_tokens=st.sampled_from([1, 3, 128]),
-       rotate_keys=st.booleans(), rotate_values=st.booleans())
+       residual_tokens=st.sampled_from([0, 1, 4]), rotate_keys=st.booleans(), rotate_values=st.booleans())
 def test_error_bound_holds(kv: KVCache, compression: str, group_size: int, sink_tokens: int, key_block_tokens: int,
-                           rotate_keys: bool, rotate_values: bool) -> None:
+                           residual_tokens: int, rotate_keys: bool, rotate_values: bool) -> None:
     assert_within_bound(kv, compression, group_size, sink_tokens=sink_tokens, key_block_tokens=key_block_tokens,
-                        rotate_keys=rotate_keys, rotate_values=rotate_values)
+                        residual_tokens=residual_tokens, rotate_keys=rotate_keys, rotate_values=rotate_values)
 
 
 @settings(max_examples=40, deadline=None)

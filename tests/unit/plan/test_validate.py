@@ -22,7 +22,8 @@ def good_plan(**kw):  # type: ignore[no-untyped-def]
 
 
 def test_issue_example_round_trips_byte_for_byte() -> None:
-    doc = {"format": "thunderserve.plan/v1", "model": "llama-30b", "cluster": "paper-cloud-32",
+    """Written as v2 (the current format); a v1 document (no kv_transfer.gate) reads as the same plan."""
+    doc = {"format": "thunderserve.plan/v2", "model": "llama-30b", "cluster": "paper-cloud-32",
            "kv_transfer": {"compression": "int4"},
            "groups": [
                {"id": "p0", "phase": "prefill", "stages": [{"gpus": ["n0:0", "n0:1"], "layers": [0, 30]},
@@ -33,6 +34,7 @@ def test_issue_example_round_trips_byte_for_byte() -> None:
            "routing": {"entry": {"p0": 0.7, "c0": 0.3}, "kv": {"p0": {"d0": 1.0}}},
            "estimate": {}}
     assert json.loads(plan_from_dict(doc).to_json()) == doc
+    assert plan_from_dict({**doc, "format": "thunderserve.plan/v1"}) == plan_from_dict(doc)
 
 
 def test_good_plan_validates() -> None:

@@ -34,7 +34,7 @@ def test_profile_smollm2_and_fit_a_cpu_type(tmp_path: Path, monkeypatch: pytest.
     prof_path, calib_path = tmp_path / "profile.json", tmp_path / "cpu.json"
     assert _cli(monkeypatch, "profile", "--model", "smollm2", "--threads", "1", "--prefill-batches", "1,2",
                 "--prompt-tokens", "8,32", "--decode-batches", "1,4", "--context-tokens", "16,48",
-                "--kv-tokens", "16", "--repeats", "2", "-o", str(prof_path), "--json") == 0
+                "--kv-tokens", "512", "--repeats", "2", "-o", str(prof_path), "--json") == 0
     printed = json.loads(capsys.readouterr().out)
     prof = load_profile(prof_path)
     assert printed["device"]["gpu_type"] == "CPU" and prof.device.threads == 1

@@ -109,7 +109,8 @@ class AdminState:
             else:
                 plan = plan_from_dict(body["plan"], "plan")
                 check_servable(plan)
-                if plan.kv_transfer != self.plan.kv_transfer:
+                # the compression is fixed while serving (the gate's stamp on it may differ)
+                if plan.kv_transfer.compression != self.plan.kv_transfer.compression:
                     raise ApiError(400, "plan: kv_transfer: the workers' KV compression is fixed while serving "
                                         f"({self.plan.kv_transfer.compression}); restart to change it", param="plan")
                 if plan.model != self.plan.model:

@@ -137,11 +137,14 @@ class LlamaEngine:
         return self.forward([StepItem(hidden=hidden[i:i + 1], kv=kv) for i, kv in enumerate(kvs)])[0]
 
     # ----- the general step --------------------------------------------------------------------------------
-    def forward(self, items: Sequence[StepItem]) -> tuple[list[torch.Tensor], list[KVCache]]:
+    def forward(self, items: Sequence[StepItem], every_token: bool = False
+                ) -> tuple[list[torch.Tensor], list[KVCache]]:
         """Run new tokens of several sequences (any mix of prefill and decode) through this stage.
 
         Returns, per item, float32 logits [vocab] of its last new token (last stage) or hidden states
         [new tokens, hidden] (other stages), and its KV cache (the item's own, extended, or a new one).
+        With `every_token` (last stage), the logits of every new token instead, [new tokens, vocab]: scoring a
+        text teacher-forced (`thunderserve.quality.perplexity`).
         """
         if not items:
             return [], []
@@ -165,7 +168,11 @@ class LlamaEngine:
             cos, sin = self._rope(positions)
             for i, w in enumerate(self.weights.layers):
                 x = layer_forward(w, self.shape, i, x, cos, sin, slots, self._all_reduce)
-            if self.is_last_stage:
+            if self.is_last_stage and every_token:
+                eps, rows_multiple = self.spec.rms_norm_eps, self.config.row_multiple
+                outs = [final_logits(self.weights, x[s.row_start: s.row_start + s.num_new], eps, rows_multiple)
+                        for s in slots]
+            elif self.is_last_stage:
                 last = torch.tensor([s.row_start + s.num_new - 1 for s in slots], device=self.device)
                 logits = final_logits(self.weights, x[last], self.spec.rms_norm_eps, self.config.row_multiple)
                 outs = list(logits.unbind(0))
