@@ -51,7 +51,9 @@ def ctx() -> PlanningContext:
     base = load_cluster("paper-cloud-32").spec
     cluster = resolve_cluster(base.model_copy(update={"nodes": tuple(
         n.model_copy(update={"nic_gbps": 160.0}) for n in base.nodes)}))
-    slo = make_slo(MODEL, load_workload("coding"), None, None, None, 0.9)
+    # TPOT 100 ms (DistServe's chatbot target): tight enough that splitting off the strong prefill group pays
+    # under the paged-KV and shared-network model (at the 200 ms coding default all-colocated is optimal)
+    slo = make_slo(MODEL, load_workload("coding"), None, None, 100.0, 0.9)
     return PlanningContext(cluster, MODEL, load_workload("conversation"), slo)
 
 
@@ -66,7 +68,7 @@ def test_search_reaches_the_exhaustive_optimum_where_single_flips_get_stuck(ctx:
     found = search_phases(ctx, GROUPS)
     assert [g.stages for g in found] == [g.stages for g in GROUPS]  # layouts kept, only phases chosen
     assert value(ctx, found) == pytest.approx(exhaustive, rel=1e-9)
-    assert exhaustive > single * 1.005  # the single-flip heuristic stays on all-colocated here
+    assert exhaustive > single * 1.05  # the single-flip heuristic stays on all-colocated here
     assert {g.phase for g in found} >= {Phase.PREFILL, Phase.DECODE}
 
 

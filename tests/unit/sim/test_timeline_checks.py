@@ -16,7 +16,7 @@ from thunderserve.sim.resched_scenarios import (
 )
 from thunderserve.spec import load_cluster, load_model, load_workload
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # planner runs and 20-minute simulations
 
 CFG = ScenarioConfig()
 
