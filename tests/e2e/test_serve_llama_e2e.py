@@ -125,9 +125,18 @@ def test_errors_metrics_and_clean_shutdown(server) -> None:  # type: ignore[no-u
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "x"}).status_code == 401
 
-    time.sleep(1.0)  # one heartbeat, so worker gauges are populated
-    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
-    sent = [s for s in families["thunderserve_kv_bytes_sent"].samples if s.labels.get("dst") == "d0"]
+    # a generation of its own (under xdist the module's other tests may run against another server), then
+    # wait for a heartbeat to carry the worker's KV gauges to the router
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 2},
+                   headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 30
+    while True:
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+        sent = [s for s in families["thunderserve_kv_bytes_sent"].samples if s.labels.get("dst") == "d0"]
+        if (sent and sent[0].value > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert sent and sent[0].value > 0
     assert any(s.value > 0 for s in families["thunderserve_ttft_seconds"].samples if s.name.endswith("_count"))
     workers = httpx.get(f"{url}/admin/workers", headers=auth).json()["data"]

@@ -137,6 +137,7 @@ def test_compare_json_shape(monkeypatch, capsys, files, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # every system planned and simulated, curves included
 def test_compare_with_plot_and_every_baseline(monkeypatch, capsys, files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     plot = tmp_path / "cmp.png"
     code, out, _ = run(monkeypatch, capsys, "compare", "--cluster", files["cluster"], "--model", "llama-2-7b",
@@ -150,6 +151,7 @@ def test_compare_with_plot_and_every_baseline(monkeypatch, capsys, files, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # every system planned and simulated, curves included
 def test_compare_with_a_baseline_cluster_adds_entries(monkeypatch, capsys, files) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(monkeypatch, capsys, "compare", "--cluster", files["cluster"], "--model", "llama-2-7b",
                        "--baseline-cluster", "inhouse-8xa100", "--budget", "30", "--duration", "60",
