@@ -15,6 +15,7 @@ at join) ≡ s (mod 16), counted per residue; finishes come from a heap keyed by
 from __future__ import annotations
 
 import heapq
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from thunderserve.sim.replay import _Replay
 
 
-class _DecodeLoop:
+class _DecodeLoop(ABC):
     """Continuous-batching decode state shared by decode and colocated groups (see module docstring)."""
 
     def __init__(self, sim: _Replay, idx: int, timer: GroupTimer, kv_capacity_tokens: int) -> None:
@@ -161,13 +162,13 @@ class _DecodeLoop:
         self.requeue_front(r)
         return int(kv % BLOCK_TOKENS == 0)
 
+    @abstractmethod
     def drop_prefill(self, r: int) -> None:
-        """Take a prefilling request out and re-queue it at the front (subclass)."""
-        raise NotImplementedError
+        """Take a prefilling request out and re-queue it at the front."""
 
+    @abstractmethod
     def requeue_front(self, r: int) -> None:
-        """Put a preempted request back at the front of the queue (subclass)."""
-        raise NotImplementedError
+        """Put a preempted request back at the front of the queue."""
 
     def end_decode_step(self) -> bool:
         """Account one decode step of the running batch; returns whether KV memory was freed."""
