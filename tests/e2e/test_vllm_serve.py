@@ -128,7 +128,8 @@ def test_disaggregated_greedy_tokens_equal_a_single_instance(server: str) -> Non
     assert steps[("p0", "prefill")] >= len(PROMPTS) and steps[("d0", "decode")] >= len(PROMPTS)
     assert ("p0", "generate") not in steps  # every request was prefilled at p0 and decoded at d0
     health = httpx.get(f"{server}/health", timeout=5).json()
-    assert health["status"] == "ok" and {w["group"] for w in health["workers"]} == {"p0", "d0"}
+    assert health["status"] == "ok" and health["workers_alive"] == health["workers_total"] == 2
+    assert {g for g, w in _workers(server).items() if w["alive"]} == {"p0", "d0"}
     time.sleep(6)  # one metrics scrape interval
     metrics = httpx.get(f"{server}/metrics", timeout=10).text
     assert 'group="d0"' in metrics and "vllm:" in metrics
