@@ -8,6 +8,11 @@
    community is cut into runs of 2..max_pp whole nodes of mixed types, when that serves more in total.
 3. GPUs of types that cannot hold the model alone are pooled per community (then across the cluster) and
    cut the same way, so mixed-type groups appear only where needed.
+
+`typed_node_runs` adds the standard homogeneous starts a vLLM user would try: each GPU type's nodes in runs of k
+whole nodes (one group each; the layout DP lays it out, e.g. TP2 x PP4 over two 4-GPU nodes). Summed stand-alone
+capacities (what step 2 ranks by) can prefer two single-node groups where the routed plan prefers one pipeline
+over both nodes; the planner scores these starts with its full objective instead.
 """
 
 from __future__ import annotations
@@ -177,3 +182,18 @@ def initial_groups(ctx: PlanningContext, seed: int, phases: Sequence[Phase],
         size, _ = best_cut(ctx, rest, phases)
         groups.extend(_cut(rest, size) if size else [rest])
     return [frozenset(g.id for g in grp) for grp in groups]
+
+
+def typed_node_runs(ctx: PlanningContext, k_of_type: dict[str, int]) -> list[GroupKey]:
+    """Every GPU of each type in runs of `k_of_type[type]` whole nodes of that type (nodes in cluster order;
+    a short tail joins the last run while it stays within max_pp nodes); types not listed: one group per node."""
+    cluster = ctx.cluster
+    by_type: dict[str, dict[int, list[GpuRef]]] = {}
+    for g in cluster.gpus:
+        by_type.setdefault(g.spec.name, {}).setdefault(g.node_index, []).append(g)
+    groups: list[GroupKey] = []
+    for name in sorted(by_type):
+        nodes = [by_type[name][n] for n in sorted(by_type[name])]
+        for chunk in _node_chunks(nodes, max(1, k_of_type.get(name, 1)), ctx.max_pp):
+            groups.append(frozenset(g.id for g in chunk))
+    return groups

@@ -22,7 +22,7 @@ from thunderserve.plan.model import Group, Phase, Plan
 from thunderserve.scheduler.config import PlanResult, SchedulerConfig
 from thunderserve.scheduler.context import PlanningContext
 from thunderserve.scheduler.finalise import final_plan, verify_candidates
-from thunderserve.scheduler.initial import initial_groups
+from thunderserve.scheduler.initial import initial_groups, typed_node_runs
 from thunderserve.scheduler.orchestrate import choose_phases
 from thunderserve.scheduler.tabu import Evaluator, Score, SearchResult, State, canonical, tabu_search
 from thunderserve.spec.cluster import Cluster
@@ -43,8 +43,11 @@ def _infeasible(cluster: Cluster, model: ModelSpec) -> InfeasibleError:
         f"for KV cache")
 
 
-def _start_state(ctx: PlanningContext, config: SchedulerConfig, deadline: float = float("inf")) -> State:
-    keys = initial_groups(ctx, config.seed, config.phases, deadline)
+def _start_state(ctx: PlanningContext, config: SchedulerConfig, deadline: float = float("inf"),
+                 keys: list[frozenset[str]] | None = None) -> State:
+    """A starting state: `keys` (default: the bandwidth-aware initial grouping) phased by `choose_phases`."""
+    if keys is None:
+        keys = initial_groups(ctx, config.seed, config.phases, deadline)
     usable = [k for k in keys if any(ctx.layout(k, ph) is not None for ph in config.phases)]
     if not usable:
         whole = frozenset(g.id for g in ctx.cluster.gpus)
@@ -97,7 +100,43 @@ def _best_start(ctx: PlanningContext, config: SchedulerConfig, ev: Evaluator, de
             best = (state, score)
         now = time.monotonic()
     assert best is not None
+    if time.monotonic() < deadline:
+        typed = _best_typed_runs(ctx, config, ev, deadline)
+        if typed is not None and typed[1].better_than(best[1]):
+            best = typed
     return best[0]
+
+
+def _best_typed_runs(ctx: PlanningContext, config: SchedulerConfig, ev: Evaluator, deadline: float
+                     ) -> tuple[State, Score] | None:
+    """The best `typed_node_runs` start: the same run length k = 1..max_pp for every type, then each type's k
+    changed alone while that improves the objective (types in name order, ties to the shorter run). A peer's
+    standard homogeneous layouts are then never out of the search's reach, whatever the budget."""
+    types = ctx.cluster.gpu_types()
+    node_counts = {t: len({g.node_index for g in ctx.cluster.gpus if g.spec.name == t}) for t in types}
+    ks = list(range(1, ctx.max_pp + 1))
+    best: tuple[State, Score, dict[str, int]] | None = None
+
+    def trial(k_of_type: dict[str, int]) -> None:
+        nonlocal best
+        try:
+            state = _start_state(ctx, config, keys=typed_node_runs(ctx, k_of_type))
+        except InfeasibleError:
+            return
+        score = ev.evaluate(state)[0]
+        if best is None or score.better_than(best[1]):
+            best = (state, score, dict(k_of_type))
+
+    for k in ks:
+        if any(node_counts[t] >= k for t in types) and time.monotonic() < deadline:
+            trial({t: k for t in types})
+    if best is None:
+        return None
+    for t in types:
+        for k in ks:
+            if k != best[2][t] and k <= node_counts[t] and time.monotonic() < deadline:
+                trial({**best[2], t: k})
+    return best[0], best[1]
 
 
 INTENSIFY_FRACTION = 0.6  # share of the search budget (and time cap) spent inside the starting solution's regime

@@ -11,11 +11,15 @@ from dataclasses import replace
 import pytest
 from sched_builders import cluster, context
 
-from thunderserve.plan import Phase
+from thunderserve.costmodel.comm import Compression
+from thunderserve.plan import Group, Phase
 from thunderserve.scheduler import SchedulerConfig, plan_deployment
 from thunderserve.scheduler.context import PlanningContext
 from thunderserve.scheduler.finalise import replica_candidates
+from thunderserve.scheduler.initial import typed_node_runs
+from thunderserve.scheduler.orchestrate import choose_phases
 from thunderserve.scheduler.tabu import MOVE_WEIGHTS, Evaluator, MoveSampler, Score, canonical, tabu_search
+from thunderserve.spec import SloSpec, load_cluster, load_model, load_workload
 
 ALL = (Phase.PREFILL, Phase.DECODE, Phase.COLOCATED)
 
@@ -182,3 +186,25 @@ def test_search_is_bounded_by_its_evaluation_budget_and_reproducible() -> None:
     assert a.plan.to_dict() == b.plan.to_dict()
     assert a.iterations == b.iterations and a.evaluations == b.evaluations
     assert 40 <= a.evaluations <= 40 + 3 + 16  # budget, starting solutions, at most one sampled move past it
+
+
+
+def test_the_start_is_no_worse_than_any_per_type_run_of_whole_nodes() -> None:
+    """A vLLM user's standard layouts (each GPU type's nodes as k-node pipelines, the same k for all types)
+    are scored as starts: the search's start is at least as good as each of them (paper-cloud-32, llama-30b,
+    conversation at TPOT 100 ms, where the bandwidth-aware start alone split the L40S pair that one
+    TP2 x PP4 pipeline serves better)."""
+    c, model = load_cluster("paper-cloud-32"), load_model("llama-30b")
+    workload, slo = load_workload("conversation"), SloSpec(ttft_ms=1943.0, tpot_ms=100.0, attainment_target=0.9)
+    config = SchedulerConfig(max_evaluations=1, kv_compression=Compression.INT4)
+    result = plan_deployment(c, model, workload, slo, config=config)
+    ctx = PlanningContext(c, model, workload, slo, Compression.INT4, config.max_pp)
+    ev = Evaluator(ctx)
+    for k in (1, 2):
+        keys = typed_node_runs(ctx, {t: k for t in c.gpu_types()})
+        assert len(keys) == len(c.node_names) // k
+        layouts = [ctx.layout(key, Phase.COLOCATED) for key in keys]
+        phased = choose_phases(ctx, [Group(id=f"g{i}", phase=Phase.COLOCATED, stages=lay.stages)
+                                     for i, lay in enumerate(layouts) if lay is not None])
+        state = canonical([(frozenset(g.gpus), g.phase) for g in phased], c.index_of)
+        assert result.start_objective >= ev.evaluate(state)[0].value_rps * (1 - 1e-4)
