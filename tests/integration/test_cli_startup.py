@@ -50,3 +50,21 @@ main()
         assert done.returncode == 2, (args, done.stderr)
         assert done.stderr.startswith(f"error: {args[0]} needs the runtime (") and done.stderr.count("\n") == 1
         assert "pip install 'thunderserve[serve]'" in done.stderr
+
+
+def test_plan_help_imports_no_solver_stack() -> None:
+    """`plan --help` only parses options: the planner's heavy dependencies load when a plan is made (the CPU
+    figure is in the README; what is imported is the part a test can check on any machine)."""
+    code = """
+import json, sys
+from thunderserve.cli import main
+sys.argv = ["thunderserve", "plan", "--help"]
+try:
+    main()
+except SystemExit:
+    pass
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"scipy", "networkx", "highspy", "torch"})))
+"""
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
