@@ -123,7 +123,7 @@ async def test_prefill_worker_killed_with_queued_prompts_retries_them_on_the_oth
 
 
 async def test_a_silent_worker_is_fenced_and_its_requests_finish_elsewhere() -> None:
-    config = RouterConfig(heartbeat_timeout_s=0.5, monitor_interval_s=0.05, max_retries=3)
+    config = RouterConfig(heartbeat_timeout_s=0.5, monitor_interval_s=0.05, max_retries=3, late_grace_s=1.0)
     async with fake_deployment(pd_plan(), router_config=config, engine_kwargs={"step_delay_s": 0.01}) as dep:
         handles = [await dep.router.submit(request(f"s{i}", max_tokens=80)) for i in range(3)]
         await _wait_for(lambda: dep.servers["d0"].core.state(0).running_decode == 3)
@@ -133,8 +133,14 @@ async def test_a_silent_worker_is_fenced_and_its_requests_finish_elsewhere() -> 
         for i, out in enumerate(outs):
             assert out.token_ids == dep.engines["p0"].greedy(list(f"s{i}".encode()), 80)
         d0 = next(w for w in dep.router.workers() if w.group_id == "d0")
-        assert not d0.alive and "no heartbeat" in d0.down_reason and dep.router.retries_total == 3
-        await _wait_for(lambda: dep.servers["d0"]._stopped.is_set())  # told to stop: no orphan compute
+        assert not d0.alive and d0.late and "no heartbeat" in d0.down_reason and dep.router.retries_total == 3
+        # late, not dead: what it held is cancelled there (no orphan compute), the link stays open ...
+        await _wait_for(lambda: dep.servers["d0"].core.state(0).running_decode == 0)
+        assert not dep.servers["d0"]._stopped.is_set()
+        # ... until it stays silent past the grace: then it is declared dead and told to stop
+        await _wait_for(lambda: dep.servers["d0"]._stopped.is_set())
+        d0 = next(w for w in dep.router.workers() if w.group_id == "d0")
+        assert not d0.alive and not d0.late and not d0.restarting
 
 
 async def test_no_live_worker_to_take_over_fails_clearly() -> None:
