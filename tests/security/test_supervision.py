@@ -5,8 +5,9 @@ late gets back in when it answers again. (The same with real processes and kill 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -22,7 +23,7 @@ from thunderserve.runtime.fakes import FakeEngine, RawKvCodec
 from thunderserve.runtime.kv.transport import new_secret
 from thunderserve.runtime.launch.base import WorkerEndpoint
 from thunderserve.runtime.launch.supervisor import RestartPolicy, Supervisor
-from thunderserve.runtime.router import Finished, Router, RouterConfig
+from thunderserve.runtime.router import Failed, Finished, Router, RouterConfig
 from thunderserve.runtime.workers.protocol import WorkerConfig
 from thunderserve.runtime.workers.server import WorkerServer
 
@@ -78,8 +79,8 @@ async def test_the_controller_loop_outlives_ticks_that_raise(caplog: pytest.LogC
 class InProcessLauncher:
     """Worker servers in this event loop, restartable (the supervisor calls `restart` from a thread)."""
 
-    def __init__(self, plan: Plan, secret: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.plan, self.secret, self.loop = plan, secret, loop
+    def __init__(self, plan: Plan, secret: str, loop: asyncio.AbstractEventLoop, step_delay_s: float = 0.01) -> None:
+        self.plan, self.secret, self.loop, self.step_delay_s = plan, secret, loop, step_delay_s
         self.servers: dict[str, WorkerServer] = {}
         self.engines: dict[str, FakeEngine] = {}
         self.exited: dict[str, int] = {}
@@ -87,7 +88,7 @@ class InProcessLauncher:
     async def start_group(self, gid: str) -> WorkerEndpoint:
         cfg = WorkerConfig(group_id=gid, role=self.plan.group(gid).phase, heartbeat_interval_s=0.05,
                            kv_timeout_s=5.0)
-        self.engines[gid] = FakeEngine(step_delay_s=0.01)
+        self.engines[gid] = FakeEngine(step_delay_s=self.step_delay_s)
         self.servers[gid] = WorkerServer(self.engines[gid], cfg, RawKvCodec(), secret=self.secret,
                                          pid=1000 + len(self.servers) + sum(1 for _ in self.exited))
         control, kv = await self.servers[gid].start()
@@ -122,9 +123,11 @@ def _health(router: Router) -> dict[str, str]:
     return {w["group_id"]: w["health"] for w in AdminState(router).workers()}
 
 
-async def test_a_killed_worker_is_restarted_readmitted_and_serves_again() -> None:
+@contextlib.asynccontextmanager
+async def supervised(step_delay_s: float = 0.01) -> AsyncIterator[tuple[Router, InProcessLauncher]]:
+    """p0 -> d0 with a deployment secret, a router and a supervisor (0.3 s first back-off)."""
     plan, secret = pd_plan(), new_secret()
-    launcher = InProcessLauncher(plan, secret, asyncio.get_running_loop())
+    launcher = InProcessLauncher(plan, secret, asyncio.get_running_loop(), step_delay_s)
     endpoints = {g.id: await launcher.start_group(g.id) for g in plan.groups}
     router = Router(plan, {g: (e.host, e.control_port) for g, e in endpoints.items()},
                     RouterConfig(heartbeat_timeout_s=5.0, monitor_interval_s=0.05, max_retries=3), secret=secret)
@@ -133,7 +136,17 @@ async def test_a_killed_worker_is_restarted_readmitted_and_serves_again() -> Non
     await router.start()
     sup.start()
     try:
-        old = launcher.engines["d0"]
+        yield router, launcher
+    finally:
+        await sup.stop()
+        await router.close()
+        for s in launcher.servers.values():
+            await s.stop()
+
+
+async def test_a_killed_worker_is_restarted_readmitted_and_serves_again() -> None:
+    async with supervised() as (router, launcher):
+        plan, old = router.plan, launcher.engines["d0"]
         handles = [await router.submit(request(f"k{i}", max_tokens=60)) for i in range(4)]
         await _until(lambda: launcher.servers["d0"].core.state(0).running_decode == 4, "decoding on d0")
         await launcher.crash("d0")  # kill -9, as far as the router and the supervisor can tell
@@ -149,11 +162,25 @@ async def test_a_killed_worker_is_restarted_readmitted_and_serves_again() -> Non
         again = await run_request(router, request("back", max_tokens=12))
         assert isinstance(again.terminal, Finished) and again.token_ids == old.greedy(list(b"back"), 12)
         assert launcher.engines["d0"].decode_calls  # the restarted worker decoded it (p0 shipped its KV there)
-    finally:
-        await sup.stop()
-        await router.close()
-        for s in launcher.servers.values():
-            await s.stop()
+
+
+async def test_requests_at_the_only_entry_worker_wait_for_its_restart(caplog: pytest.LogCaptureFixture) -> None:
+    async with supervised(step_delay_s=0.2) as (router, launcher):
+        old = launcher.engines["p0"]
+        with caplog.at_level(logging.WARNING, logger="thunderserve.router"):
+            handles = [await router.submit(request(f"e{i}", max_tokens=5)) for i in range(3)]
+            await _until(lambda: bool(old.prefill_calls), "prefill under way on p0")
+            await launcher.crash("p0")  # the only entry worker dies with all three requests
+            await _until(lambda: _health(router)["p0"] == "restarting", "p0 shown restarting")
+            refused = await run_request(router, request("new", max_tokens=5))  # not accepted: told to come back
+            outs = await asyncio.wait_for(asyncio.gather(*[collect(h) for h in handles]), 60)
+        assert isinstance(refused.terminal, Failed) and refused.terminal.code == "no_worker"
+        assert refused.terminal.retry_after_s is not None
+        for i, out in enumerate(outs):  # accepted ones waited for p0's restart instead of failing
+            assert isinstance(out.terminal, Finished), out.terminal
+            assert out.token_ids == old.greedy(list(f"e{i}".encode()), 5)
+        assert any("waiting for an entry worker to come back" in r.getMessage() for r in caplog.records)
+        assert next(w for w in router.workers() if w.group_id == "p0").restarts == 1
 
 
 async def test_a_late_worker_is_readmitted_when_it_answers_again() -> None:

@@ -12,6 +12,18 @@ connection drops, or no heartbeat for `heartbeat_timeout_s`) the other workers a
 caches there, and every request it held is retried (up to `max_retries` times; 0 fails it at once with an
 error naming the worker); nothing hangs.
 
+Worker liveness, as the router sees it (`WorkerInfo`):
+    alive       connected and heard from within `heartbeat_timeout_s`: routed to
+    late        silent past the timeout but still connected (starved of CPU, or hung): not routed to, what it
+                held is cancelled there and retried elsewhere; re-admitted (configured again) as soon as it
+                answers, declared dead and told to stop after `late_grace_s` more of silence
+    restarting  dead (disconnected, or late past the grace), and its group is supervised: a new process is
+                coming (`launch.supervisor`), which `readmit` connects to and routes to in the same group and
+                role; `give_up` makes it dead
+    dead        not coming back: re-scheduling re-plans without it
+A retry that finds no live entry worker while one is late or restarting waits for it (parked) instead of
+failing; it fails once none is expected back.
+
 Retries deliver exactly once: a retry is a new attempt (worker-side id `<id>~r<n>`, so late events of the
 old attempt are ignored) submitted to a live entry group with the output already delivered
 (`resume_token_ids`, `resume_text_chars`): the worker prefills prompt + those tokens and continues at the next
@@ -230,6 +242,7 @@ class Router:
         self._observers: list[Callable[[RequestRecord], None]] = []
         self._closed = False
         self._supervised: set[str] = set()  # groups whose dead workers are restarted (see `supervise`)
+        self._parked: list[_Track] = []  # retries waiting for an entry worker to come back (late, restarting)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -293,6 +306,10 @@ class Router:
         link = self._links.get(group_id)
         if link is not None and not link.alive:
             link.restarting, link.down_reason = False, reason
+        if not self.entry_groups() and not self._entry_coming_back():
+            for t in list(self._parked):
+                self._terminal(t, Failed(503, f"worker '{group_id}' is down: {reason}; no live worker can take the "
+                                              "request over", code="worker_failed"), "failed")
 
     async def readmit(self, group_id: str, host: str, control_port: int) -> None:
         """A restarted worker of `group_id` listens at host:control_port: connect (handshake, hello), configure
@@ -315,6 +332,7 @@ class Router:
         await self._tell_others(link, peers=True)
         log.warning("worker %s (pid %d) re-admitted as %s (restart %d)", group_id, link.pid, link.role,
                     link.restarts)
+        await self._settle_parked()
 
     async def close(self, shutdown_workers: bool = False) -> None:
         self._closed = True
@@ -375,7 +393,8 @@ class Router:
         try:
             group = self._choose_entry()
         except LookupError:
-            handle._put(Failed(503, "no live worker can take requests", code="no_worker"))
+            back = self.config.queue_full_retry_after_s if self._entry_coming_back() else None
+            handle._put(Failed(503, "no live worker can take requests", code="no_worker", retry_after_s=back))
             return handle
         track = _Track(handle, req, group, now, req.request_id, {group})
         self._requests[req.request_id] = track
@@ -402,6 +421,7 @@ class Router:
         link.role = phase
         self.plan = self.plan.model_copy(update={"groups": tuple(
             g.with_phase(phase) if g.id == group_id else g for g in self.plan.groups)})
+        await self._settle_parked()
 
     async def update_routing(self, routing: Routing, rebalance: bool = False) -> None:
         """New entry shares here, new KV shares at every worker (applied between their steps). With
@@ -412,6 +432,7 @@ class Router:
             if link.alive:
                 await self._send(link, {"type": "set_routing", "kv_shares": routing.kv.get(gid, {})})
         self.plan = self.plan.model_copy(update={"routing": routing})
+        await self._settle_parked()
         if rebalance:
             await self._reclaim_unstarted()
 
@@ -450,6 +471,7 @@ class Router:
                            for src, dests in routing.kv.items() if src != group_id})
         self.plan = self.plan.model_copy(update={
             "groups": tuple(g for g in self.plan.groups if g.id != group_id), "routing": kept})
+        await self._settle_parked()
 
     def set_estimate(self, estimate: Mapping[str, Any]) -> None:
         """Record the planner's estimate for the plan now running (shown by /admin/plan)."""
@@ -532,6 +554,7 @@ class Router:
         if link.reader is not None and link.reader is not asyncio.current_task():
             link.reader.cancel()
         await link.conn.close()
+        await self._settle_parked()
 
     async def _monitor_loop(self) -> None:
         while True:
@@ -570,6 +593,7 @@ class Router:
                     self.clock() - link.last_heartbeat_s)
         await self._configure(link)
         await self._tell_others(link)
+        await self._settle_parked()
 
     # ---- events ------------------------------------------------------------------------------------------
     async def _on_event(self, link: _Link, ev: dict[str, Any]) -> None:
@@ -680,15 +704,38 @@ class Router:
         try:
             group = self._choose_entry()
         except LookupError:
+            if self._entry_coming_back():  # wait for it rather than fail an accepted request
+                log.warning("request %s: %s; waiting for an entry worker to come back", track.handle.request_id,
+                            reason)
+                self._parked.append(track)
+                return
             self._terminal(track, Failed(503, f"{reason}; no live worker can take the request over",
                                          code="worker_failed"), "failed")
             return
+        await self._resubmit(track, group, reason)
+
+    async def _resubmit(self, track: _Track, group: str, reason: str) -> None:
         track.retries += 1
         self.retries_total += 1
         rid = track.handle.request_id
         log.warning("request %s: %s; retry %d on %s after %d delivered tokens", rid, reason, track.retries,
                     group, len(track.delivered_ids))
         await self._send_attempt(track, f"{rid}~r{track.retries}", group)
+
+    def _entry_coming_back(self) -> bool:
+        """An entry group of the routing has a worker that is late or being restarted (expected back)."""
+        return any(g in self._links and self._links[g].in_plan and (self._links[g].late or self._links[g].restarting)
+                   and self._links[g].role is not Phase.DECODE for g in self._entry.shares)
+
+    async def _settle_parked(self) -> None:
+        """Retries parked while no entry worker was live: send them once one is, fail them once none is
+        expected back (otherwise they keep waiting; `request_timeout_s` still applies)."""
+        parked, self._parked = [t for t in self._parked if not t.handle.done], []
+        if parked and (self.entry_groups() or not self._entry_coming_back()):
+            for t in parked:  # re-submitted now, or failed (nobody is coming back), or parked again
+                await self._retry(t, "waited for an entry worker to come back")
+        else:
+            self._parked += parked
 
     async def _end(self, track: _Track, event: RouterEvent | None, outcome: str) -> None:
         """Terminal transition (exactly once per request); failures cancel leftovers at live workers."""
@@ -705,6 +752,8 @@ class Router:
         if track.handle.done:
             return
         track.handle.done = True
+        if track in self._parked:
+            self._parked.remove(track)
         self._requests.pop(track.handle.request_id, None)
         self._attempts.pop(track.attempt_id, None)
         if event is not None:
