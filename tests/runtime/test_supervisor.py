@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import pytest
@@ -129,8 +130,12 @@ def _die(launcher: FakeLauncher, router: FakeRouter, gid: str, code: int = -9) -
 
 
 def _at(sup: Supervisor, clock: Clock, now_s: float) -> None:
+    async def tick() -> None:
+        await sup.tick()
+        await sup.settle()
+
     clock.now_s = now_s
-    asyncio.run(sup.tick())
+    asyncio.run(tick())
 
 
 def test_a_dead_worker_is_restarted_after_its_backoff_and_readmitted() -> None:
@@ -192,3 +197,20 @@ def test_a_group_removed_from_the_plan_is_not_restarted() -> None:
     _at(sup, clock, 0.0)
     _at(sup, clock, 5.0)
     assert launcher.restarted == [] and router.readmitted == []
+
+
+def test_two_dead_workers_load_at_the_same_time() -> None:
+    sup, launcher, router, clock = _supervisor()
+    barrier = threading.Barrier(2, timeout=10)  # passes only if both restarts are under way together
+    plain = launcher.restart
+
+    def restart(group_id: str) -> WorkerEndpoint:
+        barrier.wait()
+        return plain(group_id)
+
+    launcher.restart = restart  # type: ignore[method-assign]
+    _die(launcher, router, "d0")
+    _die(launcher, router, "p0")
+    _at(sup, clock, 0.0)
+    _at(sup, clock, 1.0)
+    assert sorted(g for g, _ in router.readmitted) == ["d0", "p0"] and not barrier.broken

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -145,17 +146,25 @@ class Supervisor:
         self._lost_since: dict[str, float] = {}  # router lost it, process still running: since when
         self._counted: set[str] = set()  # killed by us after a failure already counted: ignore its exit
         self._task: asyncio.Task[None] | None = None
+        self._restarts: dict[str, asyncio.Task[None]] = {}  # restarts under way (several load at once)
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="worker-supervisor")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
+        tasks = [t for t in (self._task, *self._restarts.values()) if t is not None]
+        self._task = None
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await t
+
+    async def settle(self) -> None:
+        """Wait for the restarts under way (tests; `tick` itself does not wait for a worker to load)."""
+        while self._restarts:
+            await asyncio.gather(*self._restarts.values(), return_exceptions=True)
 
     async def _run(self) -> None:
         while True:
@@ -168,7 +177,8 @@ class Supervisor:
             await asyncio.sleep(self.interval_s)
 
     async def tick(self) -> None:
-        """Reap exits and schedule restarts; kill workers lost while running; restart the ones due."""
+        """Reap exits and schedule restarts; kill workers lost while running; start the restarts due (each
+        in its own task: a worker loading does not hold up the others)."""
         now = self.clock()
         for gid, code in self.launcher.reap().items():
             state = self.groups.get(gid)
@@ -184,7 +194,7 @@ class Supervisor:
         lost = set(self.router.lost_groups())
         for gid in sorted(lost):
             state = self.groups.get(gid)
-            if state is None or state.restart_at_s is not None or state.gave_up:
+            if state is None or state.restart_at_s is not None or state.gave_up or gid in self._restarts:
                 continue
             if self.launcher.is_running(gid):  # the link broke but the process lives (or hangs)
                 since = self._lost_since.setdefault(gid, now)
@@ -195,8 +205,11 @@ class Supervisor:
         for gid in [g for g in self._lost_since if g not in lost]:
             del self._lost_since[gid]
         for gid, state in sorted(self.groups.items()):
-            if state.due(now):
-                await self._restart(gid, state)
+            if state.due(now) and gid not in self._restarts:
+                state.restart_at_s = None
+                task = asyncio.create_task(self._restart(gid, state), name=f"restart-{gid}")
+                self._restarts[gid] = task
+                task.add_done_callback(functools.partial(self._restart_done, gid))
 
     def _schedule(self, gid: str, state: GroupRestarts, now: float, why: str) -> None:
         at = state.died(self.policy, now)
@@ -209,13 +222,15 @@ class Supervisor:
         log.warning("worker %s %s; restart %d in %.1f s (failure %d of %d)", gid, why, state.restarts + 1,
                     at - now, state.failures, self.policy.max_failures)
 
+    def _restart_done(self, gid: str, _: asyncio.Task[None]) -> None:
+        self._restarts.pop(gid, None)
+
     def _kill_counted(self, gid: str) -> None:
         """Kill a worker whose failure is already accounted for (its exit must not count again)."""
         self._counted.add(gid)
         self.launcher.kill(gid)
 
     async def _restart(self, gid: str, state: GroupRestarts) -> None:
-        state.restart_at_s = None
         if not self.router.in_plan(gid):
             log.warning("worker %s: left the plan before its restart; not restarted", gid)
             return
