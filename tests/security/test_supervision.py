@@ -125,14 +125,14 @@ def _health(router: Router) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def supervised(step_delay_s: float = 0.01) -> AsyncIterator[tuple[Router, InProcessLauncher]]:
-    """p0 -> d0 with a deployment secret, a router and a supervisor (0.3 s first back-off)."""
+    """p0 -> d0 with a deployment secret, a router and a supervisor (1 s first back-off)."""
     plan, secret = pd_plan(), new_secret()
     launcher = InProcessLauncher(plan, secret, asyncio.get_running_loop(), step_delay_s)
     endpoints = {g.id: await launcher.start_group(g.id) for g in plan.groups}
     router = Router(plan, {g: (e.host, e.control_port) for g, e in endpoints.items()},
                     RouterConfig(heartbeat_timeout_s=5.0, monitor_interval_s=0.05, max_retries=3), secret=secret)
     router.supervise(["d0", "p0"])
-    sup = Supervisor(launcher, router, ["d0", "p0"], RestartPolicy(initial_backoff_s=0.3), interval_s=0.02)
+    sup = Supervisor(launcher, router, ["d0", "p0"], RestartPolicy(initial_backoff_s=1.0), interval_s=0.02)
     await router.start()
     sup.start()
     try:
@@ -184,7 +184,7 @@ async def test_requests_at_the_only_entry_worker_wait_for_its_restart(caplog: py
 
 
 async def test_a_late_worker_is_readmitted_when_it_answers_again() -> None:
-    config = RouterConfig(heartbeat_timeout_s=0.3, monitor_interval_s=0.05, max_retries=3)
+    config = RouterConfig(heartbeat_timeout_s=0.3, monitor_interval_s=0.05, max_retries=3, late_grace_s=600.0)
     async with fake_deployment(pd_plan(), router_config=config, engine_kwargs={"step_delay_s": 0.01}) as dep:
         d0 = dep.servers["d0"]
         handles = [await dep.router.submit(request(f"l{i}", max_tokens=40)) for i in range(3)]
