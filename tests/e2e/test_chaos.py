@@ -1,7 +1,9 @@
 """Chaos: `kill -9` a decode worker of a live 2 prefill + 2 decode deployment (tiny random Llama, local
 processes) in the middle of 40 concurrent streams. Every stream must finish with exactly its tokens (the
-same as a run without the kill, greedy), the controller must drop the dead group, /admin/plan must show the
-plan without it, and shutting down must leave no process behind.
+same as a run without the kill, greedy), and shutting down must leave no process behind. Then, either:
+- with supervision (the default), the dead worker is restarted and re-admitted to the same group and role
+  and serves requests again within 60 s of its death, the plan unchanged; or
+- with `--no-restart-workers`, the controller drops the dead group and /admin/plan shows the plan without it.
 """
 
 from __future__ import annotations
@@ -62,13 +64,13 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve_plan(plan: dict[str, Any], tmp: Path, model_dir: Path) -> Iterator[Served]:
+def serve_plan(plan: dict[str, Any], tmp: Path, model_dir: Path, *extra: str) -> Iterator[Served]:
     """`thunderserve serve` on the plan as a subprocess (own session); killed with its group at the end."""
     plan_path = tmp / "plan.json"
     plan_path.write_text(json.dumps(plan))
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "thunderserve", "serve", "--engine", "builtin", "--plan", str(plan_path), "--model",
-                             str(model_dir), "--port", str(port), "--api-key", KEY, "--cpu-threads", "1"],
+                             str(model_dir), "--port", str(port), "--api-key", KEY, "--cpu-threads", "1", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     pids: list[int] = []
@@ -157,47 +159,120 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-def test_kill_a_decode_worker_mid_stream(model_dir: Path, tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class Kill:
+    victim: str
+    pid: int
+    delivered_at_kill: int  # tokens the clients had when it was killed
+    unfinished_at_kill: int  # streams not done then
+    killed_s: float  # time.monotonic() of the kill (system-wide: comparable with the server's clock)
+    chaos_s: float  # the 40 streams' wall time
+
+
+def kill_a_decoder_under_load(srv: Served, bodies: list[dict[str, Any]], reference: list[Stream]) -> Kill:
+    """Stream every body and kill -9 the busiest decode worker once decoding is under way; every stream must
+    still end with exactly the reference's tokens (nothing lost, nothing twice)."""
+
+    async def kill_when_decoding(streams: list[Stream]) -> tuple[str, int, int, int, float] | None:
+        """kill -9 a decode worker as soon as decoding is under way (the busiest by the router's count)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        async with httpx.AsyncClient(timeout=30) as c:
+            while loop.time() < deadline and not all(s.done for s in streams):
+                await asyncio.sleep(0.01)
+                if sum(1 for s in streams if len(s.token_ids) >= 2) < 4:
+                    continue
+                workers = (await c.get(f"{srv.url}/admin/workers", headers=AUTH)).json()["data"]
+                # the router's own count of requests placed on each decode worker (a heartbeat's
+                # running_decode can be stale on a loaded machine: the kill might then hit an idle worker)
+                held = {w["group_id"]: w["held_requests"] for w in workers if w["role"] == "decode"}
+                victim = max(sorted(held), key=lambda g: held[g])
+                if held[victim] < 2:
+                    continue
+                pid = next(w["pid"] for w in workers if w["group_id"] == victim)
+                os.kill(pid, signal.SIGKILL)
+                killed_s = time.monotonic()
+                unfinished = sum(1 for s in streams if not s.done)
+                return victim, pid, sum(len(s.token_ids) for s in streams), unfinished, killed_s
+        return None
+
+    t0 = time.monotonic()
+    streams, killed = asyncio.run(run_streams(srv.url, bodies, kill_when_decoding))
+    chaos_s = time.monotonic() - t0
+    assert killed is not None, "the streams ended before a decode worker could be killed"
+    kill = Kill(*killed, chaos_s=chaos_s)
+    assert 0 < kill.delivered_at_kill < sum(b["max_tokens"] for b in bodies) and kill.unfinished_at_kill > 0
+    assert_exact(streams, bodies, reference)  # nothing lost, nothing twice, same tokens as without the kill
+    assert srv.get("/admin/resched")["retries_total"] > 0  # the kill did hit requests in flight
+    return kill
+
+
+def start_and_reference(srv: Served, bodies: list[dict[str, Any]]) -> tuple[list[Stream], dict[str, Any]]:
+    reference, _ = asyncio.run(run_streams(srv.url, bodies))
+    assert_exact(reference, bodies, None)
+    before = srv.workers()
+    assert {g: w["role"] for g, w in before.items()} == {"p0": "prefill", "p1": "prefill", "d0": "decode",
+                                                         "d1": "decode"}
+    return reference, before
+
+
+def stop_cleanly(srv: Served, pids: list[int]) -> None:
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(60) == 0
+    assert wait_gone(pids, 10) == []
+
+
+def test_kill_a_decode_worker_mid_stream_it_is_restarted_and_serves_again(model_dir: Path, tmp_path: Path) -> None:
     bodies = [request_body(i) for i in range(NUM_REQUESTS)]
     with serve_plan(pd_plan_json(2, 2), tmp_path, model_dir) as srv:
-        reference, _ = asyncio.run(run_streams(srv.url, bodies))
-        assert_exact(reference, bodies, None)
-        before = srv.workers()
-        assert {g: w["role"] for g, w in before.items()} == {"p0": "prefill", "p1": "prefill", "d0": "decode",
-                                                             "d1": "decode"}
+        reference, before = start_and_reference(srv, bodies)
+        plan_before = srv.get("/admin/plan")
+        kill = kill_a_decoder_under_load(srv, bodies, reference)
+        victim = kill.victim
 
-        async def kill_when_decoding(streams: list[Stream]) -> tuple[str, int, int, int, float] | None:
-            """kill -9 a decode worker as soon as decoding is under way (the busiest by its last heartbeat)."""
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 120
-            async with httpx.AsyncClient(timeout=30) as c:
-                while loop.time() < deadline and not all(s.done for s in streams):
-                    await asyncio.sleep(0.01)
-                    if sum(1 for s in streams if len(s.token_ids) >= 2) < 4:
-                        continue
-                    workers = (await c.get(f"{srv.url}/admin/workers", headers=AUTH)).json()["data"]
-                    # the router's own count of requests placed on each decode worker (a heartbeat's
-                    # running_decode can be stale on a loaded machine: the kill might then hit an idle worker)
-                    held = {w["group_id"]: w["held_requests"] for w in workers if w["role"] == "decode"}
-                    victim = max(sorted(held), key=lambda g: held[g])
-                    if held[victim] < 2:
-                        continue
-                    pid = next(w["pid"] for w in workers if w["group_id"] == victim)
-                    os.kill(pid, signal.SIGKILL)
-                    killed_s = time.monotonic()  # system-wide clock: comparable with the server's
-                    unfinished = sum(1 for s in streams if not s.done)
-                    return victim, pid, sum(len(s.token_ids) for s in streams), unfinished, killed_s
-            return None
+        def served_again() -> bool:
+            """The victim is back (a new process, re-admitted) and has generated tokens; runs a few streams
+            through the deployment whenever it is back but has not served yet."""
+            w = srv.workers()[victim]
+            if w["health"] != "ok":
+                return False
+            if (w["state"] or {}).get("generated_tokens_total", 0) > 0:
+                return True
+            again, _ = asyncio.run(run_streams(srv.url, bodies[:8]))
+            assert_exact(again, bodies[:8], reference[:8])
+            return False
 
-        t0 = time.monotonic()
-        streams, killed = asyncio.run(run_streams(srv.url, bodies, kill_when_decoding))
-        chaos_s = time.monotonic() - t0
-        assert killed is not None, "the streams ended before a decode worker could be killed"
-        victim, pid, delivered_at_kill, unfinished_at_kill, killed_s = killed
-        assert 0 < delivered_at_kill < sum(b["max_tokens"] for b in bodies) and unfinished_at_kill > 0
-        assert_exact(streams, bodies, reference)  # nothing lost, nothing twice, same tokens as without the kill
+        wait_until(served_again, max(60.0 - (time.monotonic() - kill.killed_s), 0.0),
+                   f"{victim} to serve again within 60 s of its death")
+        serve_again_s = time.monotonic() - kill.killed_s
+        after = srv.workers()
+        w = after[victim]
+        assert w["restarts"] == 1 and w["pid"] != kill.pid and w["role"] == "decode" and w["weights_loads"] == 2
+        assert not os.path.exists(f"/proc/{kill.pid}")  # the dead one was reaped (no zombie)
+        for g, other in after.items():  # the others: same processes, weights loaded once
+            if g != victim:
+                assert other["alive"] and other["pid"] == before[g]["pid"] and other["weights_loads"] == 1
+        plan = srv.get("/admin/plan")
+        assert plan["groups"] == plan_before["groups"] and plan["routing"] == plan_before["routing"]
         status = srv.get("/admin/resched")
-        assert status["retries_total"] > 0  # the kill did hit requests in flight
+        assert not [r for r in status["history"] if r["cause"].startswith("fail:")]  # no re-plan around it
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
+        assert f'thunderserve_worker_restarts_total{{group="{victim}"}} 1.0' in metrics
+        again, _ = asyncio.run(run_streams(srv.url, bodies))  # the whole plan serves, the same tokens
+        assert_exact(again, bodies, reference)
+        print(f"\nchaos (supervised): killed {victim} (pid {kill.pid}) after {kill.delivered_at_kill} tokens, "
+              f"{kill.unfinished_at_kill} streams unfinished; 40 streams in {kill.chaos_s:.1f} s; restarted as "
+              f"pid {w['pid']}, serving again {serve_again_s:.1f} s after the kill; "
+              f"{status['retries_total']} retries")
+        stop_cleanly(srv, [o["pid"] for o in after.values()])
+
+
+def test_kill_a_decode_worker_mid_stream_unsupervised_the_plan_drops_it(model_dir: Path, tmp_path: Path) -> None:
+    bodies = [request_body(i) for i in range(NUM_REQUESTS)]
+    with serve_plan(pd_plan_json(2, 2), tmp_path, model_dir, "--no-restart-workers") as srv:
+        reference, before = start_and_reference(srv, bodies)
+        kill = kill_a_decoder_under_load(srv, bodies, reference)
+        victim = kill.victim
 
         def dropped() -> bool:
             plan = srv.get("/admin/plan")
@@ -211,26 +286,23 @@ def test_kill_a_decode_worker_mid_stream(model_dir: Path, tmp_path: Path) -> Non
         status = srv.get("/admin/resched")
         first = status["history"][0]
         assert first["cause"] == f"fail:{victim}" and first["path"] == "lightweight"
-        react_s = first["decided_at_s"] - killed_s
+        react_s = first["decided_at_s"] - kill.killed_s
         assert 0 <= react_s < 15.0  # detected (connection loss) and decided within a few controller ticks
         assert any(a["kind"] == "drop" and a["group"] == victim and a["status"] == "applied"
                    for a in first["actions"])
         after = srv.workers()
-        assert after[victim]["health"] == "removed" and not after[victim]["alive"]
+        assert after[victim]["health"] == "removed" and not after[victim]["alive"] and after[victim]["restarts"] == 0
         for g, w in after.items():  # survivors: same processes, weights loaded once, maybe flipped
             if g != victim:
                 assert w["alive"] and w["pid"] == before[g]["pid"] and w["weights_loads"] == 1
                 assert w["weights_token"] == before[g]["weights_token"]
 
-        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, f"the server to reap {victim} (no zombie)")
+        wait_until(lambda: not os.path.exists(f"/proc/{kill.pid}"), 10, f"the server to reap {victim} (no zombie)")
         again, _ = asyncio.run(run_streams(srv.url, bodies[:8]))  # the new plan serves
         assert_exact(again, bodies[:8], reference[:8])
-        print(f"\nchaos: killed {victim} (pid {pid}) after {delivered_at_kill} tokens, {unfinished_at_kill} streams "
-              f"unfinished; 40 streams in {chaos_s:.1f} s; kill -> decision {react_s:.2f} s, re-plan "
-              f"{first['decision_time_s'] * 1e3:.0f} ms; "
+        print(f"\nchaos: killed {victim} (pid {kill.pid}) after {kill.delivered_at_kill} tokens, "
+              f"{kill.unfinished_at_kill} streams unfinished; 40 streams in {kill.chaos_s:.1f} s; kill -> decision "
+              f"{react_s:.2f} s, re-plan {first['decision_time_s'] * 1e3:.0f} ms; "
               f"{status['retries_total']} retries; new plan {[(g['id'], g['phase']) for g in plan['groups']]}")
-
-        pids = [w["pid"] for w in after.values()]
-        srv.proc.send_signal(signal.SIGTERM)
-        assert srv.proc.wait(60) == 0
-        assert wait_gone(pids, 10) == [] and not pid_alive(pid)
+        stop_cleanly(srv, [w["pid"] for w in after.values()])
+        assert not pid_alive(kill.pid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 
 import pytest
@@ -73,15 +74,36 @@ def test_local_launcher_runs_processes_and_reaps_them() -> None:
 
         async def use() -> None:
             router = Router(plan, {g: (e.host, e.control_port) for g, e in endpoints.items()})
+            router.supervise(["d0", "p0"])
             await router.start()
             try:
                 out = await run_request(router, request("over processes", max_tokens=6))
                 assert isinstance(out.terminal, Finished) and len(out.token_ids) == 6
                 assert {w.group_id: w.pid for w in router.workers()} == pids
+                # kill -9, reap, restart from the same spec, re-admit: it serves again
+                with pytest.raises(LaunchError, match="still running"):
+                    launcher.restart("d0")
+                os.kill(pids["d0"], signal.SIGKILL)
+                reaped: dict[str, int] = {}
+                while not reaped:
+                    await asyncio.sleep(0.05)
+                    reaped = launcher.reap()
+                assert reaped == {"d0": -signal.SIGKILL} and not launcher.is_running("d0")
+                endpoint = await asyncio.to_thread(launcher.restart, "d0")
+                restarted.append(endpoint.pid)
+                assert endpoint.pid != pids["d0"] and launcher.is_running("d0")
+                assert router.lost_groups() == ["d0"]
+                await router.readmit("d0", endpoint.host, endpoint.control_port)
+                out = await run_request(router, request("after a restart", max_tokens=6))
+                assert isinstance(out.terminal, Finished) and len(out.token_ids) == 6
+                d0 = next(w for w in router.workers() if w.group_id == "d0")
+                assert d0.alive and d0.pid == endpoint.pid and d0.restarts == 1 and router.lost_groups() == []
             finally:
                 await router.close(shutdown_workers=True)
 
+        restarted: list[int] = []
         asyncio.run(use())
+        pids.update({f"d0-restart-{i}": p for i, p in enumerate(restarted)})  # checked gone below too
     finally:
         launcher.stop(timeout_s=10)
     deadline = time.monotonic() + 5

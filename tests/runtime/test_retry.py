@@ -122,19 +122,39 @@ async def test_prefill_worker_killed_with_queued_prompts_retries_them_on_the_oth
         assert dep.router.retries_total >= 1
 
 
-async def test_a_silent_worker_is_fenced_and_its_requests_finish_elsewhere() -> None:
-    config = RouterConfig(heartbeat_timeout_s=0.5, monitor_interval_s=0.05, max_retries=3)
+async def _silence(dep: Any, group: str, n: int, max_tokens: int) -> list[Any]:
+    """`n` requests decoding at `group`, which then goes silent (flush and heartbeat loops cancelled: it still
+    computes, and still reads control messages, but says nothing)."""
+    handles = [await dep.router.submit(request(f"s{i}", max_tokens=max_tokens)) for i in range(n)]
+    await _wait_for(lambda: dep.servers[group].core.state(0).running_decode == n)
+    for task in dep.servers[group]._tasks[1:]:
+        task.cancel()
+    return handles
+
+
+async def test_a_silent_worker_is_late_and_its_requests_finish_elsewhere() -> None:
+    config = RouterConfig(heartbeat_timeout_s=0.5, monitor_interval_s=0.05, max_retries=3, late_grace_s=600.0)
     async with fake_deployment(pd_plan(), router_config=config, engine_kwargs={"step_delay_s": 0.01}) as dep:
-        handles = [await dep.router.submit(request(f"s{i}", max_tokens=80)) for i in range(3)]
-        await _wait_for(lambda: dep.servers["d0"].core.state(0).running_decode == 3)
-        for task in dep.servers["d0"]._tasks[1:]:  # flush and heartbeat loops: d0 computes but says nothing
-            task.cancel()
+        handles = await _silence(dep, "d0", 3, 80)
         outs = await asyncio.wait_for(asyncio.gather(*[collect(h) for h in handles]), 20)
         for i, out in enumerate(outs):
             assert out.token_ids == dep.engines["p0"].greedy(list(f"s{i}".encode()), 80)
         d0 = next(w for w in dep.router.workers() if w.group_id == "d0")
-        assert not d0.alive and "no heartbeat" in d0.down_reason and dep.router.retries_total == 3
-        await _wait_for(lambda: dep.servers["d0"]._stopped.is_set())  # told to stop: no orphan compute
+        assert not d0.alive and d0.late and "no heartbeat" in d0.down_reason and dep.router.retries_total == 3
+        # late, not dead: what it held is cancelled there (no orphan compute), and it is not told to stop
+        await _wait_for(lambda: dep.servers["d0"].core.state(0).running_decode == 0)
+        assert not dep.servers["d0"]._stopped.is_set()
+
+
+async def test_a_worker_silent_past_the_late_grace_is_fenced() -> None:
+    config = RouterConfig(heartbeat_timeout_s=0.3, monitor_interval_s=0.05, max_retries=3, late_grace_s=0.3)
+    async with fake_deployment(pd_plan(), router_config=config, engine_kwargs={"step_delay_s": 0.01}) as dep:
+        handles = await _silence(dep, "d0", 2, 40)
+        outs = await asyncio.wait_for(asyncio.gather(*[collect(h) for h in handles]), 20)
+        assert all(isinstance(o.terminal, Finished) for o in outs)
+        await _wait_for(lambda: dep.servers["d0"]._stopped.is_set())  # declared dead and told to stop
+        d0 = next(w for w in dep.router.workers() if w.group_id == "d0")
+        assert not d0.alive and not d0.late and not d0.restarting and "no heartbeat" in d0.down_reason
 
 
 async def test_no_live_worker_to_take_over_fails_clearly() -> None:

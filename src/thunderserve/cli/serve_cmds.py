@@ -104,6 +104,10 @@ def serve(
                                                  "Retry-After"),
     max_body_bytes: int = typer.Option(8 * 1024 * 1024, "--max-body-bytes",
                                        help="Largest request body accepted (larger: 413)"),
+    restart_workers: bool = typer.Option(True, "--restart-workers/--no-restart-workers",
+                                         help="Restart a dead worker with back-off (1, 2, 4 ... 30 s; give up "
+                                              "after 5 failures in a row) and route to it again (local "
+                                              "backend, built-in engine)"),
 ) -> None:
     """Serve a plan (or the demo) with an OpenAI-compatible API until SIGINT/SIGTERM."""
     try:
@@ -155,7 +159,8 @@ def serve(
                          collapse_tp=collapse_tp, max_retries=max_retries, resched=not no_resched,
                          cluster=cluster, resched_workload=resched_workload, vllm=vllm,
                          admin_files_dir=str(admin_files_dir) if admin_files_dir is not None else None,
-                         max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes)
+                         max_queued_requests=max_queued_requests, max_body_bytes=max_body_bytes,
+                         restart_workers=restart_workers)
     _check_port_free(host, port)  # before any worker starts: a taken port is one line, exit 2
     groups = ", ".join(f"{g.id}={g.phase}" for g in plan.groups)
     console.print(f"serving {plan.model} ({model}) on http://{host}:{port}  [{backend}, "

@@ -4,8 +4,10 @@
 keeps its weights and finishes what it holds), routing is `update_routing` (new requests at once, KV shares
 at every worker between steps, and requests queued unstarted at entry workers routed again by the new shares,
 as the simulator's re-route does), a drop takes the group out (a live worker drains up to `drain_timeout_s`,
-then stops; what it still holds is retried elsewhere by the router). Starting workers at runtime is not
-something this deployment can do: (re)starts are refused, and reconcile reports them.
+then stops; what it still holds is retried elsewhere by the router). Starting workers for a new layout at
+runtime is not something this deployment can do: (re)starts are refused, and reconcile reports them. (A dead
+worker of an unchanged group is restarted by supervision, `runtime.launch.supervisor`, not by reconcile: while
+that is under way, or while a late worker may still answer, the group counts as alive here.)
 
 `FakeActuator` holds a `DeploymentState` in memory with the same semantics (and can refuse starts or crash
 after N steps), so reconcile and the controller are tested without processes.
@@ -36,7 +38,9 @@ class RouterActuator:
 
     def state(self) -> DeploymentState:
         plan = self.router.plan
-        alive = {w.group_id: w.alive for w in self.router.workers()}
+        # a late worker (may answer again) or one being restarted (see `launch.supervisor`) is not a failure yet:
+        # the router routes around it meanwhile, and re-admits it into the same group and role
+        alive = {w.group_id: w.alive or w.late or w.restarting for w in self.router.workers()}
         return DeploymentState(tuple(GroupState(g.id, g.phase, g.stages, alive.get(g.id, False))
                                      for g in plan.groups), plan.routing or Routing())
 

@@ -39,8 +39,11 @@ class _WorkerCollector(Collector):
                                       labels=["group"])
         gen = CounterMetricFamily("thunderserve_worker_generated_tokens", "Tokens sampled by a worker",
                                   labels=["group"])
+        restarts = CounterMetricFamily("thunderserve_worker_restarts", "Times a group's dead worker was "
+                                       "restarted and re-admitted", labels=["group"])
         for w in self._router.workers():
             up.add_metric([w.group_id, w.role], 1.0 if w.alive else 0.0)
+            restarts.add_metric([w.group_id], w.restarts)
             hb_age.add_metric([w.group_id], w.heartbeat_age_s)
             s = w.state
             if s is None:
@@ -56,7 +59,7 @@ class _WorkerCollector(Collector):
                 kv_sent.add_metric([w.group_id, dst], nbytes)
         pending = GaugeMetricFamily("thunderserve_router_pending_requests", "Requests in flight at the router")
         pending.add_metric([], self._router.num_pending)
-        yield from (up, depth, kv_used, kv_cap, hb_age, kv_sent, kv_recv, gen, pending)
+        yield from (up, depth, kv_used, kv_cap, hb_age, kv_sent, kv_recv, gen, restarts, pending)
 
 
 class RuntimeMetrics:

@@ -12,6 +12,18 @@ connection drops, or no heartbeat for `heartbeat_timeout_s`) the other workers a
 caches there, and every request it held is retried (up to `max_retries` times; 0 fails it at once with an
 error naming the worker); nothing hangs.
 
+Worker liveness, as the router sees it (`WorkerInfo`):
+    alive       connected and heard from within `heartbeat_timeout_s`: routed to
+    late        silent past the timeout but still connected (starved of CPU, or hung): not routed to, what it
+                held is cancelled there and retried elsewhere; re-admitted (configured again) as soon as it
+                answers, declared dead and told to stop after `late_grace_s` more of silence
+    restarting  dead (disconnected, or late past the grace), and its group is supervised: a new process is
+                coming (`launch.supervisor`), which `readmit` connects to and routes to in the same group and
+                role; `give_up` makes it dead
+    dead        not coming back: re-scheduling re-plans without it
+A retry that finds no live entry worker while one is late or restarting waits for it (parked) instead of
+failing; it fails once none is expected back.
+
 Retries deliver exactly once: a retry is a new attempt (worker-side id `<id>~r<n>`, so late events of the
 old attempt are ignored) submitted to a live entry group with the output already delivered
 (`resume_token_ids`, `resume_text_chars`): the worker prefills prompt + those tokens and continues at the next
@@ -52,6 +64,8 @@ class RouterConfig:
     queue_full_retry_after_s: float = 1.0  # the Retry-After a 429 carries
     monitor_interval_s: float = 0.2
     max_retries: int = 0  # re-submissions of a request whose worker died (0: fail it at once)
+    late_grace_s: float = 45.0  # a late worker (no heartbeat for heartbeat_timeout_s) silent this much longer
+    #                             is declared dead and told to stop
 
 
 # ---- what the API layer receives ----------------------------------------------------------------
@@ -178,6 +192,9 @@ class WorkerInfo:
     in_plan: bool = True  # False once a re-plan removed its group
     weights_loads: int = 1  # weight loads seen: 1 at start, +1 whenever the reported weights_token changes
     held_requests: int = 0  # unfinished requests the router has placed on this worker (its own view, not a heartbeat)
+    late: bool = False  # silent past the heartbeat timeout but connected: back in when it answers again
+    restarting: bool = False  # its process died and supervision is restarting it (see `launch.supervisor`)
+    restarts: int = 0  # times its worker was restarted and re-admitted
 
 
 class _Link:
@@ -198,6 +215,9 @@ class _Link:
         self.reader: asyncio.Task[None] | None = None
         self.weights_loads = 1
         self.in_plan = True
+        self.late = False  # silent past the heartbeat timeout, still connected (not alive, not dead yet)
+        self.restarting = False  # dead, and supervision will bring a new process back for the group
+        self.restarts = 0
 
 
 class Router:
@@ -221,27 +241,98 @@ class Router:
         self._monitor: asyncio.Task[None] | None = None
         self._observers: list[Callable[[RequestRecord], None]] = []
         self._closed = False
+        self._supervised: set[str] = set()  # groups whose dead workers are restarted (see `supervise`)
+        self._parked: list[_Track] = []  # retries waiting for an entry worker to come back (late, restarting)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect to every worker, read its hello, and configure roles, KV shares and peer addresses."""
         for gid, (host, port) in self._addresses.items():
-            conn = await FrameConnection.connect(host, port, self.config.connect_timeout_s)
+            self._links[gid] = await self._connect(gid, host, port)
+        for gid, link in self._links.items():
+            link.role = self.plan.group(gid).phase if gid in {g.id for g in self.plan.groups} else link.role
+            await self._configure(link)
+            link.reader = asyncio.create_task(self._read_loop(link), name=f"router-read-{gid}")
+        self._monitor = asyncio.create_task(self._monitor_loop(), name="router-monitor")
+
+    async def _connect(self, gid: str, host: str, port: int) -> _Link:
+        """Connect to a worker's control port, prove the secret, read its hello."""
+        conn = await FrameConnection.connect(host, port, self.config.connect_timeout_s)
+        try:
             if self._secret is not None:
                 await client_handshake(conn, self._secret, "control", self.config.connect_timeout_s)
             frame = await conn.recv(idle_timeout_s=self.config.connect_timeout_s)
             if frame.header.get("type") != "hello":
                 raise TransportError(f"worker {gid} at {host}:{port} did not say hello: {frame.header!r}")
-            self._links[gid] = _Link(gid, conn, frame.header, port, self.clock())
+            return _Link(gid, conn, frame.header, port, self.clock())
+        except BaseException:
+            await conn.close()
+            raise
+
+    async def _configure(self, link: _Link) -> None:
+        """Tell a worker its role, KV shares, every peer's KV address and which groups are down."""
         peers = {g: [lk.host, lk.kv_port] for g, lk in self._links.items()}
         routing = self.plan.routing or Routing()
-        for gid, link in self._links.items():
-            phase = self.plan.group(gid).phase if gid in {g.id for g in self.plan.groups} else link.role
-            link.role = phase
-            await self._send(link, {"type": "configure", "role": str(phase), "peers": peers,
-                                    "kv_shares": routing.kv.get(gid, {}), "down": []})
-            link.reader = asyncio.create_task(self._read_loop(link), name=f"router-read-{gid}")
-        self._monitor = asyncio.create_task(self._monitor_loop(), name="router-monitor")
+        await self._send(link, {"type": "configure", "role": str(link.role), "peers": peers,
+                                "kv_shares": routing.kv.get(link.group_id, {}), "down": self._down()})
+
+    def _down(self) -> list[str]:
+        return sorted(g for g, lk in self._links.items() if not lk.alive)
+
+    async def _tell_others(self, link: _Link, peers: bool = False) -> None:
+        """Every other live worker learns which groups are down (and, with `peers`, every KV address)."""
+        msg: dict[str, Any] = {"type": "set_routing", "down": self._down()}
+        if peers:
+            msg["peers"] = {g: [lk.host, lk.kv_port] for g, lk in self._links.items()}
+        for other in list(self._links.values()):
+            if other is not link and other.alive:
+                await self._send(other, msg)
+
+    # ---- supervision (see `launch.supervisor`) ------------------------------------------------------------
+    def supervise(self, groups: list[str]) -> None:
+        """Dead workers of these groups are restarted by a supervisor: they show "restarting", not dead."""
+        self._supervised = set(groups)
+
+    def in_plan(self, group_id: str) -> bool:
+        link = self._links.get(group_id)
+        return link is not None and link.in_plan
+
+    def lost_groups(self) -> list[str]:
+        """Groups of the plan whose worker is down and being restarted."""
+        return sorted(g for g, lk in self._links.items() if lk.restarting and lk.in_plan and not lk.alive)
+
+    def give_up(self, group_id: str, reason: str) -> None:
+        """Supervision gave up on the group's worker: it is dead (the controller re-plans without it)."""
+        link = self._links.get(group_id)
+        if link is not None and not link.alive:
+            link.restarting, link.down_reason = False, reason
+        if not self.entry_groups() and not self._entry_coming_back():
+            for t in list(self._parked):
+                self._terminal(t, Failed(503, f"worker '{group_id}' is down: {reason}; no live worker can take the "
+                                              "request over", code="worker_failed"), "failed")
+
+    async def readmit(self, group_id: str, host: str, control_port: int) -> None:
+        """A restarted worker of `group_id` listens at host:control_port: connect (handshake, hello), configure
+        it with the group's current role, KV shares and peers, tell the others its KV address, route to it.
+        LookupError when the group is no longer in the plan; TransportError when it cannot be reached."""
+        if self._closed or not self.in_plan(group_id):
+            raise LookupError(f"group '{group_id}' is not in the plan")
+        link = await self._connect(group_id, host, control_port)
+        old = self._links.get(group_id)
+        if self._closed or old is None or not old.in_plan:  # removed while we connected
+            await link.conn.close()
+            raise LookupError(f"group '{group_id}' is not in the plan")
+        if old.alive or old.late:
+            await self._mark_down(old, "replaced by a restarted worker")
+        link.role, link.restarts, link.weights_loads = old.role, old.restarts + 1, old.weights_loads + 1
+        self._links[group_id] = link
+        self._addresses[group_id] = (host, control_port)
+        await self._configure(link)
+        link.reader = asyncio.create_task(self._read_loop(link), name=f"router-read-{group_id}")
+        await self._tell_others(link, peers=True)
+        log.warning("worker %s (pid %d) re-admitted as %s (restart %d)", group_id, link.pid, link.role,
+                    link.restarts)
+        await self._settle_parked()
 
     async def close(self, shutdown_workers: bool = False) -> None:
         self._closed = True
@@ -250,7 +341,7 @@ class Router:
         for t in list(self._requests.values()):
             self._terminal(t, Failed(503, "server is shutting down", code="shutting_down"), "failed")
         for link in self._links.values():
-            if shutdown_workers and link.alive:
+            if shutdown_workers and (link.alive or link.late):
                 with contextlib.suppress(TransportError):
                     await link.conn.send({"type": "shutdown"})
             if link.reader is not None:
@@ -302,7 +393,8 @@ class Router:
         try:
             group = self._choose_entry()
         except LookupError:
-            handle._put(Failed(503, "no live worker can take requests", code="no_worker"))
+            back = self.config.queue_full_retry_after_s if self._entry_coming_back() else None
+            handle._put(Failed(503, "no live worker can take requests", code="no_worker", retry_after_s=back))
             return handle
         track = _Track(handle, req, group, now, req.request_id, {group})
         self._requests[req.request_id] = track
@@ -329,6 +421,7 @@ class Router:
         link.role = phase
         self.plan = self.plan.model_copy(update={"groups": tuple(
             g.with_phase(phase) if g.id == group_id else g for g in self.plan.groups)})
+        await self._settle_parked()
 
     async def update_routing(self, routing: Routing, rebalance: bool = False) -> None:
         """New entry shares here, new KV shares at every worker (applied between their steps). With
@@ -339,6 +432,7 @@ class Router:
             if link.alive:
                 await self._send(link, {"type": "set_routing", "kv_shares": routing.kv.get(gid, {})})
         self.plan = self.plan.model_copy(update={"routing": routing})
+        await self._settle_parked()
         if rebalance:
             await self._reclaim_unstarted()
 
@@ -367,8 +461,8 @@ class Router:
         while link.alive and self._held_at(group_id) and self.clock() < deadline:
             await asyncio.sleep(0.05)
         link.in_plan = False
-        if link.alive:
-            await self._send(link, {"type": "shutdown"})
+        if link.alive or link.late:
+            await self._send(link, {"type": "shutdown"}, late_ok=True)
             await self._mark_down(link, "removed from the plan by re-scheduling")
         self._entry.update({g: v for g, v in self._entry.shares.items() if g != group_id})
         routing = self.plan.routing or Routing()
@@ -377,6 +471,7 @@ class Router:
                            for src, dests in routing.kv.items() if src != group_id})
         self.plan = self.plan.model_copy(update={
             "groups": tuple(g for g in self.plan.groups if g.id != group_id), "routing": kept})
+        await self._settle_parked()
 
     def set_estimate(self, estimate: Mapping[str, Any]) -> None:
         """Record the planner's estimate for the plan now running (shown by /admin/plan)."""
@@ -398,7 +493,7 @@ class Router:
                 held[g] = held.get(g, 0) + 1
         return [WorkerInfo(g, str(lk.role), lk.alive, lk.pid, lk.host, lk.port, lk.kv_port, lk.weights_token,
                            lk.max_context_tokens, lk.down_reason, now - lk.last_heartbeat_s, lk.state,
-                           lk.in_plan, lk.weights_loads, held.get(g, 0))
+                           lk.in_plan, lk.weights_loads, held.get(g, 0), lk.late, lk.restarting, lk.restarts)
                 for g, lk in sorted(self._links.items())]
 
     @property
@@ -406,8 +501,9 @@ class Router:
         return min((lk.max_context_tokens for lk in self._links.values()), default=0)
 
     # ---- worker links ------------------------------------------------------------------------------------
-    async def _send(self, link: _Link, header: dict[str, Any]) -> None:
-        if not link.alive:
+    async def _send(self, link: _Link, header: dict[str, Any], late_ok: bool = False) -> None:
+        """Send to a live worker (`late_ok`: or a late one); a failure marks it down."""
+        if not (link.alive or (late_ok and link.late)):
             return
         try:
             await link.conn.send(header)
@@ -420,6 +516,8 @@ class Router:
                 frame = await link.conn.recv()
                 h = frame.header
                 kind = h.get("type")
+                if link.late and kind in ("heartbeat", "events"):
+                    await self._answered_again(link)
                 if kind == "heartbeat":
                     link.last_heartbeat_s = self.clock()
                     link.state = WorkerState.from_dict(h["state"])
@@ -437,25 +535,26 @@ class Router:
     async def _mark_down(self, link: _Link, reason: str, fence: bool = False) -> None:
         """Declare a worker lost; `fence`: it may still run (silent, not disconnected), so tell it to stop
         rather than let it compute for requests that are retried elsewhere."""
-        if not link.alive:
+        if not link.alive and not link.late:
             return
-        link.alive = False
+        was_alive, link.alive, link.late = link.alive, False, False
+        link.restarting = link.in_plan and link.group_id in self._supervised and not self._closed
         if fence:
             with contextlib.suppress(TransportError):
                 await link.conn.send({"type": "shutdown"})
         link.down_reason = reason
         if link.in_plan:
-            log.error("worker %s (pid %d) is down: %s", link.group_id, link.pid, reason)
+            log.error("worker %s (pid %d) is down: %s%s", link.group_id, link.pid, reason,
+                      "; restarting it" if link.restarting else "")
         msg = f"worker '{link.group_id}' (pid {link.pid}) is down: {reason}"
-        down = sorted(g for g, lk in self._links.items() if not lk.alive)
-        for other in list(self._links.values()):  # first, so that no retry's KV is shipped to it
-            if other.alive:
-                await self._send(other, {"type": "set_routing", "down": down})
+        if was_alive:  # first, so that no retry's KV is shipped to it (a late one was already announced)
+            await self._tell_others(link)
         for track in [t for t in self._requests.values() if link.group_id in t.locations]:
             await self._retry(track, msg)
         if link.reader is not None and link.reader is not asyncio.current_task():
             link.reader.cancel()
         await link.conn.close()
+        await self._settle_parked()
 
     async def _monitor_loop(self) -> None:
         while True:
@@ -464,12 +563,37 @@ class Router:
             for link in list(self._links.values()):
                 silent = now - link.last_heartbeat_s
                 if link.alive and silent > self.config.heartbeat_timeout_s:
+                    await self._mark_late(link, silent)
+                elif link.late and silent > self.config.heartbeat_timeout_s + self.config.late_grace_s:
                     await self._mark_down(link, f"no heartbeat for {silent:.1f} s", fence=True)
             limit = self.config.request_timeout_s
             if limit is not None:
                 for t in [t for t in self._requests.values() if now - t.arrival_s > limit]:
                     await self._end(t, Failed(504, f"request timed out after {limit:g} s", code="timeout"),
                                     "failed")
+
+    async def _mark_late(self, link: _Link, silent_s: float) -> None:
+        """A worker silent past the heartbeat timeout but still connected (starved of CPU, or hung): route
+        nothing to it, cancel what it holds and retry that elsewhere, keep the link; it is re-admitted when
+        it answers again, and declared dead (told to stop) after `late_grace_s` more of silence."""
+        link.alive, link.late = False, True
+        link.down_reason = f"no heartbeat for {silent_s:.1f} s (late; back in when it answers again)"
+        log.error("worker %s (pid %d) is late: %s", link.group_id, link.pid, link.down_reason)
+        await self._tell_others(link)
+        msg = f"worker '{link.group_id}' (pid {link.pid}) is down: no heartbeat for {silent_s:.1f} s"
+        for track in [t for t in self._requests.values() if link.group_id in t.locations]:
+            await self._retry(track, msg)
+
+    async def _answered_again(self, link: _Link) -> None:
+        """A late worker spoke: configure it again (routing may have changed meanwhile) and route to it."""
+        if not link.in_plan:
+            return
+        link.alive, link.late, link.down_reason = True, False, ""
+        log.warning("worker %s (pid %d) answers again after %.1f s; re-admitted", link.group_id, link.pid,
+                    self.clock() - link.last_heartbeat_s)
+        await self._configure(link)
+        await self._tell_others(link)
+        await self._settle_parked()
 
     # ---- events ------------------------------------------------------------------------------------------
     async def _on_event(self, link: _Link, ev: dict[str, Any]) -> None:
@@ -569,8 +693,8 @@ class Router:
         track.pending.clear()
         for g in held:
             link = self._links.get(g)
-            if link is not None and link.alive:
-                await self._send(link, {"type": "cancel", "request_id": old})
+            if link is not None and (link.alive or link.late):
+                await self._send(link, {"type": "cancel", "request_id": old}, late_ok=True)
         if track.handle.done:
             return
         if track.retries >= self.config.max_retries:
@@ -580,15 +704,38 @@ class Router:
         try:
             group = self._choose_entry()
         except LookupError:
+            if self._entry_coming_back():  # wait for it rather than fail an accepted request
+                log.warning("request %s: %s; waiting for an entry worker to come back", track.handle.request_id,
+                            reason)
+                self._parked.append(track)
+                return
             self._terminal(track, Failed(503, f"{reason}; no live worker can take the request over",
                                          code="worker_failed"), "failed")
             return
+        await self._resubmit(track, group, reason)
+
+    async def _resubmit(self, track: _Track, group: str, reason: str) -> None:
         track.retries += 1
         self.retries_total += 1
         rid = track.handle.request_id
         log.warning("request %s: %s; retry %d on %s after %d delivered tokens", rid, reason, track.retries,
                     group, len(track.delivered_ids))
         await self._send_attempt(track, f"{rid}~r{track.retries}", group)
+
+    def _entry_coming_back(self) -> bool:
+        """An entry group of the routing has a worker that is late or being restarted (expected back)."""
+        return any(g in self._links and self._links[g].in_plan and (self._links[g].late or self._links[g].restarting)
+                   and self._links[g].role is not Phase.DECODE for g in self._entry.shares)
+
+    async def _settle_parked(self) -> None:
+        """Retries parked while no entry worker was live: send them once one is, fail them once none is
+        expected back (otherwise they keep waiting; `request_timeout_s` still applies)."""
+        parked, self._parked = [t for t in self._parked if not t.handle.done], []
+        if parked and (self.entry_groups() or not self._entry_coming_back()):
+            for t in parked:  # re-submitted now, or failed (nobody is coming back), or parked again
+                await self._retry(t, "waited for an entry worker to come back")
+        else:
+            self._parked += parked
 
     async def _end(self, track: _Track, event: RouterEvent | None, outcome: str) -> None:
         """Terminal transition (exactly once per request); failures cancel leftovers at live workers."""
@@ -605,6 +752,8 @@ class Router:
         if track.handle.done:
             return
         track.handle.done = True
+        if track in self._parked:
+            self._parked.remove(track)
         self._requests.pop(track.handle.request_id, None)
         self._attempts.pop(track.attempt_id, None)
         if event is not None:

@@ -6,8 +6,9 @@ A later feature adds endpoints without touching the app factory: it appends a Fa
 `AdminState.routes` before `create_app`; its handlers reach this object via `request.app.state.admin`.
 
 Endpoints (all JSON):
-    GET  /admin/workers   every worker: group, role, pid, health ("ok" | "down" | "removed"), weights_token,
-                          weights_loads (1 = loaded once; a reload would raise it), latest heartbeat state
+    GET  /admin/workers   every worker: group, role, pid, health ("ok" | "late" | "restarting" | "down" |
+                          "removed"), restarts, weights_token, weights_loads (1 = loaded once; a reload or
+                          a restart raises it), latest heartbeat state
     GET  /admin/plan      the plan running now (phases and routing reflect live changes; the planner's
                           estimate is the target's)
     POST /admin/replan    {"event": "fail:NODE[:I]" | "workload:NAME|CSV" | "add:NODE.yaml"} re-plans as if
@@ -70,7 +71,8 @@ class AdminState:
         for w in self.router.workers():
             d = asdict(w)
             d["state"] = w.state.to_dict() if w.state is not None else None
-            d["health"] = "removed" if not w.in_plan else ("ok" if w.alive else "down")
+            d["health"] = ("removed" if not w.in_plan else "ok" if w.alive else "late" if w.late
+                           else "restarting" if w.restarting else "down")
             out.append(d)
         return out
 
