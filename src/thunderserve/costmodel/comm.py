@@ -11,6 +11,7 @@ KV_SINK_TOKENS = 1  # leading tokens (the attention sink) sent in 16 bits by com
 KV_KEY_BLOCK_TOKENS = 128  # tokens sharing one key scale (and zero point) per channel in compressed KV
 KV_RATIO_TOKENS = 512  # the prompt length the per-token compression ratio is quoted at
 KV_RESIDUAL_TOKENS = 128  # int4 only: the prompt's most recent tokens sent in 16 bits (runtime.kv.schemes)
+KV_INT4_KEY_BLOCK_TOKENS = 64  # int4 only: tokens sharing one key scale per channel (finer than int8's 128)
 
 
 class Compression(StrEnum):
@@ -27,7 +28,7 @@ def compression_ratio(compression: Compression | str, dtype_bytes: int = 2, grou
     Per channel of one layer and head: the first KV_SINK_TOKENS tokens' keys and values in 16 bits; the other
     tokens' keys at one byte (int8) or half a byte (int4) each (int4 also sends the last KV_RESIDUAL_TOKENS
     tokens in 16 bits) plus a scale and a zero point per block of
-    KV_KEY_BLOCK_TOKENS tokens; their values likewise plus a scale and a zero point per token and group of
+    KV_KEY_BLOCK_TOKENS tokens (KV_INT4_KEY_BLOCK_TOKENS for int4); their values likewise plus a scale and a zero point per token and group of
     `group_size` channels. Scales and zero points are float32 for int8, fp16 for int4.
     """
     c = Compression(compression)
@@ -37,7 +38,7 @@ def compression_ratio(compression: Compression | str, dtype_bytes: int = 2, grou
     code_bytes, param_bytes = (1.0, 4) if c is Compression.INT8 else (0.5, 2)
     sinks = min(KV_SINK_TOKENS + (KV_RESIDUAL_TOKENS if c is Compression.INT4 else 0), tokens)
     body = tokens - sinks
-    key_blocks = -(-body // KV_KEY_BLOCK_TOKENS)
+    key_blocks = -(-body // (KV_INT4_KEY_BLOCK_TOKENS if c is Compression.INT4 else KV_KEY_BLOCK_TOKENS))
     compressed = (2 * sinks * 2  # keys and values of the sink tokens, 16-bit
                   + 2 * body * code_bytes  # key and value codes
                   + key_blocks * 2 * param_bytes  # key scale + zero per channel and token block

@@ -111,8 +111,9 @@ def lightweight_replan(plan: Plan, cluster: Cluster, model: ModelSpec, workload:
     observed request rate when known: flips into prefill (a drain) are avoided while the drain-free choice
     serves it (`orchestrate.lightweight_phases`).
     """
-    from thunderserve.scheduler import best_group_layout, orchestrate
+    from thunderserve.scheduler.api import orchestrate
     from thunderserve.scheduler.context import PlanningContext
+    from thunderserve.scheduler.layout import best_group_layout
     from thunderserve.scheduler.orchestrate import lightweight_phases
 
     start = clock()

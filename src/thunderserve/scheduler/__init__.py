@@ -5,7 +5,9 @@ grouping, `initial`). Lower level per candidate: each group's parallel layout by
 routing transportation LP (`routing_lp`), scored by an analytic queueing-aware SLO estimate (`estimate`).
 
 The names below are loaded on first use (PEP 562): importing a light submodule such as `scheduler.config`
-(the CLI's option defaults) does not pull in scipy, HiGHS and networkx.
+(the CLI's option defaults) does not pull in scipy, HiGHS and networkx. `orchestrate` (the lower level alone)
+is imported from `scheduler.api`: a lazily exported name cannot share its name with a submodule
+(`scheduler.orchestrate`), which replaces it on the package when it is first imported.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ if TYPE_CHECKING:
         estimate_attainment,
         estimate_max_rate,
         evaluate_plan,
-        orchestrate,
         solve_routing,
     )
     from thunderserve.scheduler.config import PlanResult, SchedulerConfig
@@ -26,13 +27,13 @@ if TYPE_CHECKING:
     from thunderserve.scheduler.planner import plan_deployment
 
 _WHERE = {
-    "estimate_attainment": "api", "estimate_max_rate": "api", "evaluate_plan": "api", "orchestrate": "api",
+    "estimate_attainment": "api", "estimate_max_rate": "api", "evaluate_plan": "api",
     "solve_routing": "api", "PlanResult": "config", "SchedulerConfig": "config", "best_group_layout": "layout",
     "plan_deployment": "planner",
 }
 __all__ = [
     "PlanResult", "SchedulerConfig", "best_group_layout", "estimate_attainment", "estimate_max_rate",
-    "evaluate_plan", "orchestrate", "plan_deployment", "solve_routing",
+    "evaluate_plan", "plan_deployment", "solve_routing",
 ]
 
 

@@ -34,7 +34,7 @@ from thunderserve.resched.monitor import HeartbeatTracker, WorkloadEstimate, Wor
 from thunderserve.resched.reconcile import effective_routing
 from thunderserve.resched.replan import Change, ReplanResult, full_replan, lightweight_replan
 from thunderserve.resched.trigger import ShiftTrigger
-from thunderserve.scheduler import orchestrate
+from thunderserve.scheduler.api import orchestrate
 from thunderserve.sim.config import SimConfig
 from thunderserve.sim.dynamic import DynamicReplay
 from thunderserve.sim.kernel import PRIORITY_ARRIVAL, PRIORITY_DECIDE

@@ -87,8 +87,9 @@ def test_gqa_and_compressed_kv_bytes() -> None:
     assert kv_bytes(m, 10) == 10 * 2 * 2 * 128 * 2 * 2
     # per channel of a 512-token prompt: 1 sink token in 16 bits for K and V (4 bytes); 511 tokens of K and V
     # codes; K scale + zero per 128-token block (4 blocks); V scale + zero per token and 64-channel group.
-    # int4 also sends the 128 most recent tokens in 16 bits (4 bytes each), leaving 383 on the grid.
-    assert compression_ratio(Compression.INT4) == pytest.approx((4 * 129 + 383 + 3 * 4 + 383 * 4 / 64) / 2048)
+    # int4 also sends the 128 most recent tokens in 16 bits (4 bytes each), leaving 383 on the grid, with its
+    # key scale + zero per 64-token block (6 blocks).
+    assert compression_ratio(Compression.INT4) == pytest.approx((4 * 129 + 383 + 6 * 4 + 383 * 4 / 64) / 2048)
     assert compression_ratio("int8") == pytest.approx((4 + 1022 + 4 * 8 + 511 * 8 / 64) / 2048)
     assert 1 / compression_ratio("int4", num_tokens=2048) > 3.0  # the coding workload's mean prompt
     assert compression_ratio("int4", num_tokens=37) == pytest.approx(1.0)  # a short prompt: all 16-bit

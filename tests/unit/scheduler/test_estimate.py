@@ -16,10 +16,10 @@ from thunderserve.scheduler import (
     estimate_attainment,
     estimate_max_rate,
     evaluate_plan,
-    orchestrate,
     plan_deployment,
     solve_routing,
 )
+from thunderserve.scheduler.api import orchestrate
 from thunderserve.sim import LoadConfig, SimConfig, max_rate_at_slo
 from thunderserve.spec import SloSpec, load_model
 
