@@ -7,6 +7,12 @@ share a few cores, the two instances of a 1 prefill + 1 decode deployment then s
 `pthrDelay = THUNDERSERVE_NIXL_PROGRESS_DELAY_US` (whole milliseconds, at least 1, as NIXL rounds it): the
 thread still wakes at once on UCX events (it polls the workers' event fds), and at the latest after the delay.
 
+With `THUNDERSERVE_VLLM_SPIN_S` set, it also bounds how long vLLM's engine and worker processes spin
+(`sched_yield` loop, 1 s by default) waiting on each other's shared-memory queue before sleeping on its zmq
+notification: on a CPU build the engine process otherwise spins for the whole of every model step the worker
+computes, taking CPU from that worker and from the other instance when instances share cores (this module is
+imported by both processes, as both create the connector).
+
 The connector itself is vLLM's, unchanged: the class is re-exported under its own name, so vLLM's checks for
 "NixlConnector" still apply. Importing this module swaps the NIXL agent class vLLM's NIXL worker creates.
 """
@@ -21,8 +27,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker as _wo
 
 DELAY_ENV = "THUNDERSERVE_NIXL_PROGRESS_DELAY_US"
 DEFAULT_DELAY_US = 1000
+SPIN_ENV = "THUNDERSERVE_VLLM_SPIN_S"
 
-__all__ = ["NixlConnector", "paced_agent_class"]
+__all__ = ["NixlConnector", "bound_spin", "paced_agent_class"]
 
 
 class _PacedBindings:
@@ -56,11 +63,32 @@ def paced_agent_class(base: Any, delay_us: int) -> Any:
     return PacedNixlAgent
 
 
+def bound_spin(condition_class: Any, spin_s: float) -> None:
+    """Readers of vLLM's shared-memory queues (`condition_class`: its SpinCondition) spin at most `spin_s`
+    after a read before waiting on the queue's notification (the writer notifies on every write)."""
+    original = condition_class.wait
+    if getattr(original, "_thunderserve_bounded", False):
+        return
+
+    def wait(self: Any, timeout_ms: int | None = None) -> None:
+        if getattr(self, "busy_loop_s", 0) > spin_s:
+            self.busy_loop_s = spin_s
+        original(self, timeout_ms)
+
+    wait._thunderserve_bounded = True  # type: ignore[attr-defined]
+    condition_class.wait = wait
+
+
 def _install() -> None:
     delay_us = int(os.environ.get(DELAY_ENV, DEFAULT_DELAY_US))
     agent = _worker.NixlWrapper
     if agent is not None and delay_us > 0 and "nixlBind" in getattr(agent.__init__, "__globals__", {}):
         _worker.NixlWrapper = paced_agent_class(agent, delay_us)
+    spin = os.environ.get(SPIN_ENV)
+    if spin:
+        from vllm.distributed.device_communicators import shm_broadcast
+
+        bound_spin(shm_broadcast.SpinCondition, float(spin))
 
 
 _install()
