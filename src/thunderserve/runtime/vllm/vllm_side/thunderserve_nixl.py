@@ -3,9 +3,10 @@
 Why: NIXL's Python agent creates its UCX backend with a progress thread whose poll timeout (`pthrDelay`) is
 hard-coded to 0, so that thread busy-polls: one core per vLLM instance, idle or not. On a machine whose engines
 share a few cores, the two instances of a 1 prefill + 1 decode deployment then spend most of the CPU spinning
-(measured on 2 cores: ~85% of a core per instance while idle). Here the agent is created with
-`pthrDelay = THUNDERSERVE_NIXL_PROGRESS_DELAY_US` (whole milliseconds, at least 1, as NIXL rounds it): the
-thread still wakes at once on UCX events (it polls the workers' event fds), and at the latest after the delay.
+(measured on 2 cores: ~0.99 of a core per agent while idle, 0.03 with a 1 ms delay). With
+`THUNDERSERVE_NIXL_PROGRESS_DELAY_US` set, the agent is created with that `pthrDelay` (NIXL rounds it up to
+whole milliseconds): the thread still wakes at once on UCX events (it polls the workers' event fds), and at the
+latest after the delay.
 
 With `THUNDERSERVE_VLLM_SPIN_S` set, it also bounds how long vLLM's engine and worker processes spin
 (`sched_yield` loop, 1 s by default) waiting on each other's shared-memory queue before sleeping on its zmq
@@ -26,7 +27,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker as _worker
 
 DELAY_ENV = "THUNDERSERVE_NIXL_PROGRESS_DELAY_US"
-DEFAULT_DELAY_US = 1000
 SPIN_ENV = "THUNDERSERVE_VLLM_SPIN_S"
 
 __all__ = ["NixlConnector", "bound_spin", "paced_agent_class"]
@@ -80,7 +80,7 @@ def bound_spin(condition_class: Any, spin_s: float) -> None:
 
 
 def _install() -> None:
-    delay_us = int(os.environ.get(DELAY_ENV, DEFAULT_DELAY_US))
+    delay_us = int(os.environ.get(DELAY_ENV) or 0)
     agent = _worker.NixlWrapper
     if agent is not None and delay_us > 0 and "nixlBind" in getattr(agent.__init__, "__globals__", {}):
         _worker.NixlWrapper = paced_agent_class(agent, delay_us)
