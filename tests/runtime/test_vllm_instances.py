@@ -30,7 +30,9 @@ def test_specs_carry_parallelism_partition_connector_and_ports() -> None:
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "8001"
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
     kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
-    assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+    assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
+                  "kv_connector_module_path": "thunderserve_nixl"}
+    assert p0.env["THUNDERSERVE_NIXL_PROGRESS_DELAY_US"] == "1000" and p0.env["THUNDERSERVE_VLLM_SPIN_S"] == "0"
     assert "--enforce-eager" in argv and p0.env["VLLM_CACHE_ROOT"] == "/tmp/c"
     assert p0.url == "http://127.0.0.1:8001"
 
@@ -63,3 +65,17 @@ def test_ray_respec_picks_node_ports_and_advertises_node_ip() -> None:
     assert moved.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "8101"
     assert moved.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.7"
     assert (moved.port, moved.side_channel_port) == (8100, 8101)
+
+
+def test_paced_nixl_module_is_importable_by_instances_and_can_be_turned_off() -> None:
+    from thunderserve.runtime.vllm.instances import VLLM_SIDE_DIR, environment_for
+
+    spec = instance_specs(plan(), "/m", "m", VllmConfig(python="p"), {"p0": (1, 2), "d0": (3, 4)})[0]
+    env = environment_for(spec, base={"PYTHONPATH": "/mine"})
+    assert env["PYTHONPATH"].split(":") == [str(VLLM_SIDE_DIR), "/mine"]
+    assert (VLLM_SIDE_DIR / "thunderserve_nixl.py").is_file()
+    busy = instance_specs(plan(), "/m", "m", VllmConfig(python="p", nixl_progress_delay_ms=None, spin_s=None),
+                          {"p0": (1, 2), "d0": (3, 4)})[0]
+    argv = list(busy.argv)
+    assert "kv_connector_module_path" not in json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert "THUNDERSERVE_NIXL_PROGRESS_DELAY_US" not in busy.env and "THUNDERSERVE_VLLM_SPIN_S" not in busy.env

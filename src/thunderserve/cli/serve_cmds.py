@@ -196,7 +196,8 @@ def _vllm_config(engine: str, model: str, backend: str, python: str | None, dtyp
     ucx_tls = os.environ.get("UCX_TLS") or (None if device == "cuda" else "tcp,self,sm")
     return VllmConfig(python=found, host=host, dtype=dtype, kv_buffer_device="cpu" if device != "cuda" else "cuda",
                       ucx_tls=ucx_tls, enforce_eager=not compile_, cpu_kv_cache_gib=kv_cache_gib,
-                      cpu_threads=cpu_threads, max_model_len=max_model_len, extra_args=tuple(extra))
+                      cpu_threads=cpu_threads, max_model_len=max_model_len, extra_args=tuple(extra),
+                      spin_s=None if device == "cuda" else 0.0)
 
 
 def bench_serve(

