@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -47,7 +48,8 @@ HOME = "inhouse-8xa100"
 def command(args: argparse.Namespace, cluster: str, workload: str, baseline: str | None = None,
             ttft_ms: float | None = None, tpot_ms: float | None = None, curves: bool = True) -> list[str]:
     """The `thunderserve compare` command line that reproduces one row."""
-    cmd = ["thunderserve", "compare", "--cluster", cluster, "--model", args.model, "--workload", workload,
+    where = os.path.relpath(cluster) if cluster.endswith(".yaml") else cluster  # as typed from the repository
+    cmd = ["thunderserve", "compare", "--cluster", where, "--model", args.model, "--workload", workload,
            "--budget", str(args.budget), "--duration", f"{args.duration:g}", "--min-requests",
            str(args.min_requests), "--warmup", f"{args.warmup:g}", "--seed", str(args.seed)]
     if args.verify_top:

@@ -35,11 +35,11 @@ def table(result: dict[str, Any]) -> str:
              f"corpus: {c['num_docs']} documents x ({c['prompt_tokens']} prompt + {c['continuation_tokens']} "
              f"continuation) tokens = {c['total_tokens']}; {c['scored_tokens']} scored; reference perplexity "
              f"{c['reference_perplexity']:.4f}",
-             f"{'scheme':<16}{'x fewer @2048':>14}{'@512':>7}{'ppl':>9}{'d ppl %':>9}{'forced top-1':>13}"
+             f"{'scheme':<20}{'x fewer @2048':>14}{'@512':>7}{'ppl':>9}{'d ppl %':>9}{'forced top-1':>13}"
              f"{'KL (nats)':>11}  gate"]
     for r in rows_of(result):
         ratios = r["compression_ratio_vs_fp16"]
-        lines.append(f"{r['name']:<16}{ratios.get('2048', float('nan')):>14.2f}{ratios.get('512', float('nan')):>7.2f}"
+        lines.append(f"{r['name']:<20}{ratios.get('2048', float('nan')):>14.2f}{ratios.get('512', float('nan')):>7.2f}"
                      f"{r['perplexity']:>9.4f}{100 * r['perplexity_delta_rel']:>+9.3f}"
                      f"{r['teacher_forced_agreement']:>13.4f}{r['kl_mean']:>11.5f}  "
                      f"{'pass' if r['passes_gate'] else 'FAIL'}")
