@@ -52,7 +52,7 @@ main()
         assert "pip install 'thunderserve[serve]'" in done.stderr
 
 
-def test_plan_help_imports_no_solver_stack() -> None:
+def test_plan_help_imports_no_solver_stack_or_numpy() -> None:
     """`plan --help` only parses options: the planner's heavy dependencies load when a plan is made (the CPU
     figure is in the README; what is imported is the part a test can check on any machine)."""
     code = """
@@ -63,7 +63,7 @@ try:
     main()
 except SystemExit:
     pass
-print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"scipy", "networkx", "highspy", "torch"})))
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"scipy", "networkx", "highspy", "torch", "numpy"})))
 """
     done = _python(code)
     assert done.returncode == 0, done.stderr

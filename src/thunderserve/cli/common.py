@@ -6,24 +6,17 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
-from thunderserve.costmodel.reference import slo_from_scale
 from thunderserve.errors import SpecError
 from thunderserve.scheduler.config import DEFAULT_MAX_EVALUATIONS
-from thunderserve.spec import (
-    Cluster,
-    ModelSpec,
-    SloSpec,
-    WorkloadSpec,
-    load_cluster,
-    load_model,
-    load_workload,
-)
 from thunderserve.spec.slo import DEFAULT_ATTAINMENT, DEFAULT_SLO_SCALE
+
+if TYPE_CHECKING:  # imported where used: option parsing and --help need none of them (CLI start-up)
+    from thunderserve.spec import Cluster, ModelSpec, SloSpec, WorkloadSpec
 
 PIPE_WIDTH = 400  # columns when printing to a pipe or file: tables keep full names (rich would assume 80)
 
@@ -64,6 +57,9 @@ class Inputs:
 def make_slo(model: ModelSpec, workload: WorkloadSpec, scale: float | None, ttft_ms: float | None,
              tpot_ms: float | None, attainment: float) -> SloSpec:
     """Explicit targets win; otherwise scale x reference latency (see costmodel.reference)."""
+    from thunderserve.costmodel.reference import slo_from_scale
+    from thunderserve.spec import SloSpec
+
     if not 0 < attainment <= 1:
         raise SpecError("must be in (0, 1]", field="--attainment")
     if scale is not None and scale <= 0:
@@ -81,6 +77,8 @@ def make_slo(model: ModelSpec, workload: WorkloadSpec, scale: float | None, ttft
 def load_inputs(cluster: str, model: str, workload: str, scale: float | None = None,
                 ttft_ms: float | None = None, tpot_ms: float | None = None,
                 attainment: float = DEFAULT_ATTAINMENT) -> Inputs:
+    from thunderserve.spec import load_cluster, load_model, load_workload
+
     m = load_model(model)
     w = load_workload(workload)
     return Inputs(load_cluster(cluster), m, w, make_slo(m, w, scale, ttft_ms, tpot_ms, attainment))

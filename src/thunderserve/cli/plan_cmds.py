@@ -36,13 +36,12 @@ from thunderserve.cli.common import (
 )
 from thunderserve.costmodel.comm import Compression
 from thunderserve.errors import PlanError, SpecError, ThunderServeError
-from thunderserve.plan import Plan, load_plan, plan_from_dict
-from thunderserve.quality.gate import stamp_plan
-from thunderserve.spec.cluster import Cluster
 
-if TYPE_CHECKING:  # the scheduler (scipy, networkx) loads when a command runs, not for --help
+if TYPE_CHECKING:  # the rest loads when a command runs, not for --help (no scipy, networkx or numpy then)
+    from thunderserve.plan import Plan
     from thunderserve.quality.gate import GateVerdict
     from thunderserve.scheduler.config import PlanResult, SchedulerConfig
+    from thunderserve.spec.cluster import Cluster
 
 RateOpt = typer.Option(None, "--rate", help="Request rate (req/s) to report attainment at (default: the max rate)")
 
@@ -207,6 +206,8 @@ def plan_cmd(
                              kv_compression=Compression(verdict.level),
                              verify_top=verify_top)
     result = run_plan(inputs, config, rate)
+    from thunderserve.quality.gate import stamp_plan
+
     result = replace(result, plan=stamp_plan(result.plan, verdict, forced))
     if output is not None:
         try:
@@ -230,6 +231,7 @@ def _read_plan_lines(path: Path) -> list[str]:
 
 
 def _score_line(line: str, where: str, inputs: Inputs, rate: float | None) -> dict[str, Any]:
+    from thunderserve.plan import plan_from_dict
     from thunderserve.scheduler.api import evaluate_plan
 
     try:
@@ -273,8 +275,10 @@ def evaluate_cmd(
                 out.print(_one_line(f"{plans}:{i}", result), soft_wrap=True, highlight=False)
         return
     assert plan is not None
-    loaded = load_plan(plan)
+    from thunderserve.plan import load_plan
     from thunderserve.scheduler.api import evaluate_plan
+
+    loaded = load_plan(plan)
 
     try:
         scored = evaluate_plan(loaded, inputs.cluster, inputs.model, inputs.workload, inputs.slo, rate)
