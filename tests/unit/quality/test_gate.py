@@ -101,3 +101,23 @@ def test_the_verdict_travels_with_the_plan_json() -> None:
     # a v1 plan (no gate) still reads, and says nothing about the gate
     v1 = plan_from_dict({**_plan().to_dict(), "format": "thunderserve.plan/v1"})
     assert v1.kv_transfer.gate is None and gate_line(v1) is None
+
+
+def test_shipped_results_for_smollm2_pass_int8_and_int4_at_3x() -> None:
+    """The package's measured gate file (bench-kv on SmolLM2-135M): int8 and today's int4 pass, int4 at >= 3x
+    fewer bytes than fp16 at 2,048-token prompts (the issue's floor), so `auto` plans SmolLM2 with int4."""
+    from importlib.resources import files
+
+    stored = stored_results("smollm2-135m")
+    assert stored is not None
+    assert allowed_levels("smollm2") == ["none", "int8", "int4"]
+    assert choose_level("auto", "smollm2").level == "int4"
+    doc = json.loads(files("thunderserve").joinpath("data/kv_gate/smollm2-135m.json").read_text())
+    assert doc["config"]["corpus"]["total_tokens"] >= 20_000  # the issue's corpus floor
+    from thunderserve.runtime.kv.schemes import LEVEL_SCHEMES
+
+    for level, scheme in LEVEL_SCHEMES.items():  # measured with the schemes the levels send now (else re-measure)
+        assert doc["config"]["schemes"][level] == vars(scheme)
+    assert doc["levels"]["int4"]["compression_ratio_vs_fp16"]["2048"] >= 3.0
+    for level in ("bf16-storage", "fp16-storage"):
+        assert level in doc["levels"]  # the yardsticks are measured beside the codecs
