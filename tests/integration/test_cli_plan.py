@@ -241,3 +241,20 @@ def test_plan_never_picks_a_level_that_fails_the_gate_unless_forced(monkeypatch,
     code, out, err = run(monkeypatch, capsys, "plan", "--cluster", cluster, *FAST, "--kv-gate",
                          str(tmp_path / "nope.json"))
     assert code == 2 and err == f"error: {tmp_path / 'nope.json'}: file not found\n"
+
+
+def test_plan_for_vllm_is_costed_with_uncompressed_kv(monkeypatch, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's KV connector sends caches as they are: a plan for `--engine vllm` is costed with `none`, even where
+    the gate would allow int4, and a compressed level for vLLM is refused in one line naming the option."""
+    cluster = write(tmp_path, "mini.yaml", CLUSTER)
+    passing = _gate_file(tmp_path, 0.005)
+    code, out, err = run(monkeypatch, capsys, "plan", "--cluster", cluster, *FAST, "--kv-gate", passing,
+                         "--engine", "vllm", "--json")
+    assert code == 0, err
+    kv = plan_from_dict(json.loads(out)).kv_transfer
+    assert kv.compression == "none" and kv.gate is not None and not kv.gate.forced
+    code, _, err = run(monkeypatch, capsys, "plan", "--cluster", cluster, *FAST, "--engine", "vllm",
+                       "--kv-compression", "int4")
+    assert code == 2 and "--kv-compression" in err and "uncompressed" in err and "Traceback" not in err
+    code, _, err = run(monkeypatch, capsys, "plan", "--cluster", cluster, *FAST, "--engine", "sglang")
+    assert code == 2 and "--engine" in err and "Traceback" not in err

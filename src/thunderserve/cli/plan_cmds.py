@@ -58,16 +58,33 @@ KvGateOpt = typer.Option(None, "--kv-gate", help="Gate results for the model (a 
                          "the results the package ships for it")
 
 
-def resolve_kv_compression(requested: str, model: str, gate_file: Path | None) -> tuple[GateVerdict, bool]:
-    """The level to plan with and its gate verdict, and whether the user forced it (`quality.gate`)."""
+ENGINES = ("builtin", "vllm")
+EngineOpt = typer.Option("builtin", "--engine", help="Engine the plan will be served on: builtin (KV compressed "
+                         "as planned) or vllm (its KV connector moves caches uncompressed, so the plan is costed "
+                         "with none)")
+
+
+def resolve_kv_compression(requested: str, model: str, gate_file: Path | None, engine: str = "builtin"
+                           ) -> tuple[GateVerdict, bool]:
+    """The level to plan with and its gate verdict, and whether the user forced it (`quality.gate`). On vLLM
+    (`engine="vllm"`) the level is `none`: NixlConnector sends the cache as it is, and the plan must be costed
+    with the bytes that really cross the links."""
     from thunderserve.quality.gate import LEVELS, choose_level, load_results
 
     req = requested.strip().lower()
     if req != "auto" and req not in LEVELS:
         known = ", ".join(("auto", *LEVELS))
         raise SpecError(f"unknown compression '{requested}' (known: {known})", field="--kv-compression")
+    if engine not in ENGINES:
+        raise SpecError(f"unknown engine '{engine}' (known: {', '.join(ENGINES)})", field="--engine")
+    forced = req != "auto"
+    if engine == "vllm":  # none is what the engine does, not the user's choice
+        if req not in ("auto", "none"):
+            raise SpecError(f"{req} cannot be served on vLLM: its KV connector sends caches uncompressed (use none "
+                            "or auto)", field="--kv-compression")
+        req, forced = "none", False
     results = load_results(gate_file) if gate_file is not None else None
-    return choose_level(req, model, results), req != "auto"
+    return choose_level(req, model, results), forced
 
 
 @contextmanager
@@ -187,6 +204,7 @@ def plan_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the tabu search (same seed, same plan)"),
     kv_compression: str = KvCompressionOpt,
     kv_gate: Path | None = KvGateOpt,
+    engine: str = EngineOpt,
     verify_top: int = typer.Option(0, "--verify-top", help="Re-score the K best candidates (distinct parallel "
                                    "shapes first) by simulation and keep the best simulated one (0: off)"),
     output: Path | None = typer.Option(None, "-o", "--output", help="Write the plan JSON here"),
@@ -199,7 +217,7 @@ def plan_cmd(
     if verify_top < 0:
         raise SpecError(f"must be 0 or more, got {verify_top}", field="--verify-top")
     inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
-    verdict, forced = resolve_kv_compression(kv_compression, inputs.model.name, kv_gate)
+    verdict, forced = resolve_kv_compression(kv_compression, inputs.model.name, kv_gate, engine.strip().lower())
     from thunderserve.scheduler.config import SchedulerConfig
 
     config = SchedulerConfig(time_limit_s=time_limit, max_evaluations=budget, seed=seed,

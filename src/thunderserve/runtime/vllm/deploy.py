@@ -177,7 +177,7 @@ def serve_vllm(plan: Plan, config: ServeConfig, vllm: VllmConfig,
 
     if str(plan.kv_transfer.compression) != "none":
         log.warning("plan asks for %s KV transfer; vLLM's NixlConnector moves the KV cache uncompressed (in the "
-                    "cache dtype), so the links carry more than the plan was costed for",
+                    "cache dtype), so the links carry more than the plan was costed for (plan it with `thunderserve plan --engine vllm`)",
                     plan.kv_transfer.compression)
     dep = VllmDeployment(plan, config, vllm, progress=progress)
     main = threading.current_thread() is threading.main_thread()
