@@ -26,7 +26,7 @@ from thunderserve.scheduler.perfvec import decode_step_s, mixed_step_s, prefill_
 from thunderserve.scheduler.queueing import ColocatedModel, DecodeModel, EdgeModel, PrefillModel, max_rate
 from thunderserve.scheduler.samples import LengthSample, length_sample
 from thunderserve.scheduler.shapes import GroupShape, LayoutSig, Shapes
-from thunderserve.spec.cluster import Cluster
+from thunderserve.spec.cluster import Cluster, GpuRef
 from thunderserve.spec.model import ModelSpec
 from thunderserve.spec.slo import SloSpec
 from thunderserve.spec.workload import WorkloadSpec
@@ -65,7 +65,8 @@ class PlanningContext:
     _prefill: dict[Sig, PrefillModel] = field(default_factory=dict, init=False, repr=False)
     _decode: dict[Sig, DecodeModel] = field(default_factory=dict, init=False, repr=False)
     _colocated: dict[Sig, ColocatedModel] = field(default_factory=dict, init=False, repr=False)
-    _spt: dict[tuple[tuple[tuple[Shape, int], ...], Shape], float] = field(default_factory=dict, init=False, repr=False)
+    _spt: dict[tuple[tuple[tuple[Shape, int], ...], tuple[tuple[Shape, int], ...]], float] = field(
+        default_factory=dict, init=False, repr=False)
     _paths: dict[object, list[Path]] = field(default_factory=dict, init=False, repr=False)
     _edges: dict[float, EdgeModel] = field(default_factory=dict, init=False, repr=False)
     _cap_prefill: dict[tuple[Sig, float, float], float] = field(default_factory=dict, init=False, repr=False)
@@ -173,16 +174,21 @@ class PlanningContext:
                                                         prefix_per_step=self._prefix_per_step)
         return self._colocated[sig]
 
-    def seconds_per_token(self, prefill: Stages, decode_gpus: Iterable[str]) -> float:
-        """KV transfer seconds per prompt token from a prefill layout to a decode group (compressed)."""
+    def seconds_per_token(self, prefill: Stages, decode: Stages) -> float:
+        """KV transfer seconds per prompt token from a prefill layout to a decode layout (compressed). Each
+        layer's KV goes to the decode stage holding it (per-segment transfer, as the simulator moves it: a
+        pipeline whose prefill and decode segments of the same layers share a node keeps its KV inside it)."""
         key = (tuple((gpu_shape(self.cluster, s.gpus), s.num_layers) for s in prefill),
-               gpu_shape(self.cluster, decode_gpus))
+               tuple((gpu_shape(self.cluster, s.gpus), s.num_layers) for s in decode))
         if key not in self._spt:
-            by_id = self.cluster.by_id
             self._spt[key] = kv_seconds_per_token(
-                self.model, [([by_id[g] for g in s.gpus], s.num_layers) for s in prefill],
-                [by_id[g] for g in sorted(decode_gpus)], self.cluster, self.compression)
+                self.model, self._stage_refs(prefill), [g for gs, _ in self._stage_refs(decode) for g in gs],
+                self.cluster, self.compression, decode_stages=self._stage_refs(decode))
         return self._spt[key]
+
+    def _stage_refs(self, stages: Stages) -> list[tuple[list[GpuRef], int]]:
+        by_id = self.cluster.by_id
+        return [([by_id[g] for g in sorted(s.gpus)], s.num_layers) for s in stages]
 
     def codec_s_per_token(self, stages: Stages) -> float:
         """GPU seconds per prompt token to quantise (or dequantise) a group's KV at the plan's compression."""
@@ -190,15 +196,16 @@ class PlanningContext:
         return codec_seconds_per_token(self.model, [([by_id[g] for g in s.gpus], s.num_layers) for s in stages],
                                        self.compression)
 
-    def kv_paths(self, prefill: Stages, decode_gpus: Iterable[str]) -> list[Path]:
-        """The streams of a KV transfer and the network resources they cross (`costmodel.network`). Not keyed
-        by shape: which NIC or zone path a transfer crosses depends on the actual nodes."""
-        key = (tuple((tuple(sorted(s.gpus)), s.num_layers) for s in prefill), tuple(sorted(decode_gpus)))
+    def kv_paths(self, prefill: Stages, decode: Stages) -> list[Path]:
+        """The streams of a KV transfer (per segment, as `seconds_per_token`) and the network resources they
+        cross (`costmodel.network`). Not keyed by shape: which NIC or zone path a transfer crosses depends on
+        the actual nodes."""
+        key = (tuple((tuple(sorted(s.gpus)), s.num_layers) for s in prefill),
+               tuple((tuple(sorted(s.gpus)), s.num_layers) for s in decode))
         if key not in self._paths:
-            by_id = self.cluster.by_id
-            self._paths[key] = kv_paths(self.model, [([by_id[g] for g in s.gpus], s.num_layers) for s in prefill],
-                                        [by_id[g] for g in sorted(decode_gpus)], self.cluster, self.topology,
-                                        self.compression)
+            refs = self._stage_refs(decode)
+            self._paths[key] = kv_paths(self.model, self._stage_refs(prefill), [g for gs, _ in refs for g in gs],
+                                        self.cluster, self.topology, self.compression, decode_stages=refs)
         return self._paths[key]
 
     def edge(self, seconds_per_token: float) -> EdgeModel:

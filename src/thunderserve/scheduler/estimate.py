@@ -106,7 +106,7 @@ def _ok_fn(ctx: PlanningContext, plan: Plan, rate_rps: float, ttft_s: float, wit
         out_scv = departure_scv(lam_p * pm.mean_service_s, pm.service_scv, split_scv(share))
         for d, s in sorted(kv.get(p, {}).items()):
             lam = lam_p * s
-            edge = ctx.edge(ctx.seconds_per_token(groups[p].stages, groups[d].gpus))
+            edge = ctx.edge(ctx.seconds_per_token(groups[p].stages, groups[d].stages))
             codec = ctx.codec_s_per_token(groups[p].stages) + ctx.codec_s_per_token(groups[d].stages)
             soj = edge.transfer_s * slowdown.get((p, d), 1.0) + codec * sample.prompt_tokens
             links[(p, d)] = (lam, soj)
@@ -163,7 +163,7 @@ def _network_slowdowns(ctx: PlanningContext, plan: Plan, rate_rps: float) -> dic
             continue
         for d, s in sorted(plan.routing.kv.get(p, {}).items()):
             lam = rate_rps * share * s
-            ps = paths[(p, d)] = ctx.kv_paths(groups[p].stages, groups[d].gpus)
+            ps = paths[(p, d)] = ctx.kv_paths(groups[p].stages, groups[d].stages)
             for path in ps:
                 for r in path.resources:
                     load[r] = load.get(r, 0.0) + lam * mean_prompt * path.bytes_per_token

@@ -174,7 +174,7 @@ def route(ctx: PlanningContext, groups: Sequence[Group]) -> LpResult:
     prefill = [g for g in groups if g.phase is Phase.PREFILL]
     decode = [g for g in groups if g.phase is Phase.DECODE]
     colocated = [g for g in groups if g.phase is Phase.COLOCATED]
-    spt = {(pi, di): ctx.seconds_per_token(p.stages, d.gpus)
+    spt = {(pi, di): ctx.seconds_per_token(p.stages, d.stages)
            for pi, p in enumerate(prefill) for di, d in enumerate(decode)}
     cost = {k: ctx.edge(v).mean_s / ctx.slo.ttft_s if math.isfinite(v) else math.inf for k, v in spt.items()}
     pcaps, dcaps, ccaps = _capacities(ctx, prefill, decode, colocated, spt, {})

@@ -40,7 +40,7 @@ def test_shares_sum_to_one_and_capacities_hold() -> None:
     assert lp.entry_rps.get("c0", 0.0) <= lp.colocated_caps["c0"] * (1 + 1e-6)
     # those capacities are the context's, for Poisson (c² = 1) or smoother round-robin arrivals
     for (p, d), cap in lp.prefill_caps.items():
-        spt = ctx.seconds_per_token(by_id[p].stages, by_id[d].gpus)
+        spt = ctx.seconds_per_token(by_id[p].stages, by_id[d].stages)
         assert cap in {ctx.prefill_capacity(by_id[p].stages, spt, 2.0 ** -k) for k in range(7)}
     assert ctx.colocated_capacity(by_id["c0"].stages, 0.25) >= ctx.colocated_capacity(by_id["c0"].stages)
     # the LP saturates something: the served rate is the sum of the flows
