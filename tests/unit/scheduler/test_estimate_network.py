@@ -27,3 +27,17 @@ def test_links_out_of_one_node_share_its_nic_in_the_estimate() -> None:
     # the NIC of node a carries twice the load: its utilisation, hence the slowdown, is higher
     assert attainment(ctx, shared, 1.0) <= attainment(ctx, apart, 1.0)
     assert _network_slowdowns(ctx, shared, 1e3)[("p0", "d0")] == float("inf")
+
+
+def test_kv_goes_segment_by_segment_as_in_the_simulator() -> None:
+    """Prefill and decode pipelines with a segment of the same layers on each of two nodes keep KV inside the
+    nodes (DistServe's low-affinity placement): the estimate prices it by the fast intra-node links, not the
+    slow link between the nodes; a decode layout with other layer splits pays the cross-node link."""
+    from thunderserve.plan import Stage
+
+    c = cluster((("a", "TOY", 2), ("b", "TOY", 2)), default_gbps=1.0)
+    ctx = context(c, compression="none")
+    pre = (Stage(gpus=("a:0",), layers=(0, 16)), Stage(gpus=("b:0",), layers=(16, 32)))
+    aligned = (Stage(gpus=("a:1",), layers=(0, 16)), Stage(gpus=("b:1",), layers=(16, 32)))
+    crossed = (Stage(gpus=("b:1",), layers=(0, 16)), Stage(gpus=("a:1",), layers=(16, 32)))
+    assert ctx.seconds_per_token(pre, aligned) < ctx.seconds_per_token(pre, crossed) / 5
