@@ -181,7 +181,7 @@ def test_demo_refuses_a_file_as_out_dir(monkeypatch, capsys, tmp_path) -> None: 
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # seven systems planned and simulated, with curves
+@pytest.mark.timeout(1500)  # seven systems planned and simulated, with curves (11 min on one core)
 def test_demo_compares_with_every_baseline_and_writes_the_plot(monkeypatch, capsys, tmp_path  # type: ignore[no-untyped-def]
                                                                ) -> None:
     out_dir = tmp_path / "demo"
