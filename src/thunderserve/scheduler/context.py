@@ -181,9 +181,9 @@ class PlanningContext:
         key = (tuple((gpu_shape(self.cluster, s.gpus), s.num_layers) for s in prefill),
                tuple((gpu_shape(self.cluster, s.gpus), s.num_layers) for s in decode))
         if key not in self._spt:
-            self._spt[key] = kv_seconds_per_token(
-                self.model, self._stage_refs(prefill), [g for gs, _ in self._stage_refs(decode) for g in gs],
-                self.cluster, self.compression, decode_stages=self._stage_refs(decode))
+            refs = self._stage_refs(decode)
+            self._spt[key] = kv_seconds_per_token(self.model, self._stage_refs(prefill), [g for gs, _ in refs for g in gs],
+                                                  self.cluster, self.compression, decode_stages=refs)
         return self._spt[key]
 
     def _stage_refs(self, stages: Stages) -> list[tuple[list[GpuRef], int]]:
