@@ -69,9 +69,9 @@ class PlanningContext:
         default_factory=dict, init=False, repr=False)
     _paths: dict[object, list[Path]] = field(default_factory=dict, init=False, repr=False)
     _edges: dict[float, EdgeModel] = field(default_factory=dict, init=False, repr=False)
-    _cap_prefill: dict[tuple[Sig, float, float], float] = field(default_factory=dict, init=False, repr=False)
-    _cap_decode: dict[tuple[Sig, float, float], float] = field(default_factory=dict, init=False, repr=False)
-    _cap_colocated: dict[tuple[Sig, float], float] = field(default_factory=dict, init=False, repr=False)
+    _cap_prefill: dict[tuple[Sig, float, float, float], float] = field(default_factory=dict, init=False, repr=False)
+    _cap_decode: dict[tuple[Sig, float, float, float], float] = field(default_factory=dict, init=False, repr=False)
+    _cap_colocated: dict[tuple[Sig, float, float], float] = field(default_factory=dict, init=False, repr=False)
     _cap_standalone: dict[tuple[Sig, Phase], float] = field(default_factory=dict, init=False, repr=False)
     _sig: dict[Stages, Sig] = field(default_factory=dict, init=False, repr=False)
     _layout_memo: dict[object, object] = field(default_factory=dict, init=False, repr=False)
@@ -232,10 +232,13 @@ class PlanningContext:
         """Capacity of a layout in isolation (KV over an ideal link), used to rank layouts."""
         return self._standalone(self.perf(stages), stages, phase)
 
-    def prefill_capacity(self, prefill: Stages, seconds_per_token: float, arrival_scv: float = 1.0) -> float:
+    def prefill_capacity(self, prefill: Stages, seconds_per_token: float, arrival_scv: float = 1.0,
+                         target: float | None = None) -> float:
         """Rate a prefill group takes at its share of the SLO (TTFT, and KV memory held until the transfer
-        ends) when all its KV crosses a link of this rate and its arrivals have this c²."""
-        key = (self.sig(prefill), _rate_key(seconds_per_token), arrival_scv)
+        ends) when all its KV crosses a link of this rate and its arrivals have this c². `target`: the
+        attainment it must reach (default `component_target`: its share of the SLO's)."""
+        target = component_target(self.slo) if target is None else target
+        key = (self.sig(prefill), _rate_key(seconds_per_token), arrival_scv, target)
         if key not in self._cap_prefill:
             if not self.edge_usable(seconds_per_token):
                 self._cap_prefill[key] = 0.0
@@ -248,14 +251,16 @@ class PlanningContext:
                     hold = pm.kv_hold_ok(r, [(1.0, edge.sojourn_s(r))])
                     return hold * float(pm.ttft_ok(r, ttft, arrival_scv).mean())
 
-                self._cap_prefill[key] = max_rate(att, component_target(self.slo), pm.guess_capacity_rps(),
-                                                  CAPACITY_REL_TOL)
+                self._cap_prefill[key] = max_rate(att, target, pm.guess_capacity_rps(), CAPACITY_REL_TOL)
         return self._cap_prefill[key]
 
-    def decode_capacity(self, stages: Stages, seconds_per_token: float = 0.0, arrival_scv: float = 1.0) -> float:
+    def decode_capacity(self, stages: Stages, seconds_per_token: float = 0.0, arrival_scv: float = 1.0,
+                        target: float | None = None) -> float:
         """Rate a decode group takes at its share of the SLO (TPOT including the KV link's sojourn, KV
-        memory and batch slots) when all its requests arrive over a link of this rate, with this c²."""
-        key = (self.sig(stages), _rate_key(seconds_per_token), arrival_scv)
+        memory and batch slots) when all its requests arrive over a link of this rate, with this c²
+        (`target` as for `prefill_capacity`)."""
+        target = component_target(self.slo) if target is None else target
+        key = (self.sig(stages), _rate_key(seconds_per_token), arrival_scv, target)
         if key not in self._cap_decode:
             if not self.edge_usable(seconds_per_token):
                 self._cap_decode[key] = 0.0
@@ -268,17 +273,19 @@ class PlanningContext:
                     mean_soj = float(soj[dm.has_decode].mean()) if dm.has_decode.any() else 0.0
                     return float(dm.ok(r, soj, mean_soj, arrival_scv).mean())
 
-                self._cap_decode[key] = max_rate(att, component_target(self.slo), dm.guess_capacity_rps(),
-                                                 CAPACITY_REL_TOL)
+                self._cap_decode[key] = max_rate(att, target, dm.guess_capacity_rps(), CAPACITY_REL_TOL)
         return self._cap_decode[key]
 
-    def colocated_capacity(self, stages: Stages, arrival_scv: float = 1.0) -> float:
-        key = (self.sig(stages), arrival_scv)
+    def colocated_capacity(self, stages: Stages, arrival_scv: float = 1.0, target: float | None = None) -> float:
+        """Rate a colocated group takes with `target` of its requests meeting the SLO (default: the SLO's
+        attainment target)."""
+        target = self.slo.attainment_target if target is None else target
+        key = (self.sig(stages), arrival_scv, target)
         if key not in self._cap_colocated:
             cm = self.colocated_model(stages)
             self._cap_colocated[key] = max_rate(
                 lambda r: float(cm.ok(r, self.slo.ttft_s, self.slo.tpot_s, arrival_scv).mean()),
-                self.slo.attainment_target, cm.guess_capacity_rps(), CAPACITY_REL_TOL)
+                target, cm.guess_capacity_rps(), CAPACITY_REL_TOL)
         return self._cap_colocated[key]
 
     def group_capacity(self, group: Group) -> float:

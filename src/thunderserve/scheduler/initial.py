@@ -12,7 +12,8 @@
 `typed_node_runs` adds the standard homogeneous starts a vLLM user would try: each GPU type's nodes in runs of k
 whole nodes (one group each; the layout DP lays it out, e.g. TP2 x PP4 over two 4-GPU nodes). Summed stand-alone
 capacities (what step 2 ranks by) can prefer two single-node groups where the routed plan prefers one pipeline
-over both nodes; the planner scores these starts with its full objective instead.
+over both nodes; the planner scores these starts with its full objective instead. `typed_node_pairs` splits the
+same runs into prefill and decode halves on every node: DistServe's low-affinity placement.
 """
 
 from __future__ import annotations
@@ -197,3 +198,22 @@ def typed_node_runs(ctx: PlanningContext, k_of_type: dict[str, int]) -> list[Gro
         for chunk in _node_chunks(nodes, max(1, k_of_type.get(name, 1)), ctx.max_pp):
             groups.append(frozenset(g.id for g in chunk))
     return groups
+
+
+def typed_node_pairs(ctx: PlanningContext, k_of_type: dict[str, int]) -> list[tuple[GroupKey, Phase]]:
+    """DistServe's low-affinity placement as a start: the runs of `typed_node_runs`, each split into a prefill
+    group (the first half of every node's GPUs) and a decode group (the rest), so each node holds a prefill and
+    a decode segment of the same layers once aligned (`align`) and the KV cache stays inside the node. A run
+    with a single-GPU node stays one colocated group."""
+    by_id = ctx.cluster.by_id
+    out: list[tuple[GroupKey, Phase]] = []
+    for key in typed_node_runs(ctx, k_of_type):
+        per_node: dict[int, list[str]] = {}
+        for g in sorted(key, key=ctx.cluster.index_of.__getitem__):
+            per_node.setdefault(by_id[g].node_index, []).append(g)
+        if min(len(v) for v in per_node.values()) < 2:
+            out.append((key, Phase.COLOCATED))
+            continue
+        out.append((frozenset(g for v in per_node.values() for g in v[:len(v) // 2]), Phase.PREFILL))
+        out.append((frozenset(g for v in per_node.values() for g in v[len(v) // 2:]), Phase.DECODE))
+    return out

@@ -39,6 +39,7 @@ REF_RESERVE_TOKENS = 1536.0  # proxy decode: KV reserved per running sequence
 REF_DECODE_CONTEXT = 1024.0  # proxy decode: mean context per running sequence
 MAX_REF_BATCH = 256
 PROXY_TOP_K = 4  # candidates the (expensive) caller score looks at
+PROXY_MAX_SCORED = 16  # ... and at most this many while every one scored so far scores 0
 
 
 @dataclass(frozen=True)
@@ -355,8 +356,16 @@ def _best(gpu_ids: Sequence[str], cluster: Cluster, model: ModelSpec, max_pp: in
     ranked = sorted(range(len(cands)), key=lambda i: (-rank(cands[i].perf), i))
     if score is None:
         return cands[ranked[0]]
-    top = ranked[:PROXY_TOP_K]
-    best_i = max(top, key=lambda i: (score(cands[i].perf, cands[i].stages), -top.index(i)))
+    # the exact score for the proxy's top K; while none of them serves anything at the SLO (the proxy ranks by
+    # throughput, and a TTFT-bound group wants latency), the next K, up to PROXY_MAX_SCORED
+    best_i, best_s = ranked[0], 0.0
+    for lo in range(0, min(len(ranked), PROXY_MAX_SCORED), PROXY_TOP_K):
+        for i in ranked[lo:lo + PROXY_TOP_K]:
+            s = score(cands[i].perf, cands[i].stages)
+            if s > best_s:
+                best_i, best_s = i, s
+        if best_s > 0:
+            break
     return cands[best_i]
 
 

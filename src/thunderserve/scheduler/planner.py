@@ -22,7 +22,7 @@ from thunderserve.plan.model import Group, Phase, Plan
 from thunderserve.scheduler.config import PlanResult, SchedulerConfig
 from thunderserve.scheduler.context import PlanningContext
 from thunderserve.scheduler.finalise import final_plan, verify_candidates
-from thunderserve.scheduler.initial import initial_groups, typed_node_runs
+from thunderserve.scheduler.initial import initial_groups, typed_node_pairs, typed_node_runs
 from thunderserve.scheduler.orchestrate import choose_phases
 from thunderserve.scheduler.tabu import Evaluator, Score, SearchResult, State, canonical, tabu_search
 from thunderserve.spec.cluster import Cluster
@@ -109,9 +109,26 @@ def _best_start(ctx: PlanningContext, config: SchedulerConfig, ev: Evaluator, de
 
 def _best_typed_runs(ctx: PlanningContext, config: SchedulerConfig, ev: Evaluator, deadline: float
                      ) -> tuple[State, Score] | None:
-    """The best `typed_node_runs` start: the same run length k = 1..max_pp for every type, then each type's k
-    changed alone while that improves the objective (types in name order, ties to the shorter run). A peer's
-    standard homogeneous layouts are then never out of the search's reach, whatever the budget."""
+    """The best `typed_node_runs` start, and (when both phases are allowed) the best `typed_node_pairs` one:
+    the same run length k = 1..max_pp for every type, then each type's k changed alone while that improves the
+    objective (types in name order, ties to the shorter run). A peer's standard homogeneous layouts (vLLM's
+    replicas and pipelines, DistServe's per-node prefill and decode segments) are then never out of the
+    search's reach, whatever the budget."""
+    split_ok = {Phase.PREFILL, Phase.DECODE} <= set(config.phases)
+    found = [_typed_descent(ctx, config, ev, deadline, split) for split in ((False, True) if split_ok else (False,))]
+    runs = [f for f in found if f is not None]
+    if not runs:
+        return None
+    best = runs[0]
+    for r in runs[1:]:
+        if r[1].better_than(best[1]):
+            best = r
+    return best
+
+
+def _typed_descent(ctx: PlanningContext, config: SchedulerConfig, ev: Evaluator, deadline: float, split: bool
+                   ) -> tuple[State, Score] | None:
+    """`_best_typed_runs` for whole runs (`split` False) or prefill/decode halves (True)."""
     types = ctx.cluster.gpu_types()
     node_counts = {t: len({g.node_index for g in ctx.cluster.gpus if g.spec.name == t}) for t in types}
     ks = list(range(1, ctx.max_pp + 1))
@@ -120,7 +137,10 @@ def _best_typed_runs(ctx: PlanningContext, config: SchedulerConfig, ev: Evaluato
     def trial(k_of_type: dict[str, int]) -> None:
         nonlocal best
         try:
-            state = _start_state(ctx, config, keys=typed_node_runs(ctx, k_of_type))
+            if split:
+                state = canonical(typed_node_pairs(ctx, k_of_type), ctx.cluster.index_of)
+            else:
+                state = _start_state(ctx, config, keys=typed_node_runs(ctx, k_of_type))
         except InfeasibleError:
             return
         score = ev.evaluate(state)[0]

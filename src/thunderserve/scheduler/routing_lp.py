@@ -1,20 +1,26 @@
 """The lower level's orchestration: a two-stage transportation LP from entry to prefill to decode groups.
 
-Variables: y[p,d] >= 0, the request rate prefilled by group p whose KV goes to decode group d, and
-x[c] >= 0, the rate a colocated group c serves end to end. Maximise the served rate
-    Σ y + Σ x  -  ε Σ y[p,d] · E[KV transfer time p→d] / TTFT target      (ε: prefer fast links on ties)
+Variables, per attainment level l (below): y[p,d,l] >= 0, the request rate prefilled by group p whose KV goes
+to decode group d, served at level l, and x[c,l] >= 0, the rate a colocated group c serves end to end at level
+l. Maximise the served rate
+    Σ y + Σ x  -  ε Σ y[p,d,l] · E[KV transfer time p→d] / TTFT target      (ε: prefer fast links on ties)
 subject to
-    Σ_d y[p,d] / P[p,d] <= 1   for every prefill group p   (time-sharing p's capacity across its links)
-    Σ_p y[p,d] / D[p,d] <= 1   for every decode group d    (time-sharing d's capacity across its links)
-    x[c] <= C[c]               for every colocated group c
-Every capacity is a rate (req/s) at which that group alone meets its share of the SLO attainment
-(`PlanningContext`): P[p,d] is p's rate when all its KV leaves over the p→d link (TTFT, and prefill KV memory
-held until the transfer ends), D[p,d] is d's rate when all its requests arrive over that link (TPOT includes
-the transfer's sojourn on the processor-sharing link). So each KV edge is priced by its link's bandwidth, and
-an edge whose transfer alone would blow the TTFT budget gets no capacity and no variable. Solved by HiGHS.
-Capacities account for the arrival variability round-robin routing leaves (second pass, see `route`).
-Routing shares are the normalised flows. When no flow meets the SLO at all, the same LP runs on stability
-(throughput) capacities so the plan still routes sensibly.
+    Σ_d,l y[p,d,l] / P[p,d,l] <= 1   for every prefill group p   (time-sharing p's capacity across links, levels)
+    Σ_p,l y[p,d,l] / D[p,d,l] <= 1   for every decode group d
+    Σ_l x[c,l] / C[c,l] <= 1         for every colocated group c
+    Σ (1 - a_l) (y + x)  <=  (1 - target) Σ (y + x)                  (the SLO's attainment over all requests)
+Every capacity is a rate (req/s) at which that group alone meets attainment a_l of the SLO (`PlanningContext`;
+a prefill/decode pair meets it with sqrt(a_l) on each side): P[p,d,l] is p's rate when all its KV leaves over
+the p→d link (TTFT, and prefill KV memory held until the transfer ends), D[p,d,l] is d's rate when all its
+requests arrive over that link (TPOT includes the transfer's sojourn on the processor-sharing link). So each KV
+edge is priced by its link's bandwidth, and an edge whose transfer alone would blow the TTFT budget gets no
+capacity and no variable. The SLO holds for `attainment_target` of all requests, not of each group's: levels
+above the target (lightly loaded groups) pay for levels below it (a group that cannot reach the target at any
+rate, e.g. decode at a TPOT target near its step time, still serves what the others' slack allows), the
+time-sharing rows mixing a group's levels along the chord of its misses-vs-rate curve (convex: conservative).
+Solved by HiGHS. Capacities account for the arrival variability round-robin routing leaves (second pass, see
+`route`). Routing shares are the normalised flows. When no flow meets the SLO at all, the same LP runs on
+stability (throughput) capacities, one level, so the plan still routes sensibly.
 """
 
 from __future__ import annotations
@@ -44,10 +50,14 @@ class LpResult:
     entry_rps: dict[str, float]
     kv_rps: dict[str, dict[str, float]]
     slo_feasible: bool
-    # the capacities (req/s) the LP used: per (prefill, decode) link for each side, per colocated group
-    prefill_caps: dict[tuple[str, str], float] = field(default_factory=dict)
-    decode_caps: dict[tuple[str, str], float] = field(default_factory=dict)
-    colocated_caps: dict[str, float] = field(default_factory=dict)
+    # the capacities (req/s) the LP used, per attainment level l (`levels[l]`): per (prefill, decode, l) for
+    # each side of a link, per (colocated group, l); and the flows per level, keyed the same way
+    levels: tuple[float, ...] = ()
+    prefill_caps: dict[tuple[str, str, int], float] = field(default_factory=dict)
+    decode_caps: dict[tuple[str, str, int], float] = field(default_factory=dict)
+    colocated_caps: dict[tuple[str, int], float] = field(default_factory=dict)
+    kv_level_rps: dict[tuple[str, str, int], float] = field(default_factory=dict)
+    colocated_level_rps: dict[tuple[str, int], float] = field(default_factory=dict)
 
     def routing(self) -> Routing:
         total = sum(self.entry_rps.values())
@@ -101,67 +111,109 @@ def _linprog_max(c_max: np.ndarray, a_csc: csc_matrix, b_ub: np.ndarray, upper: 
     return np.asarray(res.x, dtype=float)
 
 
-def _solve(prefill: Sequence[Group], decode: Sequence[Group], colocated: Sequence[Group],
-           prefill_caps: dict[tuple[int, int], float], decode_caps: dict[tuple[int, int], float],
-           edge_cost: dict[tuple[int, int], float], colocated_caps: Sequence[float]
-           ) -> tuple[float, dict[str, float], dict[str, dict[str, float]]]:
-    edges = sorted(k for k, c in prefill_caps.items() if c > 0 and decode_caps.get(k, 0.0) > 0)
-    cols = [i for i, c in enumerate(colocated_caps) if c > 0]
-    ne = len(edges)
-    nvar = ne + len(cols)
+# Attainment levels a group may be run at, as multiples of the SLO's miss budget (1 - target): 1.0 is the
+# target itself; below 1, lightly loaded groups that leave slack; above, groups run past the target.
+MISS_MULTIPLES = (0.3, 0.6, 1.0, 2.0, 3.5)
+BASE_LEVEL = MISS_MULTIPLES.index(1.0)  # the level at the SLO's own target
+
+Caps = dict[tuple[int, int, int], float]  # (prefill index, decode index, level) -> req/s
+
+
+@dataclass(frozen=True)
+class Solution:
+    value: float
+    entry: dict[str, float]
+    kv: dict[str, dict[str, float]]
+    kv_level: dict[tuple[str, str, int], float]
+    colocated_level: dict[tuple[str, int], float]
+
+
+def attainment_levels(target: float) -> tuple[float, ...]:
+    """The request-level attainments a_l of `MISS_MULTIPLES` for this target (those above 0)."""
+    return tuple(a for a in (1.0 - k * (1.0 - target) for k in MISS_MULTIPLES) if a > 0.0)
+
+
+def _solve(prefill: Sequence[Group], decode: Sequence[Group], colocated: Sequence[Group], pcaps: Caps,
+           dcaps: Caps, edge_cost: dict[tuple[int, int], float], ccaps: dict[tuple[int, int], float],
+           excess: Sequence[float]) -> Solution:
+    """The LP of the module docstring; `excess[l]` = target - a_l (the attainment row's coefficient)."""
+    yv = sorted(k for k, c in pcaps.items() if c > 0 and dcaps.get(k, 0.0) > 0)
+    xv = sorted(k for k, c in ccaps.items() if c > 0)
+    ny, nvar = len(yv), len(yv) + len(xv)
     if nvar == 0:
-        return 0.0, {}, {}
+        return Solution(0.0, {}, {}, {}, {})
     c_max = np.ones(nvar)
-    upper = np.full(nvar, np.inf)
-    if ne:
-        e_arr = np.asarray(edges, dtype=np.int64).reshape(ne, 2)
-        c_max[:ne] = 1.0 - EDGE_COST_WEIGHT * np.minimum(np.asarray([edge_cost[e] for e in edges]), 1.0)
-        pcap = np.asarray([prefill_caps[e] for e in edges])
-        dcap = np.asarray([decode_caps[e] for e in edges])
-        # rows 0..P-1: prefill time-sharing; rows P..P+D-1: decode time-sharing
-        rows = np.concatenate([e_arr[:, 0], len(prefill) + e_arr[:, 1]])
-        colsi = np.concatenate([np.arange(ne), np.arange(ne)])
-        vals = np.concatenate([1.0 / pcap, 1.0 / dcap])
-        a = csc_matrix((vals, (rows, colsi)), shape=(len(prefill) + len(decode), nvar))
-        b_ub = np.ones(len(prefill) + len(decode))
-    else:
-        a = csc_matrix((1, nvar))
-        b_ub = np.zeros(1)
-    for k, i in enumerate(cols):
-        upper[ne + k] = colocated_caps[i]
-    flows = np.maximum(_linprog_max(c_max, a, b_ub, upper), 0.0)
+    np_, nd, nc = len(prefill), len(decode), len(colocated)
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    level = np.asarray([k[2] for k in yv] + [k[1] for k in xv], dtype=np.int64)
+    if ny:
+        y = np.asarray(yv, dtype=np.int64).reshape(ny, 3)
+        c_max[:ny] = 1.0 - EDGE_COST_WEIGHT * np.minimum(np.asarray([edge_cost[k[0], k[1]] for k in yv]), 1.0)
+        rows += [y[:, 0], np_ + y[:, 1]]  # rows 0..P-1: prefill time-sharing; P..P+D-1: decode
+        cols += [np.arange(ny), np.arange(ny)]
+        vals += [1.0 / np.asarray([pcaps[k] for k in yv]), 1.0 / np.asarray([dcaps[k] for k in yv])]
+    if xv:
+        x = np.asarray(xv, dtype=np.int64).reshape(len(xv), 2)
+        rows.append(np_ + nd + x[:, 0])  # colocated time-sharing rows
+        cols.append(np.arange(ny, nvar))
+        vals.append(1.0 / np.asarray([ccaps[k] for k in xv]))
+    ex = np.asarray(excess, dtype=float)[level]
+    if np.any(ex != 0):  # the attainment row: Σ (target - a_l) flow <= 0
+        nz = np.flatnonzero(ex)
+        rows.append(np.full(nz.size, np_ + nd + nc))
+        cols.append(nz)
+        vals.append(ex[nz])
+    a = csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                   shape=(np_ + nd + nc + 1, nvar))
+    b_ub = np.concatenate([np.ones(np_ + nd + nc), np.zeros(1)])
+    flows = np.maximum(_linprog_max(c_max, a, b_ub, np.full(nvar, np.inf)), 0.0)
     entry: dict[str, float] = {}
     kv: dict[str, dict[str, float]] = {}
-    for j, (pi, di) in enumerate(edges):
+    kv_level: dict[tuple[str, str, int], float] = {}
+    col_level: dict[tuple[str, int], float] = {}
+    for j, (pi, di, lv) in enumerate(yv):
         if flows[j] <= 0:
             continue
         p, d = prefill[pi].id, decode[di].id
         entry[p] = entry.get(p, 0.0) + float(flows[j])
-        kv.setdefault(p, {})[d] = float(flows[j])
-    for k, i in enumerate(cols):
-        f = float(flows[ne + k])
+        kv.setdefault(p, {})[d] = kv.get(p, {}).get(d, 0.0) + float(flows[j])
+        kv_level[p, d, lv] = float(flows[j])
+    for j, (ci, lv) in enumerate(xv):
+        f = float(flows[ny + j])
         if f > 0:
-            entry[colocated[i].id] = f
-    return float(sum(entry.values())), entry, kv
+            gid = colocated[ci].id
+            entry[gid] = entry.get(gid, 0.0) + f
+            col_level[gid, lv] = f
+    return Solution(float(sum(entry.values())), entry, kv, kv_level, col_level)
 
 
 def _capacities(ctx: PlanningContext, prefill: Sequence[Group], decode: Sequence[Group],
-                colocated: Sequence[Group], spt: dict[tuple[int, int], float], scv: dict[str, float]
-                ) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float], list[float]]:
-    pcaps = {k: ctx.prefill_capacity(prefill[k[0]].stages, v, scv.get(prefill[k[0]].id, 1.0))
-             for k, v in spt.items()}
-    dcaps = {k: ctx.decode_capacity(decode[k[1]].stages, v, scv.get(decode[k[1]].id, 1.0)) if pcaps[k] > 0
-             else 0.0 for k, v in spt.items()}
-    ccaps = [ctx.colocated_capacity(g.stages, scv.get(g.id, 1.0)) for g in colocated]
+                colocated: Sequence[Group], spt: dict[tuple[int, int], float], scv: dict[str, float],
+                levels: Sequence[float]) -> tuple[Caps, Caps, dict[tuple[int, int], float]]:
+    """Capacities per edge (or colocated group) and level; a pair meets a_l with sqrt(a_l) on each side."""
+    pcaps: Caps = {}
+    dcaps: Caps = {}
+    for (pi, di), v in spt.items():
+        for lv, a in enumerate(levels):
+            side = math.sqrt(a)
+            pc = ctx.prefill_capacity(prefill[pi].stages, v, scv.get(prefill[pi].id, 1.0), side)
+            pcaps[pi, di, lv] = pc
+            dcaps[pi, di, lv] = (ctx.decode_capacity(decode[di].stages, v, scv.get(decode[di].id, 1.0), side)
+                                 if pc > 0 else 0.0)
+    ccaps = {(ci, lv): ctx.colocated_capacity(g.stages, scv.get(g.id, 1.0), a)
+             for ci, g in enumerate(colocated) for lv, a in enumerate(levels)}
     return pcaps, dcaps, ccaps
 
 
-def _named(prefill: Sequence[Group], decode: Sequence[Group], colocated: Sequence[Group],
-           pcaps: dict[tuple[int, int], float], dcaps: dict[tuple[int, int], float], ccaps: Sequence[float]
-           ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float], dict[str, float]]:
-    return ({(prefill[a].id, decode[b].id): v for (a, b), v in pcaps.items()},
-            {(prefill[a].id, decode[b].id): v for (a, b), v in dcaps.items()},
-            {g.id: v for g, v in zip(colocated, ccaps, strict=True)})
+def _result(prefill: Sequence[Group], decode: Sequence[Group], colocated: Sequence[Group], sol: Solution,
+            levels: tuple[float, ...], pcaps: Caps, dcaps: Caps, ccaps: dict[tuple[int, int], float]) -> LpResult:
+    """An SLO-feasible result, capacities keyed by group names."""
+    return LpResult(sol.value, sol.entry, sol.kv, True, levels,
+                    {(prefill[a].id, decode[b].id, lv): v for (a, b, lv), v in pcaps.items()},
+                    {(prefill[a].id, decode[b].id, lv): v for (a, b, lv), v in dcaps.items()},
+                    {(colocated[c].id, lv): v for (c, lv), v in ccaps.items()}, sol.kv_level, sol.colocated_level)
 
 
 def route(ctx: PlanningContext, groups: Sequence[Group]) -> LpResult:
@@ -177,28 +229,30 @@ def route(ctx: PlanningContext, groups: Sequence[Group]) -> LpResult:
     spt = {(pi, di): ctx.seconds_per_token(p.stages, d.stages)
            for pi, p in enumerate(prefill) for di, d in enumerate(decode)}
     cost = {k: ctx.edge(v).mean_s / ctx.slo.ttft_s if math.isfinite(v) else math.inf for k, v in spt.items()}
-    pcaps, dcaps, ccaps = _capacities(ctx, prefill, decode, colocated, spt, {})
-    value, entry, kv = _solve(prefill, decode, colocated, pcaps, dcaps, cost, ccaps)
-    if value > 0:
+    target = ctx.slo.attainment_target
+    levels = attainment_levels(target)
+    excess = [target - a for a in levels]
+    pcaps, dcaps, ccaps = _capacities(ctx, prefill, decode, colocated, spt, {}, levels)
+    sol = _solve(prefill, decode, colocated, pcaps, dcaps, cost, ccaps, excess)
+    if sol.value > 0:
         inflow: dict[str, float] = {}
-        for dests in kv.values():
+        for dests in sol.kv.values():
             for d, f in dests.items():
                 inflow[d] = inflow.get(d, 0.0) + f
-        scv = {g: scv_bucket(f / value) for g, f in list(entry.items()) + list(inflow.items())}
-        pcaps, dcaps, ccaps = _capacities(ctx, prefill, decode, colocated, spt, scv)
-        value2, entry2, kv2 = _solve(prefill, decode, colocated, pcaps, dcaps, cost, ccaps)
-        if value2 > 0:
-            return LpResult(value2, entry2, kv2, True, *_named(prefill, decode, colocated, pcaps, dcaps, ccaps))
-        pcaps, dcaps, ccaps = _capacities(ctx, prefill, decode, colocated, spt, {})
-        return LpResult(value, entry, kv, True, *_named(prefill, decode, colocated, pcaps, dcaps, ccaps))
-    # No flow meets the SLO: route by stability capacities so the plan is still well formed.
-    pcaps = {k: (ctx.prefill_model(prefill[k[0]].stages).guess_capacity_rps() if math.isfinite(v) else 0.0)
-             for k, v in spt.items()}
-    dcaps = {k: ctx.decode_model(decode[k[1]].stages).guess_capacity_rps() for k in spt}
+        scv = {g: scv_bucket(f / sol.value) for g, f in list(sol.entry.items()) + list(inflow.items())}
+        pcaps2, dcaps2, ccaps2 = _capacities(ctx, prefill, decode, colocated, spt, scv, levels)
+        sol2 = _solve(prefill, decode, colocated, pcaps2, dcaps2, cost, ccaps2, excess)
+        if sol2.value > 0:
+            return _result(prefill, decode, colocated, sol2, levels, pcaps2, dcaps2, ccaps2)
+        return _result(prefill, decode, colocated, sol, levels, pcaps, dcaps, ccaps)
+    # No flow meets the SLO: route by stability capacities (one level) so the plan is still well formed.
+    spcaps: Caps = {(*k, 0): (ctx.prefill_model(prefill[k[0]].stages).guess_capacity_rps() if math.isfinite(v)
+                              else 0.0) for k, v in spt.items()}
+    sdcaps: Caps = {(*k, 0): ctx.decode_model(decode[k[1]].stages).guess_capacity_rps() for k in spt}
     cost = {k: (v if math.isfinite(v) else 0.0) for k, v in cost.items()}
-    ccaps = [ctx.colocated_model(g.stages).guess_capacity_rps() for g in colocated]
-    value, entry, kv = _solve(prefill, decode, colocated, pcaps, dcaps, cost, ccaps)
-    if value <= 0:
+    sccaps = {(ci, 0): ctx.colocated_model(g.stages).guess_capacity_rps() for ci, g in enumerate(colocated)}
+    sol = _solve(prefill, decode, colocated, spcaps, sdcaps, cost, sccaps, [0.0])
+    if sol.value <= 0:
         raise PlanError("routing: no group can serve requests (prefill groups need a decode group reachable "
                         "over a non-zero-bandwidth link)")
-    return LpResult(0.0, entry, kv, False)
+    return LpResult(0.0, sol.entry, sol.kv, False)

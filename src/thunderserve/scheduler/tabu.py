@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from thunderserve.errors import PlanError
-from thunderserve.plan.model import Group, Phase
+from thunderserve.plan.model import Group, Phase, Stage
+from thunderserve.scheduler.align import aligned_prefill
 from thunderserve.scheduler.config import SchedulerConfig
 from thunderserve.scheduler.context import PlanningContext
 from thunderserve.scheduler.routing_lp import LpResult, route
@@ -79,12 +80,31 @@ class Evaluator:
     evaluations: int = 0
 
     def groups(self, state: State) -> list[Group]:
+        """The state's usable groups, laid out by the layout DP; a prefill group whose decode partner sits on
+        the same nodes takes the partner's layer cuts when that serves more on their link (`align`)."""
         out = []
         for i, (key, phase) in enumerate(state):
             lay = self.ctx.layout(key, phase)
             if lay is not None:
                 out.append(Group(id=f"g{i}", phase=phase, stages=lay.stages))
-        return out
+        decode = [g.stages for g in out if g.phase is Phase.DECODE]
+        return [self._aligned(g, decode) if g.phase is Phase.PREFILL else g for g in out]
+
+    def _aligned(self, group: Group, decode: list[tuple[Stage, ...]]) -> Group:
+        ctx = self.ctx
+        for dec in decode:
+            stages = aligned_prefill(ctx.cluster, group.stages, dec)
+            if stages is None or not ctx.perf(stages).fits:
+                continue
+
+            def pair_rate(pre: tuple[Stage, ...], dec: tuple[Stage, ...] = dec) -> float:
+                spt = ctx.seconds_per_token(pre, dec)
+                return min(ctx.prefill_capacity(pre, spt), ctx.decode_capacity(dec, spt))
+
+            if pair_rate(stages) > pair_rate(group.stages) * (1 + 1e-9):
+                return group.model_copy(update={"stages": stages})
+            return group
+        return group
 
     def best_evaluated(self) -> list[tuple[State, Score]]:
         """Every state scored so far that serves requests at the SLO, highest LP value first."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from sched_builders import cluster, context, loose_slo, synthetic_workload
 
 from thunderserve.errors import PlanError
 from thunderserve.plan import Group, Phase, Plan, Stage, validate_plan
 from thunderserve.scheduler import solve_routing
-from thunderserve.scheduler.routing_lp import route
-from thunderserve.spec import load_model
+from thunderserve.scheduler.routing_lp import BASE_LEVEL, attainment_levels, route
+from thunderserve.spec import SloSpec, load_model
 
 LLAMA7 = load_model("llama-2-7b")
 L = LLAMA7.num_layers
@@ -31,20 +33,49 @@ def test_shares_sum_to_one_and_capacities_hold() -> None:
     for dests in routing.kv.values():
         assert sum(dests.values()) == pytest.approx(1.0, abs=1e-12)
     by_id = {g.id: g for g in groups}
-    # prefill time-sharing and decode time-sharing rows, colocated bounds, with the capacities the LP used
-    for p, dests in lp.kv_rps.items():
-        assert sum(f / lp.prefill_caps[(p, d)] for d, f in dests.items()) <= 1 + 1e-6
-    for d in ("d0", "d1"):
-        used = sum(dests[d] / lp.decode_caps[(p, d)] for p, dests in lp.kv_rps.items() if d in dests)
+    # every row of the LP holds with the capacities it used: prefill and decode time-sharing over links and
+    # attainment levels, colocated time-sharing over levels, and the SLO's attainment over all requests
+    for p in ("p0", "p1"):
+        used = sum(f / lp.prefill_caps[pp, d, lv] for (pp, d, lv), f in lp.kv_level_rps.items() if pp == p)
         assert used <= 1 + 1e-6
-    assert lp.entry_rps.get("c0", 0.0) <= lp.colocated_caps["c0"] * (1 + 1e-6)
-    # those capacities are the context's, for Poisson (c² = 1) or smoother round-robin arrivals
-    for (p, d), cap in lp.prefill_caps.items():
+    for d in ("d0", "d1"):
+        used = sum(f / lp.decode_caps[p, dd, lv] for (p, dd, lv), f in lp.kv_level_rps.items() if dd == d)
+        assert used <= 1 + 1e-6
+    assert sum(f / lp.colocated_caps[c, lv] for (c, lv), f in lp.colocated_level_rps.items()) <= 1 + 1e-6
+    flows = [(f, lp.levels[lv]) for (_, _, lv), f in lp.kv_level_rps.items()]
+    flows += [(f, lp.levels[lv]) for (_, lv), f in lp.colocated_level_rps.items()]
+    served = sum(f for f, _ in flows)
+    assert sum(f * (1 - a) for f, a in flows) <= (1 - ctx.slo.attainment_target) * served + 1e-9
+    assert served == pytest.approx(lp.value_rps)
+    # those capacities are the context's, for Poisson (c² = 1) or smoother round-robin arrivals, a pair
+    # meeting level a with sqrt(a) on each side
+    for (p, d, lv), cap in lp.prefill_caps.items():
         spt = ctx.seconds_per_token(by_id[p].stages, by_id[d].stages)
-        assert cap in {ctx.prefill_capacity(by_id[p].stages, spt, 2.0 ** -k) for k in range(7)}
+        side = math.sqrt(lp.levels[lv])
+        assert cap in {ctx.prefill_capacity(by_id[p].stages, spt, 2.0 ** -k, side) for k in range(7)}
     assert ctx.colocated_capacity(by_id["c0"].stages, 0.25) >= ctx.colocated_capacity(by_id["c0"].stages)
     # the LP saturates something: the served rate is the sum of the flows
     assert lp.value_rps == pytest.approx(sum(lp.entry_rps.values()))
+
+
+def test_attainment_is_pooled_over_groups() -> None:
+    # the SLO counts all requests, not each group's: a fast group run below its capacity (attainment above the
+    # target) leaves misses a slow group spends running past the target, and together they serve more than
+    # each group held at the target would (what the LP solved before levels)
+    c = cluster((("a", "FAST", 1), ("b", "SLOW", 1)))
+    ctx = context(c)
+    ctx.slo = SloSpec(ttft_ms=2000.0, tpot_ms=60.0, attainment_target=0.9)
+    target = ctx.slo.attainment_target
+    levels = attainment_levels(target)
+    assert levels[BASE_LEVEL] == pytest.approx(target) and levels == tuple(sorted(levels, reverse=True))
+    lp = route(ctx, [group("c0", "colocated", "a:0"), group("c1", "colocated", "b:0")])
+    at_target = sum(lp.colocated_caps[g, BASE_LEVEL] for g in ("c0", "c1"))
+    assert lp.value_rps > at_target * 1.005
+    below = sum(f for (g, lv), f in lp.colocated_level_rps.items() if lp.levels[lv] < target)
+    above = sum(f for (g, lv), f in lp.colocated_level_rps.items() if lp.levels[lv] > target)
+    assert below > 0 and above > 0
+    misses = sum(f * (1 - lp.levels[lv]) for (_, lv), f in lp.colocated_level_rps.items())
+    assert misses <= (1 - target) * lp.value_rps + 1e-9
 
 
 def test_zero_bandwidth_link_is_never_used() -> None:
