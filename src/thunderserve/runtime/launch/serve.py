@@ -24,7 +24,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -50,7 +50,7 @@ from thunderserve.runtime.launch.base import (
 )
 from thunderserve.runtime.launch.demo import LOCAL_DEVICE
 from thunderserve.runtime.launch.local import LocalLauncher
-from thunderserve.runtime.launch.supervisor import SupervisedLauncher, Supervisor
+from thunderserve.runtime.launch.supervisor import Supervisor, reap_loop, supervisor_for
 from thunderserve.runtime.router import Router, RouterConfig
 from thunderserve.runtime.workers.protocol import DEFAULT_KV_CAPACITY_TOKENS, WorkerConfig
 from thunderserve.spec.cluster import Cluster, ClusterSpec, builtin_clusters, load_cluster, resolve_cluster
@@ -181,23 +181,7 @@ class Deployment:
 def make_supervisor(dep: Deployment, router: Router) -> Supervisor | None:
     """The supervisor of the deployment's workers when `restart_workers` is on and the launcher can restart
     them (local processes); None otherwise (dead workers are only reaped)."""
-    if not dep.config.restart_workers or not all(hasattr(dep.launcher, m) for m in ("restart", "kill", "is_running")):
-        return None
-    groups = sorted(dep.endpoints)
-    router.supervise(groups)
-    return Supervisor(cast(SupervisedLauncher, dep.launcher), router, groups)
-
-
-async def _reap_loop(dep: Deployment, interval_s: float = 1.0) -> None:
-    """Reap worker processes that exited (kill -9, a crash) so none stays a zombie; the router has already
-    retried their requests and the controller re-plans without them."""
-    reap = getattr(dep.launcher, "reap", None)
-    if reap is None:
-        return
-    while True:
-        await asyncio.sleep(interval_s)
-        for gid, code in reap().items():
-            log.warning("worker %s exited with code %d; reaped", gid, code)
+    return supervisor_for(dep.launcher, router, sorted(dep.endpoints), dep.config.restart_workers)
 
 
 def kv_frame_cap_bytes(model: str) -> int:
@@ -227,7 +211,7 @@ def build_app(dep: Deployment) -> FastAPI:
         if supervisor is not None:
             supervisor.start()
         else:
-            reaper = asyncio.create_task(_reap_loop(dep), name="worker-reaper")
+            reaper = asyncio.create_task(reap_loop(dep.launcher), name="worker-reaper")
         try:
             yield
         finally:
