@@ -40,7 +40,7 @@ from typing import Any
 from thunderserve.plan.model import Phase, Plan, Routing
 from thunderserve.policy.routing import WeightedChooser
 from thunderserve.resched.monitor import InFlight
-from thunderserve.runtime.router import (
+from thunderserve.runtime.router_records import (
     Accepted,
     Delta,
     Failed,
