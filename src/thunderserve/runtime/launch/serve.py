@@ -5,8 +5,8 @@ Rollout of a plan (the order `serve` follows):
     2. start workers (local processes or Ray actors); each loads the model once and reports its ports
     3. start uvicorn; its lifespan connects the router to every worker and configures roles/routing
     4. serve, with the re-scheduling controller running in the same loop (unless `resched` is off): a
-       worker that dies has its requests retried elsewhere by the router; a supervisor (local processes,
-       `restart_workers`) reaps it, restarts it with back-off and re-admits it to the same group and role
+       worker that dies has its requests retried elsewhere by the router; a supervisor (`restart_workers`;
+       local processes or Ray actors) reaps it, restarts it with back-off and re-admits it to the same group and role
        (`launch.supervisor`); without one, or once it gives up, the controller re-plans without its GPUs and
        reconciles (see `resched.controller`); /admin/replan asks for the same by hand
     5. SIGINT/SIGTERM make uvicorn leave the lifespan: the controller stops, the router fails in-flight
@@ -88,7 +88,7 @@ class ServeConfig:
     admin_files_dir: str | None = None  # folder /admin/replan may read files in (None: presets only)
     max_queued_requests: int = 256  # requests waiting for their first token; beyond, new ones get 429
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
-    restart_workers: bool = True  # restart dead workers with back-off (local processes; see launch.supervisor)
+    restart_workers: bool = True  # restart dead workers with back-off (both engines and backends; launch.supervisor)
 
 
 def served_names(plan: Plan, model: str) -> tuple[str, tuple[str, ...]]:
@@ -180,7 +180,7 @@ class Deployment:
 
 def make_supervisor(dep: Deployment, router: Router) -> Supervisor | None:
     """The supervisor of the deployment's workers when `restart_workers` is on and the launcher can restart
-    them (local processes); None otherwise (dead workers are only reaped)."""
+    them (local processes, Ray actors); None otherwise (dead workers are only reaped)."""
     return supervisor_for(dep.launcher, router, sorted(dep.endpoints), dep.config.restart_workers)
 
 

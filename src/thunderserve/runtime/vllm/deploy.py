@@ -7,7 +7,7 @@ Rollout (the order `serve_vllm` follows):
     3. start uvicorn; its lifespan starts the `VllmRouter` (health and metrics polling) and the re-scheduling
        controller (flips and routing changes are routing-only; a dropped group's instance is stopped)
     4. serve: an instance that dies has its requests retried elsewhere by the router; with `restart_workers`
-       (and a launcher that can restart: local processes) the built-in engine's supervisor reaps it, starts
+       (local processes or Ray actors) the built-in engine's supervisor reaps it, starts
        the same instance spec again with back-off and re-admits it to its group and role
        (`launch.supervisor`); without one, or once it gives up, the controller re-plans without its GPUs
     5. SIGINT/SIGTERM: the supervisor and the controller stop, in-flight requests fail ("shutting down"), instances are stopped
