@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 import httpx
 
@@ -49,9 +51,21 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, loaded in this process (not in a forked child: a restart forks while other threads run,
+    and a dlopen there could deadlock on a loader lock held by one of them)."""
+    try:
+        return cast(Callable[..., int], ctypes.CDLL("libc.so.6", use_errno=True).prctl)
+    except OSError:
+        return None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec: only calls what `_prctl` loaded
+    prctl = _prctl()
+    if prctl is not None:
+        with contextlib.suppress(Exception):
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class VllmLocalLauncher:
@@ -109,6 +123,7 @@ class VllmLocalLauncher:
     def _spawn(self, spec: InstanceSpec) -> None:
         log_path = (self.log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"vllm-{spec.group_id}-{spec.port}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        _prctl()  # loaded here, before the fork
         with self._lock:
             if self._stopped:
                 raise LaunchError("the launcher is stopped")

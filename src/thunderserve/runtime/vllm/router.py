@@ -369,6 +369,7 @@ class VllmRouter:
         """Wait while no entry group is live but one is being restarted; True once one is live, False when
         none is expected back (or the request ended meanwhile)."""
         logged = False
+        track.locations = set()  # held nowhere while it waits
         while not self.entry_groups():
             if track.handle.done or self._closed or not self._entry_coming_back():
                 return False
