@@ -95,13 +95,9 @@ def test_builtin_worker_actor_killed_is_restarted_on_its_node_and_serves_again(c
                 await router.close(shutdown_workers=True)
 
         old, new = asyncio.run(use())
-        assert new != old and d0_node(launcher) == cluster.head_node.node_id  # placed on n0's node again
+        assert new != old and launcher.node_ids["d0"] == cluster.head_node.node_id  # on n0's node again
     finally:
         launcher.stop()
-
-
-def d0_node(launcher: Any) -> str:
-    return str(launcher.node_ids["d0"])
 
 
 def fake_instance_spec(tmp: Path) -> InstanceSpec:
