@@ -3,8 +3,9 @@
 Slow (vLLM on CPU starts in minutes on a loaded 2-core machine). Needs vLLM's environment (`make vllm`);
 skipped without it, except where THUNDERSERVE_REQUIRE_VLLM=1 (CI), where its absence fails. One server is
 shared by the module: greedy tokens through the disaggregated plan equal a single vLLM instance's, a phase
-flip moves traffic without restarting an instance, and kill -9 of the decode instance mid-stream loses no
-request. Every process is stopped at the end; ports are free ones.
+flip moves traffic without restarting an instance, kill -9 of the decode instance mid-stream loses no
+request, and the supervisor (`--restart-workers`, the default) brings the killed instance back: it is
+re-admitted as the decode group and decodes again. Every process is stopped at the end; ports are free ones.
 """
 
 from __future__ import annotations
@@ -178,6 +179,32 @@ def test_kill_decode_instance_mid_stream_loses_no_request(server: str) -> None:
         got = list(pool.map(stream, range(len(PROMPTS))))
     assert got == expected  # every request finished, each token delivered exactly once
     after = _workers(server)
-    assert not after[decode]["alive"] and after[entry]["alive"]
+    assert after[entry]["alive"] and (not after[decode]["alive"] or after[decode]["restarts"] == 1)
     resched = httpx.get(f"{server}/admin/resched", timeout=5).json()
     assert resched["retries_total"] >= 1
+
+
+def test_killed_instance_is_restarted_and_decodes_again(server: str) -> None:
+    """Runs after the kill above: the supervisor restarts the killed decode instance from its spec (a minute or
+    more: vLLM loads again), the router re-admits it in the decode role, and it decodes greedy tokens equal to
+    a single instance's."""
+    workers = _workers(server)
+    killed = next(g for g, w in workers.items() if w["role"] == "decode")
+    t0 = time.monotonic()
+    deadline = t0 + 900
+    while not (workers[killed]["alive"] and workers[killed]["restarts"] == 1):
+        assert workers[killed]["health"] in ("restarting", "ok"), workers[killed]
+        assert time.monotonic() < deadline, f"{killed} never came back: {workers[killed]}"
+        time.sleep(2)
+        workers = _workers(server)
+    print(f"\n{killed} re-admitted {time.monotonic() - t0:.0f} s after the previous test ended")
+    entry = next(g for g, w in workers.items() if w["role"] == "prefill")
+    single = f"http://{workers[entry]['host']}:{workers[entry]['control_port']}"
+    steps0 = _steps(server)
+    assert _chat(server, PROMPTS[1], 12) == _chat(single, PROMPTS[1], 12)
+    steps1 = _steps(server)
+    assert steps1.get((killed, "decode"), 0) == steps0.get((killed, "decode"), 0) + 1  # decoded there again
+    health = httpx.get(f"{server}/health", timeout=5).json()
+    assert health["status"] == "ok" and health["workers_alive"] == 2
+    metrics = httpx.get(f"{server}/metrics", timeout=10).text
+    assert f'thunderserve_worker_restarts_total{{group="{killed}"}} 1.0' in metrics

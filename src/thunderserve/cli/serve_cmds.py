@@ -107,7 +107,7 @@ def serve(
     restart_workers: bool = typer.Option(True, "--restart-workers/--no-restart-workers",
                                          help="Restart a dead worker with back-off (1, 2, 4 ... 30 s; give up "
                                               "after 5 failures in a row) and route to it again (local "
-                                              "backend, built-in engine)"),
+                                              "or Ray backend; built-in engine and vLLM instances)"),
 ) -> None:
     """Serve a plan (or the demo) with an OpenAI-compatible API until SIGINT/SIGTERM."""
     try:

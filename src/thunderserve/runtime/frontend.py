@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from thunderserve.plan.model import Phase, Plan, Routing
 from thunderserve.resched.monitor import InFlight
-from thunderserve.runtime.router import RequestHandle, RequestRecord, WorkerInfo
+from thunderserve.runtime.router_records import RequestHandle, RequestRecord, WorkerInfo
 from thunderserve.runtime.workers.protocol import GenerateRequest
 
 

@@ -40,15 +40,30 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from thunderserve.plan.model import Phase, Plan, Routing
 from thunderserve.policy.routing import WeightedChooser
 from thunderserve.resched.monitor import InFlight
-from thunderserve.runtime.kv.transport import FrameConnection, TransportError, client_handshake
+from thunderserve.runtime.kv.transport import TransportError
+from thunderserve.runtime.router_records import (
+    Accepted,
+    Delta,
+    Failed,
+    Finished,
+    RequestHandle,
+    RequestRecord,
+    RequestTrack,
+    RouterEvent,
+    WorkerInfo,
+    WorkerLink,
+)
 from thunderserve.runtime.workers.protocol import GenerateRequest, WorkerState
+
+__all__ = ["Accepted", "Delta", "Failed", "Finished", "RequestHandle", "RequestRecord", "Router", "RouterConfig",
+           "RouterEvent", "WorkerInfo"]  # the records' old home: `from thunderserve.runtime.router import ...` works
 
 log = logging.getLogger("thunderserve.router")
 RETRYABLE_ERRORS = frozenset({"kv_transfer_failed", "not_accepting"})  # worker error codes another worker fixes
@@ -68,158 +83,6 @@ class RouterConfig:
     #                             is declared dead and told to stop
 
 
-# ---- what the API layer receives ----------------------------------------------------------------
-@dataclass(frozen=True)
-class Accepted:
-    prompt_tokens: int
-    max_tokens: int
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
-    token_ids: tuple[int, ...]
-    index: int  # position of token_ids[0] in the output
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Failed:
-    status: int  # HTTP status the client should see (400 invalid request, 503 runtime failure)
-    message: str
-    error_type: str = "server_error"  # OpenAI error "type"
-    param: str | None = None
-    code: str | None = None
-    retry_after_s: float | None = None  # set on 429 (queue full): when the client may try again
-
-
-RouterEvent = Accepted | Delta | Finished | Failed
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """One completed (or failed) request, for metrics."""
-
-    request_id: str
-    entry_group: str
-    outcome: str  # "finished" | "failed" | "rejected" | "cancelled"
-    arrival_s: float
-    first_token_s: float | None
-    finish_s: float
-    prompt_tokens: int
-    completion_tokens: int
-    retries: int = 0  # times it was re-submitted after a worker failure
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
-
-    @property
-    def tpot_s(self) -> float | None:
-        if self.first_token_s is None or self.completion_tokens < 2:
-            return None
-        return (self.finish_s - self.first_token_s) / (self.completion_tokens - 1)
-
-    @property
-    def e2e_s(self) -> float:
-        return self.finish_s - self.arrival_s
-
-
-class RequestHandle:
-    """The API layer's end of one request: iterate to get its events (ends after the terminal one)."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self._queue: asyncio.Queue[RouterEvent] = asyncio.Queue()
-        self.done = False
-
-    def _put(self, event: RouterEvent) -> None:
-        self._queue.put_nowait(event)
-
-    async def next(self) -> RouterEvent:
-        return await self._queue.get()
-
-    async def __aiter__(self) -> AsyncIterator[RouterEvent]:
-        while True:
-            ev = await self._queue.get()
-            yield ev
-            if isinstance(ev, Finished | Failed):
-                return
-
-
-@dataclass
-class _Track:
-    handle: RequestHandle
-    request: GenerateRequest  # as the client sent it (retries derive from it)
-    entry_group: str
-    arrival_s: float
-    attempt_id: str  # the request id the workers know the current attempt by
-    locations: set[str] = field(default_factory=set)
-    next_index: int = 0  # output index of the next token to deliver (= tokens delivered)
-    pending: dict[int, dict[str, Any]] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    first_token_s: float | None = None
-    accepted: bool = False
-    delivered_ids: list[int] = field(default_factory=list)
-    delivered_chars: int = 0
-    retries: int = 0
-    moves: int = 0  # times an entry worker handed it back unstarted and it was routed again (re-routing)
-
-
-@dataclass
-class WorkerInfo:
-    """What the router knows about one worker (for /admin/workers, /health and /metrics)."""
-
-    group_id: str
-    role: str
-    alive: bool
-    pid: int
-    host: str
-    control_port: int
-    kv_port: int
-    weights_token: int  # latest reported (hello, then heartbeats): a weight reload would change it
-    max_context_tokens: int
-    down_reason: str = ""
-    heartbeat_age_s: float = 0.0
-    state: WorkerState | None = None
-    in_plan: bool = True  # False once a re-plan removed its group
-    weights_loads: int = 1  # weight loads seen: 1 at start, +1 whenever the reported weights_token changes
-    held_requests: int = 0  # unfinished requests the router has placed on this worker (its own view, not a heartbeat)
-    late: bool = False  # silent past the heartbeat timeout but connected: back in when it answers again
-    restarting: bool = False  # its process died and supervision is restarting it (see `launch.supervisor`)
-    restarts: int = 0  # times its worker was restarted and re-admitted
-
-
-class _Link:
-    def __init__(self, group_id: str, conn: FrameConnection, hello: dict[str, Any], port: int, now: float) -> None:
-        self.group_id = group_id
-        self.conn = conn
-        self.port = port
-        self.alive = True
-        self.down_reason = ""
-        self.pid = int(hello["pid"])
-        self.role = Phase(hello["role"])
-        self.weights_token = int(hello["weights_token"])
-        self.host = str(hello["host"])
-        self.kv_port = int(hello["kv_port"])
-        self.max_context_tokens = int(hello["max_context_tokens"])
-        self.last_heartbeat_s = now
-        self.state: WorkerState | None = None
-        self.reader: asyncio.Task[None] | None = None
-        self.weights_loads = 1
-        self.in_plan = True
-        self.late = False  # silent past the heartbeat timeout, still connected (not alive, not dead yet)
-        self.restarting = False  # dead, and supervision will bring a new process back for the group
-        self.restarts = 0
-
-
 class Router:
     """Routes requests over the workers of `plan`, reachable at `addresses[group] = (host, control_port)`."""
 
@@ -233,8 +96,8 @@ class Router:
         self._addresses = dict(sorted(addresses.items()))
         self._secret = secret  # the deployment's: proves to each worker that this is its router
         self._entry = WeightedChooser(plan.routing.entry)
-        self._links: dict[str, _Link] = {}
-        self._requests: dict[str, _Track] = {}  # by client request id
+        self._links: dict[str, WorkerLink] = {}
+        self._requests: dict[str, RequestTrack] = {}  # by client request id
         self._attempts: dict[str, str] = {}  # worker-side attempt id -> client request id
         self.retries_total = 0
         self.moved_total = 0  # requests handed back unstarted and routed again after a routing change
@@ -242,7 +105,7 @@ class Router:
         self._observers: list[Callable[[RequestRecord], None]] = []
         self._closed = False
         self._supervised: set[str] = set()  # groups whose dead workers are restarted (see `supervise`)
-        self._parked: list[_Track] = []  # retries waiting for an entry worker to come back (late, restarting)
+        self._parked: list[RequestTrack] = []  # retries waiting for an entry worker to come back (late, restarting)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -255,21 +118,10 @@ class Router:
             link.reader = asyncio.create_task(self._read_loop(link), name=f"router-read-{gid}")
         self._monitor = asyncio.create_task(self._monitor_loop(), name="router-monitor")
 
-    async def _connect(self, gid: str, host: str, port: int) -> _Link:
-        """Connect to a worker's control port, prove the secret, read its hello."""
-        conn = await FrameConnection.connect(host, port, self.config.connect_timeout_s)
-        try:
-            if self._secret is not None:
-                await client_handshake(conn, self._secret, "control", self.config.connect_timeout_s)
-            frame = await conn.recv(idle_timeout_s=self.config.connect_timeout_s)
-            if frame.header.get("type") != "hello":
-                raise TransportError(f"worker {gid} at {host}:{port} did not say hello: {frame.header!r}")
-            return _Link(gid, conn, frame.header, port, self.clock())
-        except BaseException:
-            await conn.close()
-            raise
+    async def _connect(self, gid: str, host: str, port: int) -> WorkerLink:
+        return await WorkerLink.open(gid, host, port, self._secret, self.config.connect_timeout_s, self.clock)
 
-    async def _configure(self, link: _Link) -> None:
+    async def _configure(self, link: WorkerLink) -> None:
         """Tell a worker its role, KV shares, every peer's KV address and which groups are down."""
         peers = {g: [lk.host, lk.kv_port] for g, lk in self._links.items()}
         routing = self.plan.routing or Routing()
@@ -279,7 +131,7 @@ class Router:
     def _down(self) -> list[str]:
         return sorted(g for g, lk in self._links.items() if not lk.alive)
 
-    async def _tell_others(self, link: _Link, peers: bool = False) -> None:
+    async def _tell_others(self, link: WorkerLink, peers: bool = False) -> None:
         """Every other live worker learns which groups are down (and, with `peers`, every KV address)."""
         msg: dict[str, Any] = {"type": "set_routing", "down": self._down()}
         if peers:
@@ -396,7 +248,7 @@ class Router:
             back = self.config.queue_full_retry_after_s if self._entry_coming_back() else None
             handle._put(Failed(503, "no live worker can take requests", code="no_worker", retry_after_s=back))
             return handle
-        track = _Track(handle, req, group, now, req.request_id, {group})
+        track = RequestTrack(handle, req, group, now, req.request_id, {group})
         self._requests[req.request_id] = track
         self._attempts[req.request_id] = req.request_id
         try:
@@ -501,7 +353,7 @@ class Router:
         return min((lk.max_context_tokens for lk in self._links.values()), default=0)
 
     # ---- worker links ------------------------------------------------------------------------------------
-    async def _send(self, link: _Link, header: dict[str, Any], late_ok: bool = False) -> None:
+    async def _send(self, link: WorkerLink, header: dict[str, Any], late_ok: bool = False) -> None:
         """Send to a live worker (`late_ok`: or a late one); a failure marks it down."""
         if not (link.alive or (late_ok and link.late)):
             return
@@ -510,7 +362,7 @@ class Router:
         except TransportError as exc:
             await self._mark_down(link, f"send failed: {exc}")
 
-    async def _read_loop(self, link: _Link) -> None:
+    async def _read_loop(self, link: WorkerLink) -> None:
         try:
             while True:
                 frame = await link.conn.recv()
@@ -532,7 +384,7 @@ class Router:
             if not self._closed:
                 await self._mark_down(link, f"connection lost ({exc})")
 
-    async def _mark_down(self, link: _Link, reason: str, fence: bool = False) -> None:
+    async def _mark_down(self, link: WorkerLink, reason: str, fence: bool = False) -> None:
         """Declare a worker lost; `fence`: it may still run (silent, not disconnected), so tell it to stop
         rather than let it compute for requests that are retried elsewhere."""
         if not link.alive and not link.late:
@@ -572,7 +424,7 @@ class Router:
                     await self._end(t, Failed(504, f"request timed out after {limit:g} s", code="timeout"),
                                     "failed")
 
-    async def _mark_late(self, link: _Link, silent_s: float) -> None:
+    async def _mark_late(self, link: WorkerLink, silent_s: float) -> None:
         """A worker silent past the heartbeat timeout but still connected (starved of CPU, or hung): route
         nothing to it, cancel what it holds and retry that elsewhere, keep the link; it is re-admitted when
         it answers again, and declared dead (told to stop) after `late_grace_s` more of silence."""
@@ -584,7 +436,7 @@ class Router:
         for track in [t for t in self._requests.values() if link.group_id in t.locations]:
             await self._retry(track, msg)
 
-    async def _answered_again(self, link: _Link) -> None:
+    async def _answered_again(self, link: WorkerLink) -> None:
         """A late worker spoke: configure it again (routing may have changed meanwhile) and route to it."""
         if not link.in_plan:
             return
@@ -596,7 +448,7 @@ class Router:
         await self._settle_parked()
 
     # ---- events ------------------------------------------------------------------------------------------
-    async def _on_event(self, link: _Link, ev: dict[str, Any]) -> None:
+    async def _on_event(self, link: WorkerLink, ev: dict[str, Any]) -> None:
         attempt = str(ev.get("request_id"))
         cid = self._attempts.get(attempt)
         track = self._requests.get(cid) if cid is not None else None
@@ -656,7 +508,7 @@ class Router:
                                                     track.completion_tokens), "finished")
                     return
 
-    async def _redispatch(self, track: _Track) -> None:
+    async def _redispatch(self, track: RequestTrack) -> None:
         """A worker handed the request back unstarted: route it again by the current shares, as a new attempt
         (not a retry: nothing was lost). Exactly once holds because the old worker no longer holds it."""
         if track.handle.done:
@@ -670,7 +522,7 @@ class Router:
         self.moved_total += 1
         await self._send_attempt(track, f"{track.handle.request_id}~m{track.moves}", group)
 
-    async def _send_attempt(self, track: _Track, attempt_id: str, group: str) -> None:
+    async def _send_attempt(self, track: RequestTrack, attempt_id: str, group: str) -> None:
         """Submit what is left of the request to `group` as attempt `attempt_id` (resuming after the output
         already delivered); the previous attempt's id no longer maps to it."""
         self._attempts.pop(track.attempt_id, None)
@@ -682,7 +534,7 @@ class Router:
                                   resume_text_chars=track.delivered_chars)
         await self._send(self._links[group], {"type": "submit", "request": req.to_dict()})
 
-    async def _retry(self, track: _Track, reason: str) -> None:
+    async def _retry(self, track: RequestTrack, reason: str) -> None:
         """The current attempt is lost: cancel its leftovers and re-submit what is left to a live entry
         group, resuming after the output already delivered; fail only when that is impossible."""
         if track.handle.done:
@@ -714,7 +566,7 @@ class Router:
             return
         await self._resubmit(track, group, reason)
 
-    async def _resubmit(self, track: _Track, group: str, reason: str) -> None:
+    async def _resubmit(self, track: RequestTrack, group: str, reason: str) -> None:
         track.retries += 1
         self.retries_total += 1
         rid = track.handle.request_id
@@ -737,7 +589,7 @@ class Router:
         else:
             self._parked += parked
 
-    async def _end(self, track: _Track, event: RouterEvent | None, outcome: str) -> None:
+    async def _end(self, track: RequestTrack, event: RouterEvent | None, outcome: str) -> None:
         """Terminal transition (exactly once per request); failures cancel leftovers at live workers."""
         if track.handle.done:
             return
@@ -748,7 +600,7 @@ class Router:
                 if link is not None and link.alive:
                     await self._send(link, {"type": "cancel", "request_id": track.attempt_id})
 
-    def _terminal(self, track: _Track, event: RouterEvent | None, outcome: str) -> None:
+    def _terminal(self, track: RequestTrack, event: RouterEvent | None, outcome: str) -> None:
         if track.handle.done:
             return
         track.handle.done = True

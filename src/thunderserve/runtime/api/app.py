@@ -43,7 +43,7 @@ from thunderserve.runtime.api.protocol import (
 from thunderserve.runtime.engine.base import SamplingParams
 from thunderserve.runtime.frontend import Frontend
 from thunderserve.runtime.metrics import RuntimeMetrics
-from thunderserve.runtime.router import Accepted, Delta, Failed, Finished, RequestHandle
+from thunderserve.runtime.router_records import Accepted, Delta, Failed, Finished, RequestHandle
 from thunderserve.runtime.workers.protocol import GenerateRequest
 
 log = logging.getLogger("thunderserve.api")

@@ -5,8 +5,8 @@ Rollout of a plan (the order `serve` follows):
     2. start workers (local processes or Ray actors); each loads the model once and reports its ports
     3. start uvicorn; its lifespan connects the router to every worker and configures roles/routing
     4. serve, with the re-scheduling controller running in the same loop (unless `resched` is off): a
-       worker that dies has its requests retried elsewhere by the router; a supervisor (local processes,
-       `restart_workers`) reaps it, restarts it with back-off and re-admits it to the same group and role
+       worker that dies has its requests retried elsewhere by the router; a supervisor (`restart_workers`;
+       local processes or Ray actors) reaps it, restarts it with back-off and re-admits it to the same group and role
        (`launch.supervisor`); without one, or once it gives up, the controller re-plans without its GPUs and
        reconciles (see `resched.controller`); /admin/replan asks for the same by hand
     5. SIGINT/SIGTERM make uvicorn leave the lifespan: the controller stops, the router fails in-flight
@@ -24,7 +24,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -50,7 +50,7 @@ from thunderserve.runtime.launch.base import (
 )
 from thunderserve.runtime.launch.demo import LOCAL_DEVICE
 from thunderserve.runtime.launch.local import LocalLauncher
-from thunderserve.runtime.launch.supervisor import SupervisedLauncher, Supervisor
+from thunderserve.runtime.launch.supervisor import Supervisor, reap_loop, supervisor_for
 from thunderserve.runtime.router import Router, RouterConfig
 from thunderserve.runtime.workers.protocol import DEFAULT_KV_CAPACITY_TOKENS, WorkerConfig
 from thunderserve.spec.cluster import Cluster, ClusterSpec, builtin_clusters, load_cluster, resolve_cluster
@@ -88,7 +88,7 @@ class ServeConfig:
     admin_files_dir: str | None = None  # folder /admin/replan may read files in (None: presets only)
     max_queued_requests: int = 256  # requests waiting for their first token; beyond, new ones get 429
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
-    restart_workers: bool = True  # restart dead workers with back-off (local processes; see launch.supervisor)
+    restart_workers: bool = True  # restart dead workers with back-off (both engines and backends; launch.supervisor)
 
 
 def served_names(plan: Plan, model: str) -> tuple[str, tuple[str, ...]]:
@@ -180,24 +180,8 @@ class Deployment:
 
 def make_supervisor(dep: Deployment, router: Router) -> Supervisor | None:
     """The supervisor of the deployment's workers when `restart_workers` is on and the launcher can restart
-    them (local processes); None otherwise (dead workers are only reaped)."""
-    if not dep.config.restart_workers or not all(hasattr(dep.launcher, m) for m in ("restart", "kill", "is_running")):
-        return None
-    groups = sorted(dep.endpoints)
-    router.supervise(groups)
-    return Supervisor(cast(SupervisedLauncher, dep.launcher), router, groups)
-
-
-async def _reap_loop(dep: Deployment, interval_s: float = 1.0) -> None:
-    """Reap worker processes that exited (kill -9, a crash) so none stays a zombie; the router has already
-    retried their requests and the controller re-plans without them."""
-    reap = getattr(dep.launcher, "reap", None)
-    if reap is None:
-        return
-    while True:
-        await asyncio.sleep(interval_s)
-        for gid, code in reap().items():
-            log.warning("worker %s exited with code %d; reaped", gid, code)
+    them (local processes, Ray actors); None otherwise (dead workers are only reaped)."""
+    return supervisor_for(dep.launcher, router, sorted(dep.endpoints), dep.config.restart_workers)
 
 
 def kv_frame_cap_bytes(model: str) -> int:
@@ -227,7 +211,7 @@ def build_app(dep: Deployment) -> FastAPI:
         if supervisor is not None:
             supervisor.start()
         else:
-            reaper = asyncio.create_task(_reap_loop(dep), name="worker-reaper")
+            reaper = asyncio.create_task(reap_loop(dep.launcher), name="worker-reaper")
         try:
             yield
         finally:

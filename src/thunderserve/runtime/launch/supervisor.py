@@ -15,7 +15,9 @@ is killed after `kill_after_s`, then restarted the same way.
 
 `RestartPolicy` and `GroupRestarts` are the pure decisions (time passed in); `Supervisor` is the asyncio
 driver over two seams: the launcher (`SupervisedLauncher`: reap, restart, kill) and the router
-(`SupervisedRouter`: which groups are down, re-admit, give up).
+(`SupervisedRouter`: which groups are down, re-admit, give up). Both engines use it: built-in workers
+(`launch.local.LocalLauncher` + `runtime.router.Router`) and vLLM instances (`vllm.launcher.VllmLocalLauncher`
++ `vllm.router.VllmRouter`); `supervisor_for` picks it when the launcher can restart, `reap_loop` only reaps.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from thunderserve.runtime.launch.base import WorkerEndpoint
 
@@ -127,6 +129,37 @@ class SupervisedRouter(Protocol):
     def give_up(self, group_id: str, reason: str) -> None:
         """The group's worker will not come back: show it down (the controller re-plans without it)."""
         ...
+
+
+class SupervisableRouter(SupervisedRouter, Protocol):
+    def supervise(self, groups: list[str]) -> None:
+        """Dead workers of these groups will be restarted: show them "restarting", not dead."""
+        ...
+
+
+SUPERVISION_METHODS = ("reap", "is_running", "kill", "restart")
+
+
+def supervisor_for(launcher: object, router: SupervisableRouter, groups: list[str],
+                   enabled: bool = True) -> Supervisor | None:
+    """The supervisor of `groups`' workers when `enabled` and the launcher can restart them (it has every method
+    of `SupervisedLauncher`); None otherwise (`reap_loop` then only reaps the dead)."""
+    if not enabled or not all(callable(getattr(launcher, m, None)) for m in SUPERVISION_METHODS):
+        return None
+    router.supervise(sorted(groups))
+    return Supervisor(cast(SupervisedLauncher, launcher), router, sorted(groups))
+
+
+async def reap_loop(launcher: object, interval_s: float = 1.0) -> None:
+    """Without supervision: reap workers that exited (kill -9, a crash) so none stays a zombie; the router has
+    already retried their requests and the controller re-plans without them."""
+    reap = getattr(launcher, "reap", None)
+    if reap is None:
+        return
+    while True:
+        await asyncio.sleep(interval_s)
+        for gid, code in reap().items():
+            log.warning("worker %s exited with code %d; reaped", gid, code)
 
 
 # ---- the driver ----------------------------------------------------------------------------------------

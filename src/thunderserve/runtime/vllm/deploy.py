@@ -6,7 +6,11 @@ Rollout (the order `serve_vllm` follows):
        wait until each answers /health
     3. start uvicorn; its lifespan starts the `VllmRouter` (health and metrics polling) and the re-scheduling
        controller (flips and routing changes are routing-only; a dropped group's instance is stopped)
-    4. SIGINT/SIGTERM: the controller stops, in-flight requests fail ("shutting down"), instances are stopped
+    4. serve: an instance that dies has its requests retried elsewhere by the router; with `restart_workers`
+       (local processes or Ray actors) the built-in engine's supervisor reaps it, starts
+       the same instance spec again with back-off and re-admits it to its group and role
+       (`launch.supervisor`); without one, or once it gives up, the controller re-plans without its GPUs
+    5. SIGINT/SIGTERM: the supervisor and the controller stop, in-flight requests fail ("shutting down"), instances are stopped
        (SIGTERM to each process group, SIGKILL after a grace period)
 """
 
@@ -34,6 +38,7 @@ from thunderserve.runtime.api.app import ApiConfig, create_app
 from thunderserve.runtime.api.limits import RequestLimits
 from thunderserve.runtime.launch.base import LaunchError
 from thunderserve.runtime.launch.serve import ServeConfig, make_controller, served_names
+from thunderserve.runtime.launch.supervisor import Supervisor, reap_loop, supervisor_for
 from thunderserve.runtime.metrics import RuntimeMetrics
 from thunderserve.runtime.vllm.client import GroupClient, VllmGroupClient
 from thunderserve.runtime.vllm.instances import InstanceSpec, VllmConfig, instance_specs
@@ -92,8 +97,19 @@ class VllmDeployment:
         self.router = VllmRouter(self.plan, clients,
                                  VllmRouterConfig(max_retries=self.config.max_retries, max_context_tokens=context),
                                  pids=self.launcher.pids(), on_remove=self.launcher.stop_one,
-                                 addresses={g: _host_port(u) for g, u in self.urls.items()})
+                                 addresses={g: _host_port(u) for g, u in self.urls.items()},
+                                 connect=self._client_at, pid_of=lambda g: self.launcher.pids().get(g, 0))
         return self.urls
+
+    def _client_at(self, host: str, port: int) -> GroupClient:
+        """The client of a restarted instance (a fresh connection pool: the old one's connections are dead)."""
+        return VllmGroupClient(f"http://{host}:{port}", self.plan.model)
+
+    def supervisor(self) -> Supervisor | None:
+        """The supervisor of the instances when `restart_workers` is on and the launcher can restart them."""
+        if self.router is None:
+            raise RuntimeError("start the instances first")
+        return supervisor_for(self.launcher, self.router, sorted(self.urls), self.config.restart_workers)
 
     def worker_pids(self) -> dict[str, int]:
         return self.launcher.pids()
@@ -146,15 +162,25 @@ def build_vllm_app(dep: VllmDeployment) -> FastAPI:
         raise RuntimeError("start the instances before building the app")
     router = dep.router
     controller = make_controller(dep.plan, dep.config, router) if dep.config.resched else None
+    supervisor = dep.supervisor()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await router.start()
         if controller is not None:
             controller.start()
+        reaper = None
+        if supervisor is not None:
+            supervisor.start()
+        else:
+            reaper = asyncio.create_task(reap_loop(dep.launcher), name="vllm-reaper")
         try:
             yield
         finally:
+            if reaper is not None:
+                reaper.cancel()
+            if supervisor is not None:
+                await supervisor.stop()
             if controller is not None:
                 await controller.stop()
             await router.close(shutdown_workers=True)

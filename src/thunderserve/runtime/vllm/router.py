@@ -14,6 +14,17 @@ routing and the request is retried (up to `max_retries`) from the output already
 tokens are prefilled again (the lost KV is recomputed) on a live entry group, and decoding continues there or
 on a live decode group. Greedy output continues as if nothing happened; seeded sampling continues validly but
 not with the same random draws. An instance's 4xx reaches the client as that OpenAI error.
+
+Instance liveness, as the router sees it (`WorkerInfo`):
+    alive       answers: routed to
+    restarting  down (a failed call confirmed by /health, or /health failed `health_failures` times), and its
+                group is supervised (`launch.supervisor`, the same driver as the built-in engine's): back in as
+                soon as its /health answers again (it was only slow); else the supervisor kills it if it still
+                runs and starts the same instance spec again, which `readmit` checks (/health) and routes to
+                again in the group's current role; `give_up` makes it dead
+    dead        not coming back: re-scheduling re-plans without it
+A request that finds no live entry group while one is restarting waits for it instead of failing (a new
+request gets 503 with Retry-After meanwhile); it fails once none is expected back.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from typing import Any
 from thunderserve.plan.model import Phase, Plan, Routing
 from thunderserve.policy.routing import WeightedChooser
 from thunderserve.resched.monitor import InFlight
-from thunderserve.runtime.router import (
+from thunderserve.runtime.router_records import (
     Accepted,
     Delta,
     Failed,
@@ -53,6 +64,7 @@ class VllmRouterConfig:
     health_failures: int = 3  # consecutive failed polls that declare an instance down
     metrics_interval_s: float = 5.0  # how often instances' /metrics are scraped for our /metrics
     max_context_tokens: int = 0  # the model's context (0: unknown)
+    retry_after_s: float = 1.0  # the Retry-After of a 503 while an entry instance is being restarted
 
 
 @dataclass
@@ -69,6 +81,8 @@ class _Group:
     failed_polls: int = 0
     last_ok_s: float = 0.0
     metrics_text: str = ""
+    restarting: bool = False  # down, and supervision is bringing a new instance back (see `launch.supervisor`)
+    restarts: int = 0  # times its instance was restarted and re-admitted
 
 
 @dataclass
@@ -101,7 +115,12 @@ class VllmRouter:
     def __init__(self, plan: Plan, clients: Mapping[str, GroupClient], config: VllmRouterConfig = VllmRouterConfig(),
                  clock: Callable[[], float] = time.monotonic, pids: Mapping[str, int] | None = None,
                  on_remove: Callable[[str], None] | None = None,
-                 addresses: Mapping[str, tuple[str, int]] | None = None) -> None:
+                 addresses: Mapping[str, tuple[str, int]] | None = None,
+                 connect: Callable[[str, int], GroupClient] | None = None,
+                 pid_of: Callable[[str], int] | None = None) -> None:
+        """`connect(host, port)` makes the client of a restarted instance (None: the group's client is reused,
+        the restart listens where the old one did); `pid_of(group)` is its instance's process id now (restarts
+        change it; None: `pids` as given)."""
         if plan.routing is None:
             raise ValueError("plan has no routing")
         self.plan = plan
@@ -116,8 +135,12 @@ class VllmRouter:
         self._requests: dict[str, _Track] = {}
         self._observers: list[Callable[[RequestRecord], None]] = []
         self._on_remove = on_remove
+        self._connect = connect
+        self._pid_of = pid_of
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._supervised: set[str] = set()  # groups whose dead instances are restarted (see `supervise`)
+        self._changed = asyncio.Event()  # set (and replaced) whenever a group comes back or leaves for good
         self.retries_total = 0
         self.moved_total = 0
 
@@ -133,6 +156,7 @@ class VllmRouter:
         self._closed = True
         for t in self._tasks:
             t.cancel()
+        self._notify()
         for track in list(self._requests.values()):
             self._terminal(track, Failed(503, "server is shutting down", code="shutting_down"), "failed")
             if track.task is not None:
@@ -166,7 +190,8 @@ class VllmRouter:
         elif len(self._requests) >= self.config.max_pending_requests:
             handle._put(Failed(503, f"server overloaded ({len(self._requests)} requests pending)", code="overloaded"))
         elif not self.entry_groups():
-            handle._put(Failed(503, "no live worker can take requests", code="no_worker"))
+            back = self.config.retry_after_s if self._entry_coming_back() else None
+            handle._put(Failed(503, "no live worker can take requests", code="no_worker", retry_after_s=back))
         else:
             track = _Track(handle, req, self.clock())
             self._requests[req.request_id] = track
@@ -196,7 +221,7 @@ class VllmRouter:
                     suffix = f" (gave up after {track.retries} retries)" if track.retries else ""
                     self._terminal(track, Failed(503, f"{lost.reason}{suffix}", code="worker_failed"), "failed")
                     return
-                if not self.entry_groups():
+                if not await self._wait_for_entry(track, lost.reason):
                     self._terminal(track, Failed(503, f"{lost.reason}; no live worker can take the request "
                                                       "over", code="worker_failed"), "failed")
                     return
@@ -210,9 +235,11 @@ class VllmRouter:
                                              "invalid_request_error" if not track.retries else "server_error",
                                              rej.param, rej.code), outcome)
                 return
-            except LookupError:
-                self._terminal(track, Failed(503, "no live worker can take requests", code="no_worker"), "failed")
-                return
+            except LookupError:  # no live entry group (before anything was sent): wait for one, or fail
+                if not await self._wait_for_entry(track, "no live entry worker"):
+                    self._terminal(track, Failed(503, "no live worker can take requests", code="no_worker"),
+                                   "failed")
+                    return
 
     async def _attempt(self, track: _Track) -> None:
         """One try: tokenize (first time), prefill on an entry group, decode on a decode group (or itself)."""
@@ -321,17 +348,95 @@ class VllmRouter:
             return
         g.alive = False
         g.down_reason = reason
+        g.restarting = g.in_plan and group_id in self._supervised and not self._closed
         if g.in_plan:
-            log.error("worker %s is down: %s", group_id, reason)
+            log.error("worker %s is down: %s%s", group_id, reason, "; restarting it" if g.restarting else "")
         for t in list(self._requests.values()):
             if group_id in t.locations and t.step is not None and not t.step.done():
                 t.step.cancel()  # `_step` sees the group down and turns this into `_Lost`
+
+    def _notify(self) -> None:
+        """Wake the requests waiting for an entry group (one came back, or one will not)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _entry_coming_back(self) -> bool:
+        """An entry group of the routing is being restarted (expected back)."""
+        return any(g in self._groups and self._groups[g].in_plan and self._groups[g].restarting
+                   and self._groups[g].role is not Phase.DECODE for g in self._entry.shares)
+
+    async def _wait_for_entry(self, track: _Track, reason: str) -> bool:
+        """Wait while no entry group is live but one is being restarted; True once one is live, False when
+        none is expected back (or the request ended meanwhile)."""
+        logged = False
+        track.locations = set()  # held nowhere while it waits
+        while not self.entry_groups():
+            if track.handle.done or self._closed or not self._entry_coming_back():
+                return False
+            if not logged:
+                log.warning("request %s: %s; waiting for an entry worker to come back", track.handle.request_id,
+                            reason)
+                logged = True
+            await self._changed.wait()
+        return not track.handle.done
+
+    # ---- supervision (launch.supervisor.SupervisedRouter) -------------------------------------------------
+    def supervise(self, groups: list[str]) -> None:
+        """Dead instances of these groups are restarted by a supervisor: they show "restarting", not dead."""
+        self._supervised = set(groups)
+
+    def in_plan(self, group_id: str) -> bool:
+        g = self._groups.get(group_id)
+        return g is not None and g.in_plan
+
+    def lost_groups(self) -> list[str]:
+        """Groups of the plan whose instance is down and being restarted."""
+        return sorted(gid for gid, g in self._groups.items() if g.restarting and g.in_plan and not g.alive)
+
+    def give_up(self, group_id: str, reason: str) -> None:
+        """Supervision gave up on the group's instance: it is dead (the controller re-plans without it)."""
+        g = self._groups.get(group_id)
+        if g is not None and not g.alive:
+            g.restarting, g.down_reason = False, reason
+        self._notify()
+
+    async def readmit(self, group_id: str, host: str, control_port: int) -> None:
+        """A restarted instance of `group_id` serves at host:control_port (its HTTP port): check its /health,
+        then route to it again in the group's current role. LookupError when the group is no longer in the
+        plan; InstanceDown when the instance does not answer."""
+        g = self._groups.get(group_id)
+        if self._closed or g is None or not g.in_plan:
+            raise LookupError(f"group '{group_id}' is not in the plan")
+        client = self._connect(host, control_port) if self._connect is not None else g.client
+        if not await client.healthy():
+            if client is not g.client:
+                await client.aclose()
+            raise InstanceDown(f"restarted instance of group '{group_id}' at {host}:{control_port} does not "
+                               "answer /health")
+        if self._closed or not g.in_plan:  # removed while we checked
+            if client is not g.client:
+                await client.aclose()
+            raise LookupError(f"group '{group_id}' is not in the plan")
+        if g.alive and (g.host, g.port) != (host, control_port):  # the old one, elsewhere, not noticed dead yet:
+            await self._mark_down(group_id, "replaced by a restarted instance")  # retry what it held first
+        old, g.client = g.client, client
+        if old is not client:
+            with contextlib.suppress(Exception):
+                await old.aclose()
+        g.host, g.port = host, control_port
+        g.alive, g.restarting, g.down_reason = True, False, ""
+        g.failed_polls, g.last_ok_s, g.metrics_text = 0, self.clock(), ""
+        g.restarts += 1
+        log.warning("worker %s re-admitted as %s (restart %d)", group_id, g.role, g.restarts)
+        self._notify()
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             for g in list(self._groups.values()):
                 if not g.alive:
+                    if g.restarting and g.in_plan and await g.client.healthy():
+                        self._answered_again(g)
                     continue
                 if await g.client.healthy():
                     g.failed_polls = 0
@@ -340,6 +445,16 @@ class VllmRouter:
                     g.failed_polls += 1
                     if g.failed_polls >= self.config.health_failures:
                         await self._mark_down(g.group_id, f"down: /health failed {g.failed_polls} times in a row")
+
+    def _answered_again(self, g: _Group) -> None:
+        """A restarting group's instance answers /health again (it was only slow, or its restart is up): route
+        to it again (the supervisor kills a lost instance that stays silent, see `launch.supervisor`)."""
+        if g.alive or not g.in_plan:
+            return
+        log.warning("worker %s answers /health again; re-admitted", g.group_id)
+        g.alive, g.restarting, g.down_reason = True, False, ""
+        g.failed_polls, g.last_ok_s = 0, self.clock()
+        self._notify()
 
     async def _metrics_loop(self) -> None:
         while True:
@@ -360,12 +475,14 @@ class VllmRouter:
         self._groups[group_id].role = phase
         self.plan = self.plan.model_copy(update={"groups": tuple(
             g.with_phase(phase) if g.id == group_id else g for g in self.plan.groups)})
+        self._notify()
 
     async def update_routing(self, routing: Routing, rebalance: bool = False) -> None:
         """New entry and KV shares for new requests (requests in flight finish where they run)."""
         self._entry.update(routing.entry)
         self._kv = {src: WeightedChooser(d) for src, d in routing.kv.items()}
         self.plan = self.plan.model_copy(update={"routing": routing})
+        self._notify()
 
     async def remove_group(self, group_id: str, drain_timeout_s: float = 0.0) -> None:
         """Take a group out: drain (up to `drain_timeout_s`), stop its instance; what it still holds is retried."""
@@ -389,6 +506,7 @@ class VllmRouter:
         self._kv = {src: WeightedChooser(d) for src, d in kept.kv.items()}
         self.plan = self.plan.model_copy(update={
             "groups": tuple(x for x in self.plan.groups if x.id != group_id), "routing": kept})
+        self._notify()
 
     def set_estimate(self, estimate: Mapping[str, Any]) -> None:
         self.plan = self.plan.model_copy(update={"estimate": dict(estimate)})
@@ -403,8 +521,10 @@ class VllmRouter:
         for t in self._requests.values():
             for gid in t.locations:
                 held[gid] = held.get(gid, 0) + 1
-        return [WorkerInfo(gid, str(g.role), g.alive, g.pid, g.host, g.port, 0, 0, self.max_context_tokens,
-                           g.down_reason, now - g.last_ok_s, None, g.in_plan, 1, held.get(gid, 0))
+        return [WorkerInfo(gid, str(g.role), g.alive, self._pid_of(gid) if self._pid_of is not None else g.pid,
+                           g.host, g.port, 0, 0, self.max_context_tokens, g.down_reason, now - g.last_ok_s, None,
+                           g.in_plan, 1 + g.restarts, held.get(gid, 0), restarting=g.restarting,
+                           restarts=g.restarts)
                 for gid, g in sorted(self._groups.items())]
 
     # ---- terminal -------------------------------------------------------------------------------------
