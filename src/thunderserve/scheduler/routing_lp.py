@@ -15,9 +15,13 @@ the p→d link (TTFT, and prefill KV memory held until the transfer ends), D[p,d
 requests arrive over that link (TPOT includes the transfer's sojourn on the processor-sharing link). So each KV
 edge is priced by its link's bandwidth, and an edge whose transfer alone would blow the TTFT budget gets no
 capacity and no variable. The SLO holds for `attainment_target` of all requests, not of each group's: levels
-above the target (lightly loaded groups) pay for levels below it (a group that cannot reach the target at any
-rate, e.g. decode at a TPOT target near its step time, still serves what the others' slack allows), the
-time-sharing rows mixing a group's levels along the chord of its misses-vs-rate curve (convex: conservative).
+above the target (lightly loaded groups) pay for levels below it, which only a group (or link) that cannot
+reach the target at any rate is run at (e.g. decode at a TPOT target near its step time: it still serves what
+the others' slack allows). A group that can reach the target is held to it: the queueing model's tails past
+the target are where it is least exact, and letting every group trade (weak groups run past the target on the
+strong ones' slack) served 3-6% less in the simulator on paper-cloud-32 (llama-30b, both workloads) than
+holding each at the target. The time-sharing rows mix a group's levels along the chord of its
+misses-vs-rate curve (convex: conservative).
 Solved by HiGHS. Capacities account for the arrival variability round-robin routing leaves (second pass, see
 `route`). Routing shares are the normalised flows. When no flow meets the SLO at all, the same LP runs on
 stability (throughput) capacities, one level, so the plan still routes sensibly.
@@ -204,6 +208,13 @@ def _capacities(ctx: PlanningContext, prefill: Sequence[Group], decode: Sequence
                                  if pc > 0 else 0.0)
     ccaps = {(ci, lv): ctx.colocated_capacity(g.stages, scv.get(g.id, 1.0), a)
              for ci, g in enumerate(colocated) for lv, a in enumerate(levels)}
+    # below the target only what cannot reach it at all (see the module docstring)
+    for (pi, di, lv) in list(pcaps):
+        if lv > BASE_LEVEL and min(pcaps[pi, di, BASE_LEVEL], dcaps[pi, di, BASE_LEVEL]) > 0:
+            pcaps[pi, di, lv] = dcaps[pi, di, lv] = 0.0
+    for (ci, lv) in list(ccaps):
+        if lv > BASE_LEVEL and ccaps[ci, BASE_LEVEL] > 0:
+            ccaps[ci, lv] = 0.0
     return pcaps, dcaps, ccaps
 
 
