@@ -196,25 +196,50 @@ def _solve(prefill: Sequence[Group], decode: Sequence[Group], colocated: Sequenc
 def _capacities(ctx: PlanningContext, prefill: Sequence[Group], decode: Sequence[Group],
                 colocated: Sequence[Group], spt: dict[tuple[int, int], float], scv: dict[str, float],
                 levels: Sequence[float]) -> tuple[Caps, Caps, dict[tuple[int, int], float]]:
-    """Capacities per edge (or colocated group) and level; a pair meets a_l with sqrt(a_l) on each side."""
+    """Capacities per edge (or colocated group) and level; a pair meets a_l with sqrt(a_l) on each side.
+
+    Levels below the target only for what cannot reach the target (the others are held to it, see the module
+    docstring), levels above it only when something runs below it (else no one needs the slack): in the common
+    case this costs one capacity per edge and group, as a single-level LP does."""
+    base = BASE_LEVEL
+    below = range(base + 1, len(levels))
+    above = range(base)
+
+    def edge(pi: int, di: int, lv: int) -> tuple[float, float]:
+        v, side = spt[pi, di], math.sqrt(levels[lv])
+        pc = ctx.prefill_capacity(prefill[pi].stages, v, scv.get(prefill[pi].id, 1.0), side)
+        dc = ctx.decode_capacity(decode[di].stages, v, scv.get(decode[di].id, 1.0), side) if pc > 0 else 0.0
+        return pc, dc
+
+    def col(ci: int, lv: int) -> float:
+        g = colocated[ci]
+        return ctx.colocated_capacity(g.stages, scv.get(g.id, 1.0), levels[lv])
+
     pcaps: Caps = {}
     dcaps: Caps = {}
-    for (pi, di), v in spt.items():
-        for lv, a in enumerate(levels):
-            side = math.sqrt(a)
-            pc = ctx.prefill_capacity(prefill[pi].stages, v, scv.get(prefill[pi].id, 1.0), side)
-            pcaps[pi, di, lv] = pc
-            dcaps[pi, di, lv] = (ctx.decode_capacity(decode[di].stages, v, scv.get(decode[di].id, 1.0), side)
-                                 if pc > 0 else 0.0)
-    ccaps = {(ci, lv): ctx.colocated_capacity(g.stages, scv.get(g.id, 1.0), a)
-             for ci, g in enumerate(colocated) for lv, a in enumerate(levels)}
-    # below the target only what cannot reach it at all (see the module docstring)
-    for (pi, di, lv) in list(pcaps):
-        if lv > BASE_LEVEL and min(pcaps[pi, di, BASE_LEVEL], dcaps[pi, di, BASE_LEVEL]) > 0:
-            pcaps[pi, di, lv] = dcaps[pi, di, lv] = 0.0
-    for (ci, lv) in list(ccaps):
-        if lv > BASE_LEVEL and ccaps[ci, BASE_LEVEL] > 0:
-            ccaps[ci, lv] = 0.0
+    ccaps: dict[tuple[int, int], float] = {}
+    for pi, di in spt:
+        pcaps[pi, di, base], dcaps[pi, di, base] = edge(pi, di, base)
+    for ci in range(len(colocated)):
+        ccaps[ci, base] = col(ci, base)
+    short_edges = [k for k in spt if min(pcaps[(*k, base)], dcaps[(*k, base)]) <= 0]
+    short_cols = [ci for ci in range(len(colocated)) if ccaps[ci, base] <= 0]
+    for pi, di in short_edges:
+        for lv in below:
+            pcaps[pi, di, lv], dcaps[pi, di, lv] = edge(pi, di, lv)
+    for ci in short_cols:
+        for lv in below:
+            ccaps[ci, lv] = col(ci, lv)
+    if any(v > 0 for (*_, lv), v in ccaps.items() if lv > base) or any(
+            min(pcaps[k], dcaps[k]) > 0 for k in pcaps if k[2] > base):
+        for pi, di in spt:
+            if (pi, di) not in short_edges:
+                for lv in above:
+                    pcaps[pi, di, lv], dcaps[pi, di, lv] = edge(pi, di, lv)
+        for ci in range(len(colocated)):
+            if ci not in short_cols:
+                for lv in above:
+                    ccaps[ci, lv] = col(ci, lv)
     return pcaps, dcaps, ccaps
 
 
