@@ -87,6 +87,29 @@ def resolve_kv_compression(requested: str, model: str, gate_file: Path | None, e
     return choose_level(req, model, results), forced
 
 
+def kv_alternatives(requested: str, model: str, gate_file: Path | None, engine: str = "builtin"
+                    ) -> tuple[Compression, ...]:
+    """The levels the planner may finish with under `auto` on the built-in engine: every level the gate allows
+    (the search runs at the most compressed; `SchedulerConfig.kv_alternatives`). Nothing when a level is forced
+    or the engine fixes it."""
+    from thunderserve.quality.gate import allowed_levels, load_results
+
+    if requested.strip().lower() != "auto" or engine != "builtin":
+        return ()
+    results = load_results(gate_file) if gate_file is not None else None
+    return tuple(Compression(lv) for lv in allowed_levels(model, results))
+
+
+def chosen_verdict(plan: Plan, verdict: GateVerdict, model: str, gate_file: Path | None) -> GateVerdict:
+    """The gate verdict of the level the plan ended with (the planner may keep a less compressed one)."""
+    if str(plan.kv_transfer.compression) == verdict.level:
+        return verdict
+    from thunderserve.quality.gate import gate_verdict, load_results
+
+    results = load_results(gate_file) if gate_file is not None else None
+    return gate_verdict(model, str(plan.kv_transfer.compression), results)
+
+
 @contextmanager
 def search_progress(enabled: bool = True) -> Iterator[Callable[[float], None]]:
     """A rich progress bar on stderr; yields the callback the planner reports its fraction done to."""
@@ -221,11 +244,13 @@ def plan_cmd(
     from thunderserve.scheduler.config import SchedulerConfig
 
     config = SchedulerConfig(time_limit_s=time_limit, max_evaluations=budget, seed=seed,
-                             kv_compression=Compression(verdict.level),
-                             verify_top=verify_top)
+                             kv_compression=Compression(verdict.level), verify_top=verify_top,
+                             kv_alternatives=kv_alternatives(kv_compression, inputs.model.name, kv_gate,
+                                                             engine.strip().lower()))
     result = run_plan(inputs, config, rate)
     from thunderserve.quality.gate import stamp_plan
 
+    verdict = chosen_verdict(result.plan, verdict, inputs.model.name, kv_gate)
     result = replace(result, plan=stamp_plan(result.plan, verdict, forced))
     if output is not None:
         try:

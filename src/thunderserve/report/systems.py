@@ -111,10 +111,15 @@ def _search(phases: tuple[Phase, ...], compression: Compression | None, system: 
 
         level = compression if compression is not None else Compression(
             knobs.kv_compression if knobs.kv_compression is not None else default_kv_level(model))
-        key = (cluster.name, phases, level, knobs, sim if knobs.verify_top > 1 else None)
+        # the planner's choice (no level fixed, none forced): searched at the most compressed level the gate
+        # allows, finalised at whichever allowed level the estimate rates highest
+        choose = compression is None and knobs.kv_compression is None
+        alternatives = tuple(Compression(lv) for lv in allowed_kv_levels(model)) if choose else ()
+        key = (cluster.name, phases, level, alternatives, knobs, sim if knobs.verify_top > 1 else None)
         if key not in memo:
             cfg = SchedulerConfig(max_evaluations=knobs.budget, time_limit_s=knobs.time_limit_s, seed=knobs.seed,
-                                  verify_top=knobs.verify_top, phases=phases, kv_compression=level)
+                                  verify_top=knobs.verify_top, phases=phases, kv_compression=level,
+                                  kv_alternatives=alternatives)
             result = plan_deployment(cluster, model, workload, slo, config=cfg,
                                      rescore=rescorer(cluster, model, workload, slo, config=sim))
             est = dict(result.plan.estimate)

@@ -26,6 +26,10 @@ class SchedulerConfig:
     patience: int = 200  # stop after this many iterations without a new best
     seed: int = 0  # seeds the move sampler (random.Random)
     kv_compression: Compression = Compression.INT4  # KV transfer compression (the paper's default)
+    # Other KV levels the plan may end with (e.g. the less compressed ones the quality gate also allows): the
+    # search runs at `kv_compression`, then the best state is finalised at each of these too and the level whose
+    # plan the estimate rates highest is kept (ties: the less compressed). Not with `verify_top` > 1.
+    kv_alternatives: tuple[Compression, ...] = ()
     phases: tuple[Phase, ...] = ALL_PHASES  # phases a group may take (baselines restrict this)
     max_pp: int = 4  # most pipeline stages in one group
     tabu_tenure: int = 12  # iterations a moved GPU / flipped group stays tabu

@@ -16,15 +16,24 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from thunderserve.costmodel.comm import Compression
 from thunderserve.costmodel.perf import MEMORY_UTILIZATION
-from thunderserve.errors import InfeasibleError
+from thunderserve.errors import InfeasibleError, PlanError
 from thunderserve.plan.model import Group, Phase, Plan
 from thunderserve.scheduler.config import PlanResult, SchedulerConfig
 from thunderserve.scheduler.context import PlanningContext
 from thunderserve.scheduler.finalise import final_plan, verify_candidates
 from thunderserve.scheduler.initial import initial_groups, typed_node_pairs, typed_node_runs
 from thunderserve.scheduler.orchestrate import choose_phases
-from thunderserve.scheduler.tabu import Evaluator, Score, SearchResult, State, canonical, tabu_search
+from thunderserve.scheduler.tabu import (
+    VALUE_TIE_REL,
+    Evaluator,
+    Score,
+    SearchResult,
+    State,
+    canonical,
+    tabu_search,
+)
 from thunderserve.spec.cluster import Cluster
 from thunderserve.spec.model import ModelSpec
 from thunderserve.spec.slo import SloSpec
@@ -198,6 +207,30 @@ def _two_phase_search(ctx: PlanningContext, start: State, config: SchedulerConfi
                         first.history + second.history, second.evaluations, second.stopped_by)
 
 
+def _best_level(ctx: PlanningContext, config: SchedulerConfig, plan: Plan, state: State, rate_rps: float | None
+                ) -> Plan:
+    """`plan` (finalised at `config.kv_compression`), or the same state finalised at one of
+    `config.kv_alternatives` when the estimate rates that higher; ties (within the search's tie band) go to the
+    less compressed level, which moves the exact cache: where no KV crosses a slow link, compression only costs
+    codec time."""
+    order = list(Compression)  # none, int8, int4: least compressed first
+    best, best_rate = plan, float(plan.estimate["max_rate_at_slo"])
+    for level in config.kv_alternatives:
+        if level == ctx.compression:
+            continue
+        alt_ctx = PlanningContext(ctx.cluster, ctx.model, ctx.workload, ctx.slo, level, ctx.max_pp)
+        try:
+            alt = final_plan(alt_ctx, Evaluator(alt_ctx), state, rate_rps)
+        except (PlanError, InfeasibleError):
+            continue
+        rate = float(alt.estimate["max_rate_at_slo"])
+        tie = abs(rate - best_rate) <= VALUE_TIE_REL * max(best_rate, 1e-12)
+        if (rate > best_rate and not tie) or (tie and order.index(level) < order.index(
+                best.kv_transfer.compression)):
+            best, best_rate = alt, rate
+    return best
+
+
 def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, slo: SloSpec,
                     config: SchedulerConfig = SchedulerConfig(), rate_rps: float | None = None,
                     progress: Callable[[float], None] | None = None, rescore: Rescorer | None = None
@@ -231,7 +264,7 @@ def plan_deployment(cluster: Cluster, model: ModelSpec, workload: WorkloadSpec, 
         plan = plans[pick].model_copy(update={"estimate": {**plans[pick].estimate,
                                                            "verified_max_rate_rps": float(rates[pick])}})
     else:
-        plan = final_plan(ctx, ev, result.state, rate_rps)
+        plan = _best_level(ctx, config, final_plan(ctx, ev, result.state, rate_rps), result.state, rate_rps)
     if progress is not None:
         progress(1.0)
     return PlanResult(plan=plan, max_rate_at_slo=float(plan.estimate["max_rate_at_slo"]),
