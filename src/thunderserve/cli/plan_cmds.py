@@ -39,7 +39,7 @@ from thunderserve.errors import PlanError, SpecError, ThunderServeError
 
 if TYPE_CHECKING:  # the rest loads when a command runs, not for --help (no scipy, networkx or numpy then)
     from thunderserve.plan import Plan
-    from thunderserve.quality.gate import GateVerdict
+    from thunderserve.quality.gate import GateResults, GateVerdict
     from thunderserve.scheduler.config import PlanResult, SchedulerConfig
     from thunderserve.spec.cluster import Cluster
 
@@ -87,26 +87,24 @@ def resolve_kv_compression(requested: str, model: str, gate_file: Path | None, e
     return choose_level(req, model, results), forced
 
 
-def kv_alternatives(requested: str, model: str, gate_file: Path | None, engine: str = "builtin"
+def kv_alternatives(requested: str, model: str, results: GateResults | None, engine: str = "builtin"
                     ) -> tuple[Compression, ...]:
     """The levels the planner may finish with under `auto` on the built-in engine: every level the gate allows
     (the search runs at the most compressed; `SchedulerConfig.kv_alternatives`). Nothing when a level is forced
     or the engine fixes it."""
-    from thunderserve.quality.gate import allowed_levels, load_results
+    from thunderserve.quality.gate import allowed_levels
 
     if requested.strip().lower() != "auto" or engine != "builtin":
         return ()
-    results = load_results(gate_file) if gate_file is not None else None
     return tuple(Compression(lv) for lv in allowed_levels(model, results))
 
 
-def chosen_verdict(plan: Plan, verdict: GateVerdict, model: str, gate_file: Path | None) -> GateVerdict:
+def chosen_verdict(plan: Plan, verdict: GateVerdict, model: str, results: GateResults | None) -> GateVerdict:
     """The gate verdict of the level the plan ended with (the planner may keep a less compressed one)."""
     if str(plan.kv_transfer.compression) == verdict.level:
         return verdict
-    from thunderserve.quality.gate import gate_verdict, load_results
+    from thunderserve.quality.gate import gate_verdict
 
-    results = load_results(gate_file) if gate_file is not None else None
     return gate_verdict(model, str(plan.kv_transfer.compression), results)
 
 
@@ -241,16 +239,16 @@ def plan_cmd(
         raise SpecError(f"must be 0 or more, got {verify_top}", field="--verify-top")
     inputs = load_inputs(cluster, model, workload, slo, ttft_ms, tpot_ms, attainment)
     verdict, forced = resolve_kv_compression(kv_compression, inputs.model.name, kv_gate, engine.strip().lower())
+    from thunderserve.quality.gate import load_results, stamp_plan
     from thunderserve.scheduler.config import SchedulerConfig
 
+    results = load_results(kv_gate) if kv_gate is not None else None  # read (and checked) above: exists
     config = SchedulerConfig(time_limit_s=time_limit, max_evaluations=budget, seed=seed,
                              kv_compression=Compression(verdict.level), verify_top=verify_top,
-                             kv_alternatives=kv_alternatives(kv_compression, inputs.model.name, kv_gate,
+                             kv_alternatives=kv_alternatives(kv_compression, inputs.model.name, results,
                                                              engine.strip().lower()))
     result = run_plan(inputs, config, rate)
-    from thunderserve.quality.gate import stamp_plan
-
-    verdict = chosen_verdict(result.plan, verdict, inputs.model.name, kv_gate)
+    verdict = chosen_verdict(result.plan, verdict, inputs.model.name, results)
     result = replace(result, plan=stamp_plan(result.plan, verdict, forced))
     if output is not None:
         try:

@@ -45,7 +45,7 @@ def _neighbour_main(model_ref: str, threads: int, batch: int, context_tokens: in
     """Body of a neighbour process: load, report ready, then decode back to back until the parent is gone."""
     import torch
 
-    from thunderserve.runtime.engine.base import DecodeInput, KVCache
+    from thunderserve.runtime.engine.base import DecodeInput
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(max(1, threads))
@@ -61,9 +61,7 @@ def _neighbour_main(model_ref: str, threads: int, batch: int, context_tokens: in
     ready.put(os.getpid())
     with torch.inference_mode():
         while os.getppid() == parent:
-            inputs = [DecodeInput(token_id=prompt[-1], kv=KVCache(keys=base.keys.clone(), values=base.values.clone(),
-                                                                   first_layer=base.first_layer))
-                      for _ in range(batch)]
+            inputs = [DecodeInput(token_id=prompt[-1], kv=base.clone()) for _ in range(batch)]
             for _ in range(16):
                 engine.decode(inputs)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from thunderserve.quality.perplexity import Level, round_trip
-from thunderserve.runtime.engine.base import DecodeInput, KVCache
+from thunderserve.runtime.engine.base import DecodeInput
 
 # Three fixed sets of chat prompts (written before any scheme was measured on them; do not tune them away).
 PROMPT_SETS: dict[str, tuple[str, ...]] = {
@@ -65,8 +65,7 @@ def greedy_tokens(engine: Any, ids: Sequence[Sequence[int]], num_tokens: int, le
     run (left unchanged; default: prefilled here)."""
     with torch.no_grad():
         results = engine.prefill([list(p) for p in ids]) if prefilled is None else prefilled
-        kvs = [KVCache(keys=r.kv.keys.clone(), values=r.kv.values.clone(), first_layer=r.kv.first_layer)
-               if level is None else round_trip(r.kv, level) for r in results]
+        kvs = [r.kv.clone() if level is None else round_trip(r.kv, level) for r in results]
         tokens = [[int(torch.argmax(r.logits))] for r in results]
         while len(tokens[0]) < num_tokens:
             outs = engine.decode([DecodeInput(seq[-1], kv) for seq, kv in zip(tokens, kvs, strict=True)])

@@ -52,7 +52,7 @@ class ScoredDoc:
 def _score(engine: Any, prompt_kv: KVCache, doc: Document, level: Level | None, keep: bool) -> ScoredDoc:
     """Run the continuation (all but its last token) over `prompt_kv` after `level`'s round trip."""
     kv = prompt_kv if level is None else round_trip(prompt_kv, level)
-    kv = KVCache(keys=kv.keys.clone(), values=kv.values.clone(), first_layer=kv.first_layer)  # engine extends it
+    kv = kv.clone()  # the engine extends it
     from thunderserve.runtime.engine.engine import StepItem
 
     logits = engine.forward([StepItem(token_ids=list(doc.continuation[:-1]), kv=kv)], every_token=True)[0][0]
@@ -82,8 +82,7 @@ def corpus_quality(engine: Any, levels: Sequence[Level], config: CorpusConfig = 
     with torch.no_grad():
         for i, doc in enumerate(docs):
             prompt_kv = engine.prefill([list(doc.prompt)])[0].kv
-            exact = KVCache(keys=prompt_kv.keys.clone(), values=prompt_kv.values.clone(),
-                            first_layer=prompt_kv.first_layer)
+            exact = prompt_kv.clone()
             r = _score(engine, exact, doc, None, keep=True)
             ref.append(ScoredDoc(r.nll, r.top1, r.log_probs.new_empty(0)))
             for name, lv in zip(names, levels, strict=True):

@@ -222,8 +222,8 @@ def _capacities(ctx: PlanningContext, prefill: Sequence[Group], decode: Sequence
         pcaps[pi, di, base], dcaps[pi, di, base] = edge(pi, di, base)
     for ci in range(len(colocated)):
         ccaps[ci, base] = col(ci, base)
-    short_edges = [k for k in spt if min(pcaps[(*k, base)], dcaps[(*k, base)]) <= 0]
-    short_cols = [ci for ci in range(len(colocated)) if ccaps[ci, base] <= 0]
+    short_edges = {k for k in spt if min(pcaps[(*k, base)], dcaps[(*k, base)]) <= 0}
+    short_cols = {ci for ci in range(len(colocated)) if ccaps[ci, base] <= 0}
     for pi, di in short_edges:
         for lv in below:
             pcaps[pi, di, lv], dcaps[pi, di, lv] = edge(pi, di, lv)

@@ -91,20 +91,18 @@ class Evaluator:
         return [self._aligned(g, decode) if g.phase is Phase.PREFILL else g for g in out]
 
     def _aligned(self, group: Group, decode: list[tuple[Stage, ...]]) -> Group:
-        ctx = self.ctx
+        """`group` with the first decode partner's cuts (`align.aligned_prefill`) when they fit and serve more."""
         for dec in decode:
-            stages = aligned_prefill(ctx.cluster, group.stages, dec)
-            if stages is None or not ctx.perf(stages).fits:
-                continue
-
-            def pair_rate(pre: tuple[Stage, ...], dec: tuple[Stage, ...] = dec) -> float:
-                spt = ctx.seconds_per_token(pre, dec)
-                return min(ctx.prefill_capacity(pre, spt), ctx.decode_capacity(dec, spt))
-
-            if pair_rate(stages) > pair_rate(group.stages) * (1 + 1e-9):
-                return group.model_copy(update={"stages": stages})
-            return group
+            stages = aligned_prefill(self.ctx.cluster, group.stages, dec)
+            if stages is not None and self.ctx.perf(stages).fits:
+                better = self._pair_rate(stages, dec) > self._pair_rate(group.stages, dec) * (1 + 1e-9)
+                return group.model_copy(update={"stages": stages}) if better else group
         return group
+
+    def _pair_rate(self, prefill: tuple[Stage, ...], decode: tuple[Stage, ...]) -> float:
+        """What a prefill/decode pair serves on its own link (the LP's capacities at the SLO's target)."""
+        spt = self.ctx.seconds_per_token(prefill, decode)
+        return min(self.ctx.prefill_capacity(prefill, spt), self.ctx.decode_capacity(decode, spt))
 
     def best_evaluated(self) -> list[tuple[State, Score]]:
         """Every state scored so far that serves requests at the SLO, highest LP value first."""

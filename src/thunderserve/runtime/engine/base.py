@@ -53,6 +53,10 @@ class KVCache:
     def num_tokens(self) -> int:
         return int(self.keys.shape[2])
 
+    def clone(self) -> KVCache:
+        """A private copy (no spare buffer) the engine may extend without touching this one."""
+        return KVCache(keys=self.keys.clone(), values=self.values.clone(), first_layer=self.first_layer)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
